@@ -1,0 +1,256 @@
+"""The index of one rank file: every entry's key, dtype, shape and place in the file.
+
+Built from the zip directory and a restricted unpickle of ``data.pkl`` only; no tensor
+data is read. Legacy (non-zip) files are indexed through ``torch.load`` with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dist_restore._keypath import RawPath, join_index, join_key
+from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
+from dist_restore._zip import ZipRecord, is_zip, read_zip_records
+from dist_restore.errors import CorruptCheckpointError
+
+logger = logging.getLogger(__name__)
+
+EntryKind = Literal["tensor", "exotic", "object"]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One leaf of a rank file.
+
+    Attributes:
+        key: Dotted key path (``model.w``, ``opt.groups[0].lr``).
+        kind: ``"tensor"`` (dense, read by the fast path), ``"exotic"`` (quantized,
+            sparse, nested, meta: read through ``torch.load``) or ``"object"`` (a plain
+            Python value stored in the pickle).
+        dtype: Tensor dtype, when known.
+        shape: Tensor shape, when known.
+        stride: Tensor strides in elements (dense tensors only).
+        storage_offset: Offset of the view in its storage, in elements (dense only).
+        nbytes: Bytes of the tensor's elements (``numel * itemsize``).
+        storage_key: Record key of the storage (``data/{storage_key}``); tensors that
+            share one are views of the same storage (tied weights).
+        file_offset: Byte offset in the file of the view's first element (dense only;
+            ``None`` for legacy files).
+        value: The value, for ``"object"`` entries.
+    """
+
+    key: str
+    kind: EntryKind
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    storage_offset: int | None = None
+    nbytes: int = 0
+    storage_key: str | None = None
+    file_offset: int | None = None
+    value: Any = None
+
+
+SOURCE_TENSOR_TYPES = (TensorRef, ExoticRef, StorageRef, torch.Tensor)
+
+
+class CheckpointIndex:
+    """What one rank file holds, without its tensor data.
+
+    Use :func:`read_index` (or :meth:`dist_restore.CheckpointReader.index`) to build one.
+
+    Attributes:
+        file: The rank file.
+        file_size: Its size in bytes at indexing time.
+        format: ``"zip"`` (torch.save default) or ``"legacy"`` (non-zip, read via torch.load).
+        tree: The unpickled structure, tensors replaced by references (legacy: real tensors).
+        records: ``{storage key: ZipRecord}`` of the storage records (zip only).
+        seconds: Time taken to build the index.
+    """
+
+    def __init__(
+        self,
+        file: Path,
+        file_size: int,
+        fmt: Literal["zip", "legacy"],
+        tree: Any,
+        records: dict[str, ZipRecord],
+        storages: dict[str, StorageRef],
+        native_order: bool,
+        seconds: float,
+    ) -> None:
+        self.file = file
+        self.file_size = file_size
+        self.format = fmt
+        self.tree = tree
+        self.records = records
+        self.storages = storages
+        #: False when the file's byte order differs from this machine's (read via torch.load).
+        self.native_order = native_order
+        self.seconds = seconds
+        self._entries: dict[str, IndexEntry] | None = None
+
+    @property
+    def entries(self) -> dict[str, IndexEntry]:
+        """Every leaf, in pickle order, keyed by dotted key path."""
+        if self._entries is None:
+            self._entries = {e.key: e for e in self._iter_entries()}
+        return self._entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[IndexEntry]:
+        return iter(self.entries.values())
+
+    def __getitem__(self, key: str) -> IndexEntry:
+        return self.entries[key]
+
+    @property
+    def tensor_nbytes(self) -> int:
+        """Bytes of all tensor elements in the file (views of one storage counted once each)."""
+        return sum(e.nbytes for e in self.entries.values() if e.kind != "object")
+
+    def _iter_entries(self) -> Iterator[IndexEntry]:
+        for key, _path, value in iter_leaves(self.tree):
+            yield self._entry(key, value)
+
+    def _entry(self, key: str, v: Any) -> IndexEntry:
+        if isinstance(v, TensorRef):
+            rec = self.records.get(v.storage.key)
+            off = None
+            if rec is not None:
+                off = rec.data_offset + v.storage_offset * v.dtype.itemsize
+            return IndexEntry(key, "tensor", v.dtype, v.size, v.stride, v.storage_offset,
+                              v.nbytes, v.storage.key, off)
+        if isinstance(v, torch.Tensor):  # legacy file: loaded tensor
+            if v.layout != torch.strided or v.is_quantized or v.is_nested:
+                return IndexEntry(key, "exotic", v.dtype, tuple(v.shape))
+            return IndexEntry(key, "tensor", v.dtype, tuple(v.shape), tuple(v.stride()),
+                              v.storage_offset(), v.numel() * v.element_size())
+        if isinstance(v, ExoticRef):
+            return IndexEntry(key, "exotic", v.dtype, v.size,
+                              nbytes=sum(s.nbytes for s in v.storages))
+        if isinstance(v, StorageRef):
+            return IndexEntry(key, "exotic", v.dtype, (v.numel,), nbytes=v.nbytes, storage_key=v.key)
+        return IndexEntry(key, "object", value=v)
+
+
+def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[str, RawPath, Any]]:
+    """Yield ``(dotted key, raw path, leaf)`` for every leaf below ``tree``.
+
+    Dicts, lists and tuples are descended into; everything else is a leaf.
+    """
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from iter_leaves(v, join_key(key, k), path + (k,))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from iter_leaves(v, join_index(key, i), path + (i,))
+    else:
+        yield key, path, tree
+
+
+def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
+    """Index one ``torch.save`` file without reading its tensor data.
+
+    Args:
+        file: Path of the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptCheckpointError: truncated or corrupt.
+        UnsafeCheckpointError: the pickle asks for a non-allowlisted global.
+    """
+    path = Path(file)
+    t0 = time.perf_counter()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise CorruptCheckpointError("file is empty", file=path)
+        head = os.pread(fd, 4, 0)
+        if not is_zip(head):
+            return _legacy_index(path, size, t0)
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            return _zip_index(path, mm, size, t0)
+    finally:
+        os.close(fd)
+
+
+def _zip_index(path: Path, mm: mmap.mmap, size: int, t0: float) -> CheckpointIndex:
+    records = read_zip_records(mm, str(path))
+    pkl = next((r for n, r in records.items() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+    if pkl is None:
+        raise CorruptCheckpointError("no data.pkl record: not a torch.save file", file=path)
+    prefix = pkl.name[: -len("data.pkl")]
+    data = mm[pkl.data_offset : pkl.data_offset + pkl.size]
+    if zlib.crc32(data) != pkl.crc32:
+        raise CorruptCheckpointError("CRC32 mismatch in data.pkl", file=path)
+    native = True
+    bo = records.get(prefix + "byteorder")
+    if bo is not None:
+        order = mm[bo.data_offset : bo.data_offset + bo.size].decode("ascii", "replace")
+        native = order == sys.byteorder
+    tree, storages = unpickle_refs(data, str(path))
+    data_prefix = prefix + "data/"
+    storage_records: dict[str, ZipRecord] = {}
+    for key, ref in storages.items():
+        rec = records.get(data_prefix + key)
+        if rec is None:
+            raise CorruptCheckpointError(f"storage record {data_prefix + key!r} is missing", file=path)
+        if rec.size != ref.nbytes:
+            raise CorruptCheckpointError(
+                f"storage record {data_prefix + key!r} holds {rec.size} bytes, the pickle says "
+                f"{ref.nbytes} ({ref.numel} x {ref.dtype})", file=path)
+        storage_records[key] = rec
+    for key, _p, leaf in iter_leaves(tree):
+        if isinstance(leaf, TensorRef):
+            lo, hi = leaf.element_span()
+            isz = leaf.dtype.itemsize
+            if leaf.numel and (lo < 0 or hi * isz > leaf.storage.nbytes):
+                raise CorruptCheckpointError(
+                    f"tensor view (offset {leaf.storage_offset}, size {leaf.size}, stride "
+                    f"{leaf.stride}) lies outside its {leaf.storage.nbytes}-byte storage",
+                    file=path, key=key)
+    if not native:
+        logger.warning("%s was written with the other byte order; reading it through torch.load", path)
+    return CheckpointIndex(path, size, "zip", tree, storage_records, storages, native,
+                           time.perf_counter() - t0)
+
+
+def _legacy_index(path: Path, size: int, t0: float) -> CheckpointIndex:
+    logger.warning(
+        "%s is not a zip file (legacy torch.save format, _use_new_zipfile_serialization=False): "
+        "indexing and reading it with a full torch.load(weights_only=True)", path)
+    tree = full_load(path, map_location="cpu", mmap=False)
+    return CheckpointIndex(path, size, "legacy", tree, {}, {}, True, time.perf_counter() - t0)
+
+
+def full_load(path: Path, *, map_location: Any, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)``, its errors turned into ours."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        from dist_restore.errors import UnsafeCheckpointError
+
+        raise UnsafeCheckpointError(f"torch.load(weights_only=True) refused the file: {e}",
+                                    file=path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AssertionError) as e:
+        raise CorruptCheckpointError(f"torch.load failed: {type(e).__name__}: {e}", file=path) from e

@@ -1,0 +1,225 @@
+"""Which entries to read, for one rank: pure functions over an index tree and a target.
+
+The walk follows the reference reader's rules:
+- a ``None`` target (at the root or any level) loads the whole subtree from the file;
+- a dict target loads only the keys it names; a list/tuple target only its positions;
+- a tensor target is filled in place after a shape/dtype check;
+- any other target value is replaced by the file's value.
+Keys the target names that the file lacks are *missing*; keys the file has under a level
+the target named, that the target does not ask for, are *unexpected*.
+
+:func:`plan_read` only looks; :func:`assemble` builds the result once values exist, so
+nothing in the target is touched before the whole plan has been checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, MutableSequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_restore._index import SOURCE_TENSOR_TYPES, iter_leaves
+from dist_restore._keypath import RawPath, join_index, join_key
+from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PlannedLeaf:
+    """One tensor-like value to produce.
+
+    Attributes:
+        key: Dotted key path.
+        path: Raw path (dict keys / positions) from the root.
+        source: The file's reference (TensorRef, ExoticRef, StorageRef) or, for legacy
+            files, the loaded tensor.
+        target: The preallocated tensor to fill in place, or ``None`` to allocate.
+    """
+
+    key: str
+    path: RawPath
+    source: Any
+    target: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """What a rank reads. ``mismatched`` non-empty means the plan must not run.
+
+    Attributes:
+        leaves: Tensor values to produce, in file order of discovery.
+        missing: Keys the target names that the file lacks.
+        unexpected: Keys in the file under a level the target named, not asked for.
+        mismatched: ``(key, message)`` for every structure/shape/dtype conflict.
+    """
+
+    leaves: tuple[PlannedLeaf, ...]
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    mismatched: tuple[tuple[str, str], ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor elements this plan produces."""
+        return sum(source_nbytes(leaf.source) for leaf in self.leaves)
+
+
+def source_meta(src: Any) -> tuple[torch.dtype | None, tuple[int, ...] | None]:
+    """``(dtype, shape)`` of a source value, where known."""
+    if isinstance(src, TensorRef):
+        return src.dtype, src.size
+    if isinstance(src, torch.Tensor):
+        return src.dtype, tuple(src.shape)
+    if isinstance(src, ExoticRef):
+        return src.dtype, src.size
+    if isinstance(src, StorageRef):
+        return src.dtype, (src.numel,)
+    return None, None
+
+
+def source_nbytes(src: Any) -> int:
+    if isinstance(src, (TensorRef, StorageRef)):
+        return src.nbytes
+    if isinstance(src, ExoticRef):
+        return sum(s.nbytes for s in src.storages)
+    if isinstance(src, torch.Tensor):
+        return src.numel() * src.element_size()
+    return 0
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, SOURCE_TENSOR_TYPES):
+        dtype, shape = source_meta(v)
+        return f"a tensor ({dtype}, shape {tuple(shape) if shape is not None else '?'})"
+    return f"a {type(v).__name__}"
+
+
+def check_tensor(key: str, target: torch.Tensor, src: Any) -> str | None:
+    """The mismatch message for filling ``target`` from ``src``, or ``None`` if it fits."""
+    dtype, shape = source_meta(src)
+    problems = []
+    if shape is not None and tuple(target.shape) != tuple(shape):
+        problems.append(f"shape {tuple(shape)} in checkpoint, {tuple(target.shape)} in target")
+    if dtype is not None and target.dtype != dtype:
+        problems.append(f"dtype {dtype} in checkpoint, {target.dtype} in target")
+    return "; ".join(problems) if problems else None
+
+
+def plan_read(target: Any, tree: Any) -> ReadPlan:
+    """Match ``target`` (a state dict, or ``None`` for everything) against an index tree."""
+    leaves: list[PlannedLeaf] = []
+    missing: list[str] = []
+    unexpected: list[str] = []
+    mismatched: list[tuple[str, str]] = []
+
+    def take_all(src: Any, key: str, path: RawPath) -> None:
+        for k, p, leaf in iter_leaves(src, key, path):
+            if isinstance(leaf, SOURCE_TENSOR_TYPES):
+                leaves.append(PlannedLeaf(k, p, leaf, None))
+
+    def walk(t: Any, s: Any, key: str, path: RawPath) -> None:
+        if t is None:
+            take_all(s, key, path)
+        elif isinstance(s, SOURCE_TENSOR_TYPES):
+            if isinstance(t, torch.Tensor):
+                problem = check_tensor(key, t, s)
+                if problem:
+                    mismatched.append((key, problem))
+                else:
+                    leaves.append(PlannedLeaf(key, path, s, t))
+            else:
+                mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds {_describe(t)}"))
+        elif isinstance(t, torch.Tensor):
+            mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds {_describe(t)}"))
+        elif isinstance(t, Mapping):
+            if not isinstance(s, Mapping):
+                mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a mapping"))
+                return
+            for k, tv in t.items():
+                sub = join_key(key, k)
+                if k in s:
+                    walk(tv, s[k], sub, path + (k,))
+                else:
+                    missing.append(sub)
+            unexpected.extend(join_key(key, k) for k in s if k not in t)
+        elif isinstance(t, (list, tuple)):
+            if not isinstance(s, (list, tuple)):
+                mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a {type(t).__name__}"))
+                return
+            for i, tv in enumerate(t):
+                if i < len(s):
+                    walk(tv, s[i], join_index(key, i), path + (i,))
+                else:
+                    missing.append(join_index(key, i))
+            unexpected.extend(join_index(key, i) for i in range(len(t), len(s)))
+        else:
+            take_all(s, key, path)  # a plain value is replaced by the file's value
+
+    if target is not None and not isinstance(target, Mapping):
+        raise TypeError(f"state_dict must be a mapping or None, got {type(target).__name__}")
+    walk(target, tree, "", ())
+    return ReadPlan(tuple(leaves), tuple(missing), tuple(unexpected), tuple(mismatched))
+
+
+def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
+    """Build the result: fill ``target`` containers in place, values from ``values``.
+
+    Args:
+        target: The target given to :func:`plan_read` (containers are mutated in place;
+            tuples are rebuilt).
+        tree: The same index tree.
+        values: ``{raw path: produced tensor}`` for every leaf of the plan whose target
+            was ``None`` (filled targets may be absent: they are kept).
+    """
+
+    def build(src: Any, path: RawPath) -> Any:
+        if isinstance(src, Mapping):
+            out = type(src)() if type(src) in (dict,) or _plain_mapping(src) else {}
+            for k, v in src.items():
+                out[k] = build(v, path + (k,))
+            return out
+        if isinstance(src, list):
+            return [build(v, path + (i,)) for i, v in enumerate(src)]
+        if isinstance(src, tuple):
+            return _rebuild_tuple(src, [build(v, path + (i,)) for i, v in enumerate(src)])
+        if isinstance(src, SOURCE_TENSOR_TYPES):
+            return values[path]
+        return src
+
+    def walk(t: Any, s: Any, path: RawPath) -> Any:
+        if t is None:
+            return build(s, path)
+        if isinstance(s, SOURCE_TENSOR_TYPES):
+            return values.get(path, t)
+        if isinstance(t, Mapping):
+            if isinstance(t, MutableMapping):
+                for k in list(t.keys()):
+                    if k in s:
+                        t[k] = walk(t[k], s[k], path + (k,))
+                return t
+            return {k: (walk(v, s[k], path + (k,)) if k in s else v) for k, v in t.items()}
+        if isinstance(t, (list, tuple)):
+            items = [walk(v, s[i], path + (i,)) if i < len(s) else v for i, v in enumerate(t)]
+            if isinstance(t, MutableSequence):
+                t[:] = items
+                return t
+            return _rebuild_tuple(t, items)
+        return build(s, path)
+
+    return walk(target, tree, ())
+
+
+def _plain_mapping(m: Mapping[Any, Any]) -> bool:
+    import collections
+
+    return type(m) in (collections.OrderedDict, collections.Counter)
+
+
+def _rebuild_tuple(like: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    if type(like) is tuple:
+        return tuple(items)
+    try:
+        return type(like)(*items)  # namedtuple
+    except TypeError:
+        return tuple(items)

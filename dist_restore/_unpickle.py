@@ -1,0 +1,292 @@
+"""A restricted unpickler that turns a torch.save ``data.pkl`` into a tree of references.
+
+Weights-only semantics, always: ``find_class`` resolves only an allowlist of globals
+(containers, torch dtypes/devices/sizes, storage types and tensor rebuild functions).
+Anything else raises :class:`UnsafeCheckpointError` *before* any of it runs, because the
+C unpickler calls ``find_class`` for every GLOBAL/STACK_GLOBAL/INST/OBJ/EXT opcode
+before it can call or build the object.
+
+Tensor rebuild functions are replaced by constructors of :class:`TensorRef`, so
+unpickling allocates no tensor and reads no tensor data: this is what makes indexing
+a 10,000-tensor file a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dist_restore.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StorageRef:
+    """A storage record of the file: ``data/{key}``, ``numel`` elements of ``dtype``."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+    location: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(slots=True, eq=False)
+class TensorRef:
+    """A dense strided tensor as pickled: a view (offset, size, stride) of a storage."""
+
+    storage: StorageRef
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool = False
+    is_parameter: bool = False
+    metadata: dict[str, bool] | None = None  # conj / neg bits
+    state: Any = None  # python attributes of a Tensor/Parameter (rare)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.size:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def element_span(self) -> tuple[int, int]:
+        """``[lo, hi)`` in storage elements covering every element of the view."""
+        if self.numel == 0:
+            return self.storage_offset, self.storage_offset
+        hi = self.storage_offset + 1
+        lo = self.storage_offset
+        for s, st in zip(self.size, self.stride):
+            if st >= 0:
+                hi += (s - 1) * st
+            else:
+                lo += (s - 1) * st
+        return lo, hi
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for s, st in zip(reversed(self.size), reversed(self.stride)):
+            if s != 1 and st != expected:
+                return False
+            expected *= s
+        return True
+
+
+@dataclass(slots=True, eq=False)
+class ExoticRef:
+    """A tensor the fast path does not read itself (quantized, sparse, nested, meta, ...).
+
+    Reading one falls back to ``torch.load(weights_only=True)`` of the file.
+    """
+
+    kind: str
+    dtype: torch.dtype | None = None
+    size: tuple[int, ...] | None = None
+    storages: list[StorageRef] = field(default_factory=list)
+
+
+class _StorageType:
+    """Stands in for ``torch.FloatStorage`` & co. in the pickle: carries the dtype only."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+def _rebuild_tensor(storage: StorageRef, offset: int, size: Any, stride: Any) -> TensorRef:
+    _check_storage(storage)
+    return TensorRef(storage, storage.dtype, int(offset), tuple(size), tuple(stride))
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    _check_storage(storage)
+    return TensorRef(storage, storage.dtype, int(offset), tuple(size), tuple(stride),
+                     bool(requires_grad), metadata=metadata or None)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    _check_storage(storage)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"tensor rebuild has dtype {dtype!r}, not a torch.dtype")
+    return TensorRef(storage, dtype, int(offset), tuple(size), tuple(stride),
+                     bool(requires_grad), metadata=metadata or None)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    return _as_parameter(data, requires_grad, None)
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    return _as_parameter(data, requires_grad, state)
+
+
+def _as_parameter(data: Any, requires_grad: Any, state: Any) -> Any:
+    if isinstance(data, TensorRef):
+        data.is_parameter = True
+        data.requires_grad = bool(requires_grad)
+        if state:
+            data.state = state
+        return data
+    if isinstance(data, ExoticRef):
+        return data
+    raise CorruptCheckpointError(f"parameter rebuilt from {type(data).__name__}, not a tensor")
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    ret = func(*args)
+    if isinstance(ret, TensorRef):
+        if new_type is torch.nn.Parameter:
+            ret.is_parameter = True
+        if state:
+            ret.state = state
+    return ret
+
+
+def _check_storage(storage: Any) -> None:
+    if not isinstance(storage, StorageRef):
+        raise CorruptCheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage record")
+
+
+def _exotic(kind: str):
+    def make(*args: Any) -> ExoticRef:
+        storages = [a for a in _flat(args) if isinstance(a, StorageRef)]
+        dtype = next((a for a in _flat(args) if isinstance(a, torch.dtype)), None)
+        return ExoticRef(kind, dtype=dtype, storages=storages)
+
+    return make
+
+
+def _flat(x: Any):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _flat(y)
+    elif isinstance(x, TensorRef):
+        yield x.storage
+    elif isinstance(x, ExoticRef):
+        yield from x.storages
+    else:
+        yield x
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    g: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "Counter"): collections.Counter,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch", "Tensor"): torch.Tensor,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("_codecs", "encode"): _codecs_encode,
+        ("builtins", "bytearray"): bytearray,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "complex"): complex,
+        ("builtins", "slice"): slice,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch._utils", "_rebuild_qtensor"): _exotic("quantized"),
+        ("torch._utils", "_rebuild_sparse_tensor"): _exotic("sparse"),
+        ("torch._utils", "_rebuild_nested_tensor"): _exotic("nested"),
+        ("torch._utils", "_rebuild_meta_tensor_no_storage"): _exotic("meta"),
+        ("torch._utils", "_rebuild_wrapper_subclass"): _exotic("wrapper_subclass"),
+        ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _exotic("device_tensor"),
+        ("torch._utils", "_rebuild_device_tensor_from_numpy"): _exotic("device_tensor"),
+    }
+    for name in dir(torch):
+        obj = getattr(torch, name, None)
+        if isinstance(obj, (torch.dtype, torch.qscheme, torch.layout, torch.memory_format)):
+            g[("torch", name)] = obj
+    for dtype, sname in torch.storage._dtype_to_storage_type_map().items():
+        g[("torch", sname)] = _StorageType(dtype)
+    g[("torch", "UntypedStorage")] = _StorageType(torch.uint8)
+    g[("torch.storage", "UntypedStorage")] = _StorageType(torch.uint8)
+    for (mod, name), obj in list(g.items()):
+        if mod == "builtins":
+            g[("__builtin__", name)] = obj
+    return g
+
+
+def _codecs_encode(obj: str, encoding: str = "utf-8") -> bytes:
+    # protocol-2 pickles store bytes as _codecs.encode(str, "latin1")
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise UnsafeCheckpointError(f"_codecs.encode({type(obj).__name__}, {encoding!r}) refused")
+    return obj.encode(encoding)
+
+
+_ALLOWED: dict[tuple[str, str], Any] | None = None
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, file: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._file = file
+        self._storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        global _ALLOWED
+        if _ALLOWED is None:
+            _ALLOWED = _allowed_globals()
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"the pickle asks for global '{module}.{name}', which is not allowed in a "
+                "weights-only load; refused before any of it ran. If you trust this file, "
+                "load it with torch.load(weights_only=False) yourself",
+                file=self._file,
+            ) from None
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}", file=self._file)
+        _, stype, key, location, numel = pid
+        if not isinstance(stype, _StorageType):
+            raise CorruptCheckpointError(f"unknown storage type {stype!r:.80}", file=self._file)
+        key = str(key)
+        ref = self._storages.get(key)
+        if ref is None:
+            loc = location.decode("ascii") if isinstance(location, bytes) else str(location)
+            ref = StorageRef(key, stype.dtype, int(numel), loc)
+            self._storages[key] = ref
+        return ref
+
+
+def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
+    """Unpickle ``data.pkl`` into a tree of containers, plain values and refs.
+
+    Returns:
+        ``(tree, storages)``, storages keyed by record key.
+
+    Raises:
+        UnsafeCheckpointError: a global outside the allowlist.
+        CorruptCheckpointError: the pickle is malformed.
+    """
+    up = _RefUnpickler(data, file)
+    try:
+        tree = up.load()
+    except (UnsafeCheckpointError, CorruptCheckpointError) as e:
+        if e.file is None:
+            raise type(e)(e.reason, file=file) from None
+        raise
+    except Exception as e:  # malformed pickle: EOFError, UnpicklingError, TypeError, ...
+        raise CorruptCheckpointError(
+            f"data.pkl does not unpickle: {type(e).__name__}: {e}", file=file
+        ) from e
+    return tree, up._storages

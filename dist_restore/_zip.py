@@ -1,0 +1,142 @@
+"""Zip directory parsing for torch.save files, straight from the bytes.
+
+torch.save writes an uncompressed ("stored") zip whose records are
+``{archive}/data.pkl``, ``{archive}/data/{storage_key}``, ``{archive}/byteorder``, ...
+Each record's data starts after its local header (torch pads it to 64 bytes with an
+extra field). We parse the central directory ourselves (zip64 included) so that
+indexing a file costs a few microseconds per record and never touches tensor data.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from dist_restore.errors import CorruptCheckpointError
+
+_EOCD_SIG = b"PK\x05\x06"
+_EOCD64_LOC_SIG = b"PK\x06\x07"
+_EOCD64_SIG = b"PK\x06\x06"
+_CDIR_SIG = b"PK\x01\x02"
+_LOCAL_SIG = b"PK\x03\x04"
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOC = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CDIR = struct.Struct("<4s6H3L5H2L")
+_LOCAL = struct.Struct("<4s5H3L2H")
+_U32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class ZipRecord:
+    """One record of the zip: where its bytes are and what they should hash to."""
+
+    name: str
+    data_offset: int
+    size: int
+    crc32: int
+
+
+def is_zip(head: bytes) -> bool:
+    """True when the first bytes of a file look like a zip archive."""
+    return head[:4] == _LOCAL_SIG
+
+
+def read_zip_records(buf: memoryview | bytes, file: str) -> dict[str, ZipRecord]:
+    """Parse the central directory of a zip held in ``buf`` (usually an mmap).
+
+    Args:
+        buf: The whole file's bytes.
+        file: The file's name, for error messages.
+
+    Returns:
+        ``{record name: ZipRecord}`` in directory order.
+
+    Raises:
+        CorruptCheckpointError: the zip structure is damaged or truncated, or a record
+            is compressed (torch.save never compresses).
+    """
+    size = len(buf)
+
+    def corrupt(msg: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"not a readable torch.save zip: {msg} (file size {size} bytes; truncated or corrupt?)",
+            file=file,
+        )
+
+    if size < _EOCD.size:
+        raise corrupt("file too short for a zip directory")
+    tail_start = max(0, size - (_EOCD.size + 0xFFFF))
+    tail = bytes(buf[tail_start:size])
+    pos = tail.rfind(_EOCD_SIG)
+    while pos >= 0 and pos + _EOCD.size > len(tail):
+        pos = tail.rfind(_EOCD_SIG, 0, pos)
+    if pos < 0:
+        raise corrupt("end-of-central-directory record not found")
+    eocd_pos = tail_start + pos
+    _, _disk, _cd_disk, _n_disk, n_entries, cd_size, cd_offset, _clen = _EOCD.unpack_from(
+        buf, eocd_pos
+    )
+    if n_entries == 0xFFFF or cd_size == _U32 or cd_offset == _U32:
+        loc = eocd_pos - _EOCD64_LOC.size
+        if loc < 0 or bytes(buf[loc : loc + 4]) != _EOCD64_LOC_SIG:
+            raise corrupt("zip64 locator missing")
+        _, _, eocd64_pos, _ = _EOCD64_LOC.unpack_from(buf, loc)
+        if eocd64_pos + _EOCD64.size > size or bytes(buf[eocd64_pos : eocd64_pos + 4]) != _EOCD64_SIG:
+            raise corrupt("zip64 end-of-central-directory record missing")
+        fields = _EOCD64.unpack_from(buf, eocd64_pos)
+        n_entries, cd_size, cd_offset = fields[7], fields[8], fields[9]
+    if cd_offset + cd_size > size:
+        raise corrupt("central directory lies beyond the end of the file")
+
+    records: dict[str, ZipRecord] = {}
+    p = cd_offset
+    end = cd_offset + cd_size
+    for _ in range(n_entries):
+        if p + _CDIR.size > end:
+            raise corrupt("central directory shorter than its entry count")
+        (sig, _vm, _vn, _flags, method, _t, _d, crc, csize, usize, nlen, elen, clen, _disk,
+         _ia, _ea, hoff) = _CDIR.unpack_from(buf, p)
+        if sig != _CDIR_SIG:
+            raise corrupt(f"bad central directory entry at byte {p}")
+        name = bytes(buf[p + _CDIR.size : p + _CDIR.size + nlen]).decode("utf-8", "replace")
+        if usize == _U32 or csize == _U32 or hoff == _U32:
+            usize, csize, hoff = _zip64_extra(
+                bytes(buf[p + _CDIR.size + nlen : p + _CDIR.size + nlen + elen]),
+                usize, csize, hoff,
+            )
+        p += _CDIR.size + nlen + elen + clen
+        if method != 0 or csize != usize:
+            raise corrupt(f"record {name!r} is compressed (method {method}); torch.save stores records uncompressed")
+        if hoff + _LOCAL.size > size:
+            raise corrupt(f"record {name!r} header lies beyond the end of the file")
+        lsig, _v, _f, _m, _lt, _ld, _lc, _lcs, _lus, lnlen, lelen = _LOCAL.unpack_from(buf, hoff)
+        if lsig != _LOCAL_SIG:
+            raise corrupt(f"record {name!r} has a bad local header")
+        data_offset = hoff + _LOCAL.size + lnlen + lelen
+        if data_offset + usize > size:
+            raise corrupt(f"record {name!r} ({usize} bytes at offset {data_offset}) extends past the end of the file")
+        records[name] = ZipRecord(name, data_offset, usize, crc)
+    return records
+
+
+def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, int, int]:
+    i = 0
+    while i + 4 <= len(extra):
+        tag, ln = struct.unpack_from("<HH", extra, i)
+        if tag == 1:
+            j = i + 4
+            vals = []
+            while j + 8 <= i + 4 + ln:
+                vals.append(struct.unpack_from("<Q", extra, j)[0])
+                j += 8
+            it = iter(vals)
+            if usize == _U32:
+                usize = next(it, usize)
+            if csize == _U32:
+                csize = next(it, csize)
+            if hoff == _U32:
+                hoff = next(it, hoff)
+            break
+        i += 4 + ln
+    return usize, csize, hoff

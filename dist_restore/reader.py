@@ -1,0 +1,191 @@
+"""``CheckpointReader``: read one rank's ``checkpoint_{rank}.pt``, fully or partially."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_restore._index import CheckpointIndex, read_index
+from dist_restore._plan import ReadPlan, assemble, plan_read
+from dist_restore._read import MapLocation, ReadStats, Verify, produce
+from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
+from dist_restore.errors import CheckpointError, StateDictMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """What :meth:`CheckpointReader.load` returns.
+
+    Attributes:
+        state_dict: The restored state dict (the target object itself when one was given).
+        missing_keys: Keys the target asked for that the file lacks.
+        unexpected_keys: Keys in the file, under a level the target named, not asked for.
+        bytes_read: Bytes of tensor data taken from the file.
+        bytes_verified: Bytes whose zip CRC32 was checked.
+        seconds: Wall time of the whole call.
+        index_seconds: Part of it spent indexing the file.
+    """
+
+    state_dict: STATE_DICT
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    bytes_read: int
+    bytes_verified: int = 0
+    seconds: float = 0.0
+    index_seconds: float = 0.0
+    fallback_loads: int = field(default=0, repr=False)
+
+
+class CheckpointReader:
+    """Reads ``path/checkpoint_{global_rank}.pt``: a drop-in for torch's experimental reader.
+
+    Only the keys the target names are read; tensors in the target are filled in place
+    with one copy from the (memory-mapped) file; the file is never modified.
+
+    Args:
+        rank_info: Which rank file to read.
+        verify: ``"crc32"`` (default) checks the zip CRC32 of every storage record that is
+            read whole (and always of ``data.pkl``); ``"none"`` skips the data check.
+    """
+
+    def __init__(self, rank_info: RankInfo, *, verify: Verify = "crc32") -> None:
+        if verify not in ("crc32", "none"):
+            raise ValueError(f"verify must be 'crc32' or 'none', got {verify!r}")
+        self._rank_info = rank_info
+        self._verify = verify
+
+    @property
+    def rank_info(self) -> RankInfo:
+        return self._rank_info
+
+    def file_path(self, path: str | os.PathLike[str]) -> Path:
+        """``path/checkpoint_{global_rank}.pt``."""
+        return Path(path) / rank_file_name(self._rank_info.global_rank)
+
+    def index(self, path: str | os.PathLike[str]) -> CheckpointIndex:
+        """Index this rank's file: every entry's key, dtype, shape, stride and offset."""
+        return self._index(self.file_path(path))
+
+    def read(
+        self,
+        path: str | os.PathLike[str],
+        state_dict: STATE_DICT | None = None,
+        *,
+        map_location: MapLocation = None,
+        **kwargs: Any,
+    ) -> tuple[STATE_DICT, list[str]]:
+        """Read this rank's file; the reference reader's signature and result.
+
+        Args:
+            path: The checkpoint directory.
+            state_dict: ``None`` to load everything (as ``torch.load(weights_only=True)``);
+                else the keys to load: tensors are filled in place, ``None`` values allocated.
+            map_location: Device (or ``{saved: device}`` mapping) for allocated tensors.
+            **kwargs: Accepted for compatibility with the reference; ignored.
+
+        Returns:
+            ``(state_dict, missing_keys)``.
+        """
+        if kwargs:
+            logger.debug("ignoring reader kwargs %s", sorted(kwargs))
+        res = self.load(path, state_dict, map_location=map_location)
+        return res.state_dict, res.missing_keys
+
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        state_dict: STATE_DICT | None = None,
+        *,
+        map_location: MapLocation = None,
+        strict: bool = False,
+    ) -> ReadResult:
+        """Like :meth:`read`, with unexpected keys, byte counts and timing.
+
+        Args:
+            strict: Raise :class:`StateDictMismatchError` if any key is missing or unexpected.
+
+        Raises:
+            FileNotFoundError: the rank file does not exist.
+            CorruptCheckpointError: truncated/corrupt file or CRC32 mismatch.
+            UnsafeCheckpointError: the pickle would construct non-allowlisted objects.
+            StateDictMismatchError: a target's shape/dtype/structure does not match
+                (raised before any target is modified).
+        """
+        t0 = time.perf_counter()
+        file = self.file_path(path)
+        index = self._index(file)
+        plan = self.plan(index, state_dict)
+        if strict and (plan.missing or plan.unexpected):
+            raise StateDictMismatchError(_strict_message(plan), file=file, rank=self._rank_info.global_rank)
+        stats = ReadStats()
+        sd = self.execute(index, plan, state_dict, map_location=map_location, stats=stats)
+        seconds = time.perf_counter() - t0
+        if plan.missing:
+            logger.warning("rank %d: %d key(s) missing from %s: %s", self._rank_info.global_rank,
+                           len(plan.missing), file, _preview(plan.missing))
+        logger.debug("rank %d: read %d bytes from %s in %.3fs", self._rank_info.global_rank,
+                     stats.bytes_read, file, seconds)
+        return ReadResult(sd, list(plan.missing), list(plan.unexpected), stats.bytes_read,
+                          stats.bytes_verified, seconds, index.seconds, stats.fallback_loads)
+
+    # -- the pieces, for the coordinator -------------------------------------------------
+
+    def _index(self, file: Path) -> CheckpointIndex:
+        try:
+            return read_index(file)
+        except CheckpointError as e:
+            if e.rank is None:
+                raise type(e)(e.reason, file=e.file or file, rank=self._rank_info.global_rank,
+                              key=e.key) from e
+            raise
+
+    def plan(self, index: CheckpointIndex, state_dict: STATE_DICT | None) -> ReadPlan:
+        """Match a target against an index; raise if any shape/dtype/structure conflicts."""
+        plan = plan_read(state_dict, index.tree)
+        if plan.mismatched:
+            key, msg = plan.mismatched[0]
+            more = f" (and {len(plan.mismatched) - 1} more mismatch(es))" if len(plan.mismatched) > 1 else ""
+            raise StateDictMismatchError(msg + more, file=index.file,
+                                         rank=self._rank_info.global_rank, key=key)
+        return plan
+
+    def execute(self, index: CheckpointIndex, plan: ReadPlan, state_dict: STATE_DICT | None, *,
+                map_location: MapLocation = None, stats: ReadStats | None = None,
+                skip: frozenset[str] = frozenset(), values: dict[Any, Any] | None = None) -> STATE_DICT:
+        """Run a checked plan and assemble the result (mutating the target containers).
+
+        Args:
+            skip: Keys of leaves produced elsewhere (e.g. received by broadcast); their
+                values must be in ``values`` unless they were filled in place.
+            values: Pre-produced ``{raw path: value}`` to use for skipped leaves.
+        """
+        leaves = [lf for lf in plan.leaves if lf.key not in skip] if skip else list(plan.leaves)
+        try:
+            produced = produce(index, leaves, map_location=map_location, verify=self._verify, stats=stats)
+        except CheckpointError as e:
+            if e.rank is None:
+                raise type(e)(e.reason, file=e.file, rank=self._rank_info.global_rank, key=e.key) from e
+            raise
+        if values:
+            produced.update(values)
+        return assemble(state_dict, index.tree, produced)
+
+
+def _preview(keys: tuple[str, ...] | list[str], n: int = 10) -> str:
+    shown = ", ".join(repr(k) for k in sorted(keys)[:n])
+    return shown + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _strict_message(plan: ReadPlan) -> str:
+    parts = []
+    if plan.missing:
+        parts.append(f"missing keys: {_preview(plan.missing)}")
+    if plan.unexpected:
+        parts.append(f"unexpected keys: {_preview(plan.unexpected)}")
+    return "strict restore: " + "; ".join(parts)
