@@ -106,6 +106,17 @@ def check_tensor(key: str, target: torch.Tensor, src: Any) -> str | None:
     return "; ".join(problems) if problems else None
 
 
+def view_out_of_bounds(src: Any) -> str | None:
+    """Why a dense tensor view cannot lie in its storage record, or ``None`` if it does."""
+    if not isinstance(src, TensorRef) or src.numel == 0:
+        return None
+    lo, hi = src.element_span()
+    if lo < 0 or hi * src.dtype.itemsize > src.storage.nbytes:
+        return (f"tensor view (offset {src.storage_offset}, size {src.size}, stride {src.stride}) "
+                f"lies outside its {src.storage.nbytes}-byte storage record")
+    return None
+
+
 def plan_read(target: Any, tree: Any) -> ReadPlan:
     """Match ``target`` (a state dict, or ``None`` for everything) against an index tree."""
     leaves: list[PlannedLeaf] = []

@@ -103,7 +103,7 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
     by_storage: dict[str, list[PlannedLeaf]] = defaultdict(list)
     for lf in leaves:
         by_storage[lf.source.storage.key].append(lf)
-    order = sorted(by_storage, key=lambda k: index.records[k].data_offset)
+    order = sorted(by_storage, key=lambda k: index.records[k].header_offset)
     fd = os.open(index.file, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -129,6 +129,7 @@ def _produce_storage(index: CheckpointIndex, mm: mmap.mmap, whole: torch.Tensor,
                      group: list[PlannedLeaf], values: dict[RawPath, Any],
                      map_location: MapLocation, verify: Verify, stats: ReadStats) -> None:
     rec = index.records[group[0].source.storage.key]
+    offset = index.data_offset(rec_key := group[0].source.storage.key, mm)
     spans = [(lf, *lf.source.element_span()) for lf in group]
     nonempty = [(lf, lo, hi) for lf, lo, hi in spans if hi > lo]
     if nonempty:
@@ -138,17 +139,17 @@ def _produce_storage(index: CheckpointIndex, mm: mmap.mmap, whole: torch.Tensor,
         stats.bytes_read += hi_b - lo_b
         if verify == "crc32" and lo_b == 0 and hi_b == rec.size:
             with memoryview(mm) as mv:
-                crc = _crc32(mv[rec.data_offset : rec.data_offset + rec.size])
+                crc = _crc32(mv[offset : offset + rec.size])
             if crc != rec.crc32:
                 raise CorruptCheckpointError(
-                    f"CRC32 mismatch in storage record data/{rec.name.rsplit('/', 1)[-1]}: "
+                    f"CRC32 mismatch in storage record data/{rec_key}: "
                     "tensor data is corrupt", file=index.file, key=group[0].key)
             stats.bytes_verified += rec.size
 
     allocate = [(lf, lo, hi) for lf, lo, hi in spans if lf.target is None]
     for lf, lo, hi in spans:
         if lf.target is not None and hi > lo:
-            lf.target.copy_(_file_view(whole, rec.data_offset, lf.source, lo, hi))
+            lf.target.copy_(_file_view(whole, offset, lf.source, lo, hi))
     if allocate:
         # one new storage per (storage, device) keeps views of it tied, as torch.load does
         by_dev: dict[torch.device, list[tuple[PlannedLeaf, int, int]]] = defaultdict(list)
@@ -157,7 +158,7 @@ def _produce_storage(index: CheckpointIndex, mm: mmap.mmap, whole: torch.Tensor,
                                  file=index.file, key=item[0].key)
             by_dev[dev].append(item)
         for dev, items in by_dev.items():
-            _allocate_group(whole, rec.data_offset, items, dev, values)
+            _allocate_group(whole, offset, items, dev, values)
 
 
 def _file_view(whole: torch.Tensor, data_offset: int, ref: TensorRef, lo: int, hi: int) -> torch.Tensor:

@@ -24,18 +24,27 @@ import torch
 from dist_restore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class StorageRef:
-    """A storage record of the file: ``data/{key}``, ``numel`` elements of ``dtype``."""
+    """A storage record of the file: ``data/{key}``, ``numel`` elements of ``dtype``.
 
-    key: str
-    dtype: torch.dtype
-    numel: int
-    location: str
+    A plain slotted class (not a dataclass): one is made per storage while unpickling,
+    and that is the hot loop of indexing.
+    """
+
+    __slots__ = ("key", "dtype", "numel", "location")
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int, location: str) -> None:
+        self.key = key
+        self.dtype = dtype
+        self.numel = numel
+        self.location = location
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"StorageRef({self.key!r}, {self.dtype}, numel={self.numel}, {self.location!r})"
 
 
 @dataclass(slots=True, eq=False)
@@ -254,17 +263,19 @@ class _RefUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}", file=self._file)
-        _, stype, key, location, numel = pid
-        if not isinstance(stype, _StorageType):
-            raise CorruptCheckpointError(f"unknown storage type {stype!r:.80}", file=self._file)
-        key = str(key)
-        ref = self._storages.get(key)
-        if ref is None:
-            loc = location.decode("ascii") if isinstance(location, bytes) else str(location)
-            ref = StorageRef(key, stype.dtype, int(numel), loc)
-            self._storages[key] = ref
+        try:
+            tag, stype, key, location, numel = pid
+            ref = self._storages.get(key)
+            if ref is not None:
+                return ref
+            if tag != "storage":
+                raise ValueError
+            dtype = stype.dtype
+        except (ValueError, TypeError, AttributeError):
+            raise CorruptCheckpointError(f"unknown persistent id {pid!r:.80}", file=self._file) from None
+        if type(location) is not str:
+            location = location.decode("ascii") if isinstance(location, bytes) else str(location)
+        ref = self._storages[key] = StorageRef(str(key), dtype, int(numel), location)
         return ref
 
 

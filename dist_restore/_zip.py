@@ -32,7 +32,7 @@ class ZipRecord:
     """One record of the zip: where its bytes are and what they should hash to."""
 
     name: str
-    data_offset: int
+    header_offset: int
     size: int
     crc32: int
 
@@ -90,34 +90,41 @@ def read_zip_records(buf: memoryview | bytes, file: str) -> dict[str, ZipRecord]
         raise corrupt("central directory lies beyond the end of the file")
 
     records: dict[str, ZipRecord] = {}
-    p = cd_offset
-    end = cd_offset + cd_size
+    cd = bytes(buf[cd_offset : cd_offset + cd_size])  # one copy; parsing bytes beats parsing an mmap
+    p = 0
+    unpack = _CDIR.unpack_from
     for _ in range(n_entries):
-        if p + _CDIR.size > end:
+        if p + _CDIR.size > cd_size:
             raise corrupt("central directory shorter than its entry count")
         (sig, _vm, _vn, _flags, method, _t, _d, crc, csize, usize, nlen, elen, clen, _disk,
-         _ia, _ea, hoff) = _CDIR.unpack_from(buf, p)
+         _ia, _ea, hoff) = unpack(cd, p)
         if sig != _CDIR_SIG:
-            raise corrupt(f"bad central directory entry at byte {p}")
-        name = bytes(buf[p + _CDIR.size : p + _CDIR.size + nlen]).decode("utf-8", "replace")
+            raise corrupt(f"bad central directory entry at byte {cd_offset + p}")
+        q = p + _CDIR.size
+        name = cd[q : q + nlen].decode("utf-8", "replace")
         if usize == _U32 or csize == _U32 or hoff == _U32:
-            usize, csize, hoff = _zip64_extra(
-                bytes(buf[p + _CDIR.size + nlen : p + _CDIR.size + nlen + elen]),
-                usize, csize, hoff,
-            )
-        p += _CDIR.size + nlen + elen + clen
+            usize, csize, hoff = _zip64_extra(cd[q + nlen : q + nlen + elen], usize, csize, hoff)
+        p = q + nlen + elen + clen
         if method != 0 or csize != usize:
             raise corrupt(f"record {name!r} is compressed (method {method}); torch.save stores records uncompressed")
-        if hoff + _LOCAL.size > size:
-            raise corrupt(f"record {name!r} header lies beyond the end of the file")
-        lsig, _v, _f, _m, _lt, _ld, _lc, _lcs, _lus, lnlen, lelen = _LOCAL.unpack_from(buf, hoff)
-        if lsig != _LOCAL_SIG:
-            raise corrupt(f"record {name!r} has a bad local header")
-        data_offset = hoff + _LOCAL.size + lnlen + lelen
-        if data_offset + usize > size:
-            raise corrupt(f"record {name!r} ({usize} bytes at offset {data_offset}) extends past the end of the file")
-        records[name] = ZipRecord(name, data_offset, usize, crc)
+        if hoff + _LOCAL.size + usize > size:
+            raise corrupt(f"record {name!r} ({usize} bytes) extends past the end of the file")
+        records[name] = ZipRecord(name, hoff, usize, crc)
     return records
+
+
+def data_offset(buf: memoryview | bytes, rec: ZipRecord, file: str) -> int:
+    """Byte offset of a record's data: after its local header (read on demand)."""
+    size = len(buf)
+    lsig, _v, _f, _m, _lt, _ld, _lc, _lcs, _lus, lnlen, lelen = _LOCAL.unpack_from(buf, rec.header_offset)
+    if lsig != _LOCAL_SIG:
+        raise CorruptCheckpointError(f"record {rec.name!r} has a bad local header", file=file)
+    off = rec.header_offset + _LOCAL.size + lnlen + lelen
+    if off + rec.size > size:
+        raise CorruptCheckpointError(
+            f"record {rec.name!r} ({rec.size} bytes at offset {off}) extends past the end of the "
+            f"file ({size} bytes; truncated?)", file=file)
+    return off
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, int, int]:

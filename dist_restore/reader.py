@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from dist_restore._index import CheckpointIndex, read_index
-from dist_restore._plan import ReadPlan, assemble, plan_read
+from dist_restore._plan import ReadPlan, assemble, plan_read, view_out_of_bounds
 from dist_restore._read import MapLocation, ReadStats, Verify, produce
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
-from dist_restore.errors import CheckpointError, StateDictMismatchError
+from dist_restore.errors import CheckpointError, CorruptCheckpointError, StateDictMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,11 @@ class CheckpointReader:
             more = f" (and {len(plan.mismatched) - 1} more mismatch(es))" if len(plan.mismatched) > 1 else ""
             raise StateDictMismatchError(msg + more, file=index.file,
                                          rank=self._rank_info.global_rank, key=key)
+        for leaf in plan.leaves:
+            problem = view_out_of_bounds(leaf.source)
+            if problem:
+                raise CorruptCheckpointError(problem, file=index.file,
+                                             rank=self._rank_info.global_rank, key=leaf.key)
         return plan
 
     def execute(self, index: CheckpointIndex, plan: ReadPlan, state_dict: STATE_DICT | None, *,
