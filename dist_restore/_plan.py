@@ -52,12 +52,15 @@ class ReadPlan:
         missing: Keys the target names that the file lacks.
         unexpected: Keys in the file under a level the target named, not asked for.
         mismatched: ``(key, message)`` for every structure/shape/dtype conflict.
+        objects: ``(key, raw path, value)`` of every non-tensor leaf the result takes
+            from the file.
     """
 
     leaves: tuple[PlannedLeaf, ...]
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     mismatched: tuple[tuple[str, str], ...]
+    objects: tuple[tuple[str, RawPath, Any], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -123,11 +126,14 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
     missing: list[str] = []
     unexpected: list[str] = []
     mismatched: list[tuple[str, str]] = []
+    objects: list[tuple[str, RawPath, Any]] = []
 
     def take_all(src: Any, key: str, path: RawPath) -> None:
         for k, p, leaf in iter_leaves(src, key, path):
             if isinstance(leaf, SOURCE_TENSOR_TYPES):
                 leaves.append(PlannedLeaf(k, p, leaf, None))
+            else:
+                objects.append((k, p, leaf))
 
     def walk(t: Any, s: Any, key: str, path: RawPath) -> None:
         if t is None:
@@ -170,7 +176,7 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
     if target is not None and not isinstance(target, Mapping):
         raise TypeError(f"state_dict must be a mapping or None, got {type(target).__name__}")
     walk(target, tree, "", ())
-    return ReadPlan(tuple(leaves), tuple(missing), tuple(unexpected), tuple(mismatched))
+    return ReadPlan(tuple(leaves), tuple(missing), tuple(unexpected), tuple(mismatched), tuple(objects))
 
 
 def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
@@ -181,7 +187,8 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
             tuples are rebuilt).
         tree: The same index tree.
         values: ``{raw path: produced tensor}`` for every leaf of the plan whose target
-            was ``None`` (filled targets may be absent: they are kept).
+            was ``None`` (filled targets may be absent: they are kept); may also hold
+            replacements for non-tensor leaves (shared values received from another rank).
     """
 
     def build(src: Any, path: RawPath) -> Any:
@@ -196,7 +203,7 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
             return _rebuild_tuple(src, [build(v, path + (i,)) for i, v in enumerate(src)])
         if isinstance(src, SOURCE_TENSOR_TYPES):
             return values[path]
-        return src
+        return values.get(path, src) if values else src
 
     def walk(t: Any, s: Any, path: RawPath) -> Any:
         if t is None:

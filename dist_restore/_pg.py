@@ -1,0 +1,150 @@
+"""A thin wrapper over a torch.distributed process group, with a timeout on every call.
+
+Degrades to a single process (rank 0 of 1, every collective a no-op) when no process
+group is initialised, so the coordinator's logic runs and is tested without processes.
+Every collective is issued with ``async_op=True`` and waited on with the wrapper's
+timeout: a dead or stuck peer turns into an exception, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+BarrierKind = Literal["process_group", "store", "none"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out (a peer died, hung, or the group is broken)."""
+
+
+@dataclass
+class CollectiveStats:
+    """Counters of the collectives one wrapper issued."""
+
+    collectives: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class ProcessGroupWrapper:
+    """Collectives for the coordinator, on ``group`` (default group) or a single process.
+
+    Args:
+        group: The process group; ``None`` means the default group when one is
+            initialised, else a single process.
+        timeout: Seconds any one collective may take.
+        barrier: ``"process_group"`` (``dist.barrier`` style, via a tiny all_reduce),
+            ``"store"`` (a counter in the group's TCPStore, like torch's experimental
+            ``TCPStoreBarrier``), or ``"none"``.
+        store: The store for ``barrier="store"``; default: the default group's store.
+    """
+
+    def __init__(self, group: Any = None, *, timeout: float = 300.0, barrier: BarrierKind = "process_group",
+                 store: Any = None) -> None:
+        self.timeout = float(timeout)
+        self.stats = CollectiveStats()
+        self._barrier_kind = barrier
+        self._barrier_gen = 0
+        #: Namespace of store-barrier keys; set to a token all ranks agreed on per restore.
+        self.barrier_token = "default"
+        if dist.is_available() and dist.is_initialized():
+            self.group = group if group is not None else dist.group.WORLD
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
+            backend = str(dist.get_backend(self.group)).lower()
+            self.device = (torch.device("cuda", torch.cuda.current_device())
+                           if "nccl" in backend else torch.device("cpu"))
+        else:
+            if group is not None:
+                raise ValueError("a process group was given but torch.distributed is not initialised")
+            self.group = None
+            self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self._store = store
+        if barrier == "store" and store is None and self.group is not None:
+            self._store = dist.distributed_c10d._get_default_store()
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None and self.world_size > 1
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            ok = work.wait(timeout=timedelta(seconds=self.timeout))
+        except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError & co.
+            raise CollectiveError(
+                f"{what} failed on rank {self.rank}: {type(e).__name__}: {e} "
+                "(a peer rank may have died, hung, or hit an error outside the restore)") from e
+        if ok is False:
+            raise CollectiveError(f"{what} timed out after {self.timeout:.0f}s on rank {self.rank}")
+
+    def all_gather_bytes(self, payload: bytes) -> list[bytes]:
+        """Every rank's ``payload``, in rank order (two collectives)."""
+        if not self.distributed:
+            return [payload]
+        n = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(sizes, n, group=self.group, async_op=True), "all_gather(sizes)")
+        lens = [int(s.item()) for s in sizes]
+        width = max(lens)
+        buf = torch.zeros(width, dtype=torch.uint8)
+        if payload:
+            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        buf = buf.to(self.device)
+        outs = [torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(outs, buf, group=self.group, async_op=True), "all_gather(payload)")
+        self.stats.collectives += 2
+        self.stats.bytes_sent += len(payload)
+        self.stats.bytes_received += sum(lens) - len(payload)
+        return [outs[r][: lens[r]].cpu().numpy().tobytes() for r in range(self.world_size)]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order."""
+        return [pickle.loads(b) for b in self.all_gather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))]
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        """Broadcast ``tensor`` (contiguous, on :attr:`device`) in place from group rank ``src``."""
+        if not self.distributed:
+            return
+        work = dist.broadcast(tensor, group=self.group, group_src=src, async_op=True)
+        self._wait(work, f"broadcast(from rank {src}, {tensor.numel() * tensor.element_size()} bytes)")
+        nbytes = tensor.numel() * tensor.element_size()
+        self.stats.collectives += 1
+        if self.rank == src:
+            self.stats.bytes_sent += nbytes
+        else:
+            self.stats.bytes_received += nbytes
+
+    def barrier(self) -> None:
+        """Wait for every rank, as chosen at construction (or not at all)."""
+        if not self.distributed or self._barrier_kind == "none":
+            return
+        if self._barrier_kind == "store":
+            self._store_barrier()
+            return
+        flag = torch.ones(1, dtype=torch.int32, device=self.device)
+        self._wait(dist.all_reduce(flag, group=self.group, async_op=True), "barrier")
+        self.stats.collectives += 1
+
+    def _store_barrier(self) -> None:
+        self._barrier_gen += 1
+        prefix = f"dist_restore/barrier/{self.barrier_token}/{self._barrier_gen}"
+        arrived = self._store.add(f"{prefix}/count", 1)
+        if arrived == self.world_size:
+            self._store.set(f"{prefix}/done", b"1")
+        t0 = time.monotonic()
+        try:
+            self._store.wait([f"{prefix}/done"], timedelta(seconds=self.timeout))
+        except Exception as e:  # noqa: BLE001
+            raise CollectiveError(
+                f"store barrier {self._barrier_gen} timed out after {time.monotonic() - t0:.0f}s on "
+                f"rank {self.rank}: {e}") from e

@@ -1,0 +1,113 @@
+"""Shared (replicated) entries: which they are, who reads them, how they travel.
+
+Pure functions, identical on every rank given the same inputs: the coordinator feeds
+them the canonical list of shared entries (gathered from all ranks) so that every rank
+derives the same owners and bucket layout and so issues the same collectives.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+SharedMode = Literal["broadcast", "spread", "local"]
+SharedSpec = str | Sequence[str] | Callable[[str], bool] | None
+
+
+def make_selector(shared: SharedSpec) -> Callable[[str], bool]:
+    """A predicate on dotted key paths from ``shared``.
+
+    ``shared`` is ``None`` (nothing is shared), a predicate, or one or more patterns: a
+    pattern with ``*``, ``?`` or ``[`` is a glob (``fnmatch``) on the whole key; any other
+    string is a key-path prefix (``"model"`` selects ``model``, ``model.w``, ``model[0]``,
+    not ``model2``).
+    """
+    if shared is None:
+        return lambda key: False
+    if callable(shared):
+        return shared
+    patterns = [shared] if isinstance(shared, str) else list(shared)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"shared patterns must be strings, got {type(p).__name__}: {p!r}")
+    globs = [p for p in patterns if any(c in p for c in "*?[")]
+    prefixes = tuple(p for p in patterns if p not in globs)
+    dotted = tuple(p + "." for p in prefixes) + tuple(p + "[" for p in prefixes)
+
+    def select(key: str) -> bool:
+        if key in prefixes or key.startswith(dotted):
+            return True
+        return any(fnmatch.fnmatchcase(key, g) for g in globs)
+
+    return select
+
+
+@dataclass(frozen=True, slots=True)
+class SharedItem:
+    """One shared tensor in the canonical list: the same on every rank."""
+
+    key: str
+    dtype: str  # str(torch.dtype): plain and picklable
+    shape: tuple[int, ...]
+    nbytes: int
+    owner: int = -1
+
+
+def assign_owners(items: Sequence[SharedItem], mode: SharedMode, world_size: int, src: int) -> list[SharedItem]:
+    """Give each item the rank that reads it from its own file.
+
+    ``broadcast``: ``src`` reads all. ``spread``: greedy by bytes (largest first, to the
+    least-loaded rank, ties to the lower rank), so each rank reads about 1/N of the bytes.
+    ``local``: no owner (every rank reads its own copy).
+    """
+    if mode == "local":
+        return [SharedItem(i.key, i.dtype, i.shape, i.nbytes, -1) for i in items]
+    if mode == "broadcast":
+        return [SharedItem(i.key, i.dtype, i.shape, i.nbytes, src) for i in items]
+    load = [0] * world_size
+    owner: dict[int, int] = {}
+    for idx in sorted(range(len(items)), key=lambda j: (-items[j].nbytes, j)):
+        r = min(range(world_size), key=lambda q: (load[q], q))
+        owner[idx] = r
+        load[r] += items[idx].nbytes
+    return [SharedItem(i.key, i.dtype, i.shape, i.nbytes, owner[j]) for j, i in enumerate(items)]
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """Items broadcast together as one flat byte buffer from ``owner``."""
+
+    owner: int
+    dtype: str
+    items: tuple[SharedItem, ...]
+    offsets: tuple[int, ...]  # byte offset of each item in the buffer
+    nbytes: int
+
+
+def make_buckets(items: Sequence[SharedItem], bucket_bytes: int) -> list[Bucket]:
+    """Pack items into flat buckets per (owner, dtype), each at most ``bucket_bytes``.
+
+    An item larger than ``bucket_bytes`` travels alone. Zero-byte items travel in no
+    bucket. Order: by owner, then dtype, then canonical order.
+    """
+    groups: dict[tuple[int, str], list[SharedItem]] = {}
+    for it in items:
+        if it.nbytes > 0 and it.owner >= 0:
+            groups.setdefault((it.owner, it.dtype), []).append(it)
+    buckets: list[Bucket] = []
+    for (owner, dtype) in sorted(groups):
+        cur: list[SharedItem] = []
+        offs: list[int] = []
+        size = 0
+        for it in groups[(owner, dtype)]:
+            if cur and size + it.nbytes > bucket_bytes:
+                buckets.append(Bucket(owner, dtype, tuple(cur), tuple(offs), size))
+                cur, offs, size = [], [], 0
+            cur.append(it)
+            offs.append(size)
+            size += it.nbytes
+        if cur:
+            buckets.append(Bucket(owner, dtype, tuple(cur), tuple(offs), size))
+    return buckets

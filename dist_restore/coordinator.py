@@ -1,0 +1,374 @@
+"""``RestoreCoordinator``: every rank restores its own file; shared entries are read once.
+
+The protocol of :meth:`RestoreCoordinator.restore`, in order:
+
+1. **plan** (all ranks): index this rank's file, match the target, select the shared
+   entries; nothing is read or modified. (all ranks) ``all_gather`` of each rank's
+   status, key report and shared-entry list. Any failure -> every rank raises the same
+   :class:`RestoreError`; ``strict`` and a missing/unexpected key anywhere -> likewise.
+   Every rank derives the same owners and bucket layout from the gathered lists.
+2. **read** (all ranks): read this rank's own entries, plus the shared ones it owns,
+   straight into the targets. (all ranks) ``all_gather`` of the status.
+3. **exchange** (owner -> all): shared tensors travel in flat byte buckets per
+   (owner, dtype), one ``broadcast`` each; a lone tensor lands directly in its target.
+4. **finish** (all ranks): assemble the result; closing barrier. (rank 0) log the report.
+
+Every collective has a timeout: a rank that died or hung makes the others raise
+:class:`RestoreError` instead of blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
+from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
+from dist_restore._read import MapLocation, ReadStats, Verify, finish_tensor, produce, resolve_device
+from dist_restore._report import RankReport, RestoreReport
+from dist_restore._shared import SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector
+from dist_restore._types import STATE_DICT, RankInfo
+from dist_restore._unpickle import TensorRef
+from dist_restore.errors import RestoreError
+from dist_restore.reader import CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+_MODES = ("broadcast", "spread", "local")
+
+
+@dataclass
+class RestoreStats:
+    """Counters of one restore on this rank.
+
+    Attributes:
+        bytes_read: Tensor bytes read from this rank's file.
+        bytes_received: Bytes received by collectives (shared tensors and control data).
+        bytes_sent: Bytes this rank sent by collectives.
+        collectives: Number of collectives issued (barriers included).
+        seconds: Wall seconds per phase (``plan``, ``read``, ``exchange``, ``finish``).
+    """
+
+    bytes_read: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    collectives: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RestoreResult:
+    """What :meth:`RestoreCoordinator.restore` returns on each rank.
+
+    Attributes:
+        state_dict: The restored state dict (the target object when one was given).
+        missing_keys: Keys this rank's target asked for that its file lacks.
+        unexpected_keys: Keys in this rank's file under a level the target named, not asked for.
+        report: The aggregated report of all ranks, on rank 0; ``None`` elsewhere.
+        stats: This rank's counters.
+    """
+
+    state_dict: STATE_DICT
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    report: RestoreReport | None
+    stats: RestoreStats
+
+
+class RestoreCoordinator:
+    """Restores a checkpoint directory on every rank of a process group.
+
+    Args:
+        process_group: The group; ``None`` uses the default group, or a single process
+            when ``torch.distributed`` is not initialised. Rank files are numbered by the
+            rank within this group.
+        barrier: Closing barrier: ``"process_group"``, ``"store"`` (a TCPStore counter,
+            as torch's experimental ``TCPStoreBarrier``) or ``"none"``.
+        store: Store for ``barrier="store"`` (default: the default group's store).
+        timeout: Seconds any one collective may wait before every rank gives up.
+        bucket_bytes: Upper size of a flat bucket of shared tensors.
+        verify: CRC32 checking of whole storage records (see :class:`CheckpointReader`).
+    """
+
+    def __init__(self, process_group: Any = None, *, barrier: BarrierKind = "process_group",
+                 store: Any = None, timeout: float = 300.0, bucket_bytes: int = 16 << 20,
+                 verify: Verify = "crc32") -> None:
+        if barrier not in ("process_group", "store", "none"):
+            raise ValueError(f"barrier must be 'process_group', 'store' or 'none', got {barrier!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self._pg = ProcessGroupWrapper(process_group, timeout=timeout, barrier=barrier, store=store)
+        self._bucket_bytes = int(bucket_bytes)
+        self._reader = CheckpointReader(self.rank_info, verify=verify)
+
+    @property
+    def rank_info(self) -> RankInfo:
+        """This process's rank and the group's size."""
+        return RankInfo(self._pg.rank, self._pg.world_size)
+
+    def restore(
+        self,
+        path: str | os.PathLike[str],
+        state_dict: STATE_DICT | None = None,
+        *,
+        shared: SharedSpec = None,
+        shared_mode: SharedMode = "broadcast",
+        src: int = 0,
+        strict: bool = False,
+        map_location: MapLocation = None,
+        timeout: float | None = None,
+    ) -> RestoreResult:
+        """Restore ``path/checkpoint_{rank}.pt`` on every rank (call on all ranks).
+
+        Args:
+            path: The checkpoint directory.
+            state_dict: This rank's target (``None``: everything in its file).
+            shared: Replicated entries: key-path prefixes, glob patterns, or a predicate.
+            shared_mode: ``"broadcast"`` (rank ``src`` reads, the others receive),
+                ``"spread"`` (reading split across ranks by bytes, then exchanged) or
+                ``"local"`` (each rank reads its own copy).
+            src: The reading rank in ``broadcast`` mode (and the source of shared
+                non-tensor values in every mode but ``local``).
+            strict: Fail on every rank if any rank misses or has unexpected keys.
+            map_location: Device (or mapping) for allocated tensors.
+            timeout: Seconds per collective for this call (default: the coordinator's).
+
+        Raises:
+            RestoreError: on every rank, if any rank failed (names ranks, phase, messages).
+        """
+        pg = self._pg
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+            pg.timeout = float(timeout)
+        stats = RestoreStats()
+        pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
+        rank, world = pg.rank, pg.world_size
+
+        # 1. plan -----------------------------------------------------------------------
+        t0 = time.perf_counter()
+        local: dict[str, Any] = {}
+        try:
+            payload = self._plan(path, state_dict, shared, shared_mode, src, local)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
+            payload = {"ok": False, "error": _describe(e)}
+        gathered = self._agree("plan", payload)
+        report = RestoreReport.aggregate([p["report"] for p in gathered], world)
+        if strict and (report.missing_keys or report.unexpected_keys):
+            failures = {r: _strict_line(p["report"]) for r, p in enumerate(gathered)
+                        if p["report"].missing or p["report"].unexpected}
+            raise RestoreError("strict", failures, detail=report.render())
+        if report.mismatched_keys:
+            raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
+                                        for r, p in enumerate(gathered) if p["report"].mismatched},
+                               detail=report.render())
+        items, objects = self._canonical_shared(gathered, shared_mode, src)
+        pg.barrier_token = gathered[0]["token"]
+        stats.seconds["plan"] = time.perf_counter() - t0
+
+        # 2. read -----------------------------------------------------------------------
+        t0 = time.perf_counter()
+        index, plan = local["index"], local["plan"]
+        by_key = {lf.key: lf for lf in plan.leaves}
+        received = {it.key for it in items if it.owner not in (-1, rank)}
+        read_stats = ReadStats()
+        values: dict[Any, Any] = {}
+        try:
+            todo = [lf for lf in plan.leaves if lf.key not in received]
+            values = produce(index, todo, map_location=map_location, verify=self._reader._verify,
+                             stats=read_stats)
+            status: dict[str, Any] = {"ok": True}
+        except Exception as e:  # noqa: BLE001
+            status = {"ok": False, "error": _describe(e)}
+        self._agree("read", status)
+        stats.bytes_read = read_stats.bytes_read
+        stats.seconds["read"] = time.perf_counter() - t0
+
+        # 3. exchange -------------------------------------------------------------------
+        t0 = time.perf_counter()
+        try:
+            self._exchange(items, by_key, values, index, map_location)
+        except CollectiveError as e:
+            raise RestoreError("exchange", {rank: str(e)}) from e
+        if objects is not None:
+            for key, value in objects.items():
+                lf_path = local["object_paths"].get(key)
+                if lf_path is not None:
+                    values[lf_path] = value
+        stats.seconds["exchange"] = time.perf_counter() - t0
+
+        # 4. finish ---------------------------------------------------------------------
+        t0 = time.perf_counter()
+        result_sd = assemble(state_dict, index.tree, values)
+        try:
+            pg.barrier()
+        except CollectiveError as e:
+            raise RestoreError("finish", {rank: str(e)}) from e
+        stats.seconds["finish"] = time.perf_counter() - t0
+        stats.collectives = pg.stats.collectives
+        stats.bytes_received = pg.stats.bytes_received
+        stats.bytes_sent = pg.stats.bytes_sent
+        if rank == 0:
+            log = logger.warning if not report.ok else logger.info
+            log("%s", report.render())
+            logger.info("restored %s on %d rank(s): rank 0 read %d bytes, %d collectives, %s",
+                        path, world, stats.bytes_read, stats.collectives,
+                        ", ".join(f"{k} {v:.3f}s" for k, v in stats.seconds.items()))
+        return RestoreResult(result_sd, list(plan.missing), list(plan.unexpected),
+                             report if rank == 0 else None, stats)
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def _plan(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, mode: str, src: int,
+              local: dict[str, Any]) -> dict[str, Any]:
+        pg = self._pg
+        if mode not in _MODES:
+            raise ValueError(f"shared_mode must be one of {_MODES}, got {mode!r}")
+        if not 0 <= src < pg.world_size:
+            raise ValueError(f"src must be a rank in [0, {pg.world_size}), got {src}")
+        select = make_selector(shared)
+        index = self._reader._index(self._reader.file_path(path))
+        plan = plan_read(state_dict, index.tree)
+        for leaf in plan.leaves:
+            problem = view_out_of_bounds(leaf.source)
+            if problem:
+                raise RuntimeError(f"{index.file}: key {leaf.key!r}: {problem}")
+        shared_items: list[SharedItem] = []
+        shared_objects: dict[str, Any] = {}
+        if mode != "local" and shared is not None:
+            for lf in plan.leaves:
+                if isinstance(lf.source, TensorRef) and index.native_order and select(lf.key):
+                    ref = lf.source
+                    shared_items.append(SharedItem(lf.key, str(ref.dtype), tuple(ref.size), ref.nbytes))
+            for key, _p, value in plan.objects:
+                if select(key):
+                    shared_objects[key] = value
+        local["index"], local["plan"] = index, plan
+        local["object_paths"] = {key: p for key, p, _v in plan.objects}
+        return {
+            "ok": True,
+            "report": RankReport(pg.rank, tuple(plan.missing), tuple(plan.unexpected), tuple(plan.mismatched)),
+            "shared": shared_items,
+            "objects": shared_objects if pg.rank == src else None,
+            "token": uuid.uuid4().hex if pg.rank == 0 else None,
+        }
+
+    def _agree(self, phase: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """(all ranks) Exchange status; raise the same RestoreError everywhere on any failure."""
+        try:
+            gathered = self._pg.all_gather_object(payload)
+        except CollectiveError as e:
+            mine = payload.get("error")
+            failures = {self._pg.rank: f"{mine}; then {e}" if mine else str(e)}
+            raise RestoreError(phase, failures) from e
+        failures = {r: p["error"] for r, p in enumerate(gathered) if not p["ok"]}
+        if failures:
+            raise RestoreError(phase, failures)
+        return gathered
+
+    def _canonical_shared(self, gathered: list[dict[str, Any]], mode: str, src: int
+                          ) -> tuple[list[SharedItem], dict[str, Any] | None]:
+        if mode == "local":
+            return [], None
+        meta = [{i.key: (i.dtype, i.shape) for i in p["shared"]} for p in gathered]
+        failures = {}
+        for r, m in enumerate(meta):
+            for key, dt_shape in m.items():
+                other = meta[src].get(key)
+                if other is not None and other != dt_shape:
+                    failures[r] = (f"shared entry {key!r} is {dt_shape[0]} {tuple(dt_shape[1])} here, "
+                                   f"{other[0]} {tuple(other[1])} on rank {src}")
+                    break
+        if failures:
+            raise RestoreError("plan", failures,
+                               detail="a shared entry must have one dtype and shape on every rank")
+        canon = gathered[src]["shared"]
+        if mode == "spread":  # every owner must hold a replica: entries all ranks have
+            canon = [i for i in canon if all(i.key in m for m in meta)]
+        items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
+        return items, gathered[src]["objects"]
+
+    def _exchange(self, items: list[SharedItem], by_key: dict[str, PlannedLeaf], values: dict[Any, Any],
+                  index: Any, map_location: MapLocation) -> None:
+        pg = self._pg
+        dev = pg.device
+        for bucket in make_buckets(items, self._bucket_bytes):
+            owner = bucket.owner == pg.rank
+            leaves = [by_key.get(it.key) for it in bucket.items]  # None: this rank did not ask
+            tensors = [None if lf is None else lf.target if lf.target is not None else values.get(lf.path)
+                       for lf in leaves]
+            direct = None
+            if len(leaves) == 1:
+                t = tensors[0]
+                if t is not None and t.device == dev and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+                    direct = t.detach().view(-1).view(torch.uint8)
+            if direct is not None:
+                flat = direct
+            else:
+                flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=dev)
+                if owner:
+                    for t, off, it in zip(tensors, bucket.offsets, bucket.items):
+                        _bytes_view(flat, off, it.nbytes, t).copy_(t.detach().resolve_conj().resolve_neg())
+            pg.broadcast_(flat, bucket.owner)
+            if owner:
+                continue
+            for lf, t, off, it in zip(leaves, tensors, bucket.offsets, bucket.items):
+                if lf is None or (direct is not None and lf.target is not None):
+                    continue  # not wanted here, or landed in place
+                ref: TensorRef = lf.source
+                view = flat[off : off + it.nbytes].view(ref.dtype).view(ref.size)
+                if lf.target is not None:
+                    lf.target.copy_(view)
+                    continue
+                target_dev = resolve_device(ref.storage.location, map_location, file=index.file, key=lf.key)
+                out = view  # the bucket's memory backs it
+                if out.device != target_dev:
+                    out = out.to(target_dev)
+                values[lf.path] = finish_tensor(out, _contiguous_ref(ref))
+        for it in items:  # zero-byte shared tensors travel in no bucket
+            if it.nbytes == 0 and it.owner != pg.rank:
+                lf = by_key.get(it.key)
+                if lf is not None and lf.target is None:
+                    ref = lf.source
+                    target_dev = resolve_device(ref.storage.location, map_location, file=index.file, key=lf.key)
+                    values[lf.path] = finish_tensor(torch.empty(ref.size, dtype=ref.dtype, device=target_dev),
+                                                    _contiguous_ref(ref))
+
+
+def _bytes_view(flat: torch.Tensor, off: int, nbytes: int, like: torch.Tensor) -> torch.Tensor:
+    return flat[off : off + nbytes].view(like.dtype).view(like.shape)
+
+
+def _contiguous_ref(ref: TensorRef) -> TensorRef:
+    """``ref`` without conj/neg bits: received bytes are already resolved."""
+    if not ref.metadata:
+        return ref
+    return TensorRef(ref.storage, ref.dtype, 0, ref.size, ref.stride, ref.requires_grad,
+                     ref.is_parameter, None, ref.state)
+
+
+def _describe(e: BaseException) -> str:
+    """A plain, picklable one-paragraph description of an exception, with its origin."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" [at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}]" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _strict_line(r: RankReport) -> str:
+    parts = []
+    if r.missing:
+        parts.append(f"{len(r.missing)} missing (e.g. {r.missing[0]!r})")
+    if r.unexpected:
+        parts.append(f"{len(r.unexpected)} unexpected (e.g. {r.unexpected[0]!r})")
+    return "strict: " + ", ".join(parts)
+
+
