@@ -1,0 +1,137 @@
+"""Checkpoint builders and module-level rank workers for the multi-process tests.
+
+Workers run in spawned processes (see ``harness.run_ranks``) with the default process
+group already initialised (gloo on 127.0.0.1); they return plain picklable results.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_restore import RestoreCoordinator, RestoreError
+from dist_restore._index import iter_leaves
+
+SENTINEL = 7.0
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+
+
+def write_checkpoint(path: Path, world: int, *, n_own: int = 4, own_elems: int = 256,
+                     n_shared: int = 3, shared_elems: int = 1024, small_shared: int = 0) -> None:
+    """Rank files with different per-rank data and identical replicated ``shared`` entries."""
+    path.mkdir(parents=True, exist_ok=True)
+    sg = torch.Generator().manual_seed(42)
+    shared: dict[str, Any] = {f"s{i}": torch.randn(shared_elems, generator=sg) for i in range(n_shared)}
+    shared["t"] = torch.randn(8, 6, generator=sg).t()  # non-contiguous
+    shared["half"] = torch.randn(10, generator=sg).to(torch.bfloat16)
+    shared["flags"] = torch.tensor([True, False, True])
+    shared["empty"] = torch.zeros(0)
+    shared["meta"] = {"step": 1234, "name": "run-7", "betas": (0.9, 0.999), "milestones": [10, 20]}
+    if small_shared:
+        shared["small"] = {f"p{i}": torch.randn(16, generator=sg) for i in range(small_shared)}
+    for r in range(world):
+        g = torch.Generator().manual_seed(1000 + r)
+        own = {f"w{i}": torch.randn(own_elems, generator=g) * (r + 1) for i in range(n_own)}
+        own["ids"] = torch.arange(r, r + 5)
+        torch.save({"model": own, "shared": shared, "rank": r}, path / f"checkpoint_{r}.pt")
+
+
+def targets_like(file: Path, *, preallocate: bool, fill: float = SENTINEL) -> dict[str, Any]:
+    """A target of the same structure as ``file``: preallocated tensors (filled) or ``None``."""
+    ref = torch.load(file, weights_only=True)
+
+    def build(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: build(x) for k, x in v.items()}
+        if isinstance(v, torch.Tensor):
+            return torch.full_like(v.contiguous(), fill if v.dtype != torch.bool else True) if preallocate else None
+        if isinstance(v, (list, tuple)):
+            return None
+        return None
+
+    return build(ref)
+
+
+def compare(result: Any, file: Path) -> list[str]:
+    """Keys whose restored value differs from ``torch.load`` of the same file (bit for bit)."""
+    ref = torch.load(file, weights_only=True)
+    got = dict((k, v) for k, _p, v in iter_leaves(result))
+    bad = []
+    for k, _p, v in iter_leaves(ref):
+        if k not in got:
+            bad.append(f"{k}: absent")
+            continue
+        g = got[k]
+        if isinstance(v, torch.Tensor):
+            if not isinstance(g, torch.Tensor) or g.dtype != v.dtype or g.shape != v.shape \
+                    or not torch.equal(bits(g), bits(v)):
+                bad.append(f"{k}: differs")
+        elif g != v:
+            bad.append(f"{k}: {g!r} != {v!r}")
+    return bad
+
+
+def restore_and_compare(rank: int, world: int, path: str, mode: str, preallocate: bool,
+                        shared: Any = "shared") -> dict[str, Any]:
+    file = Path(path) / f"checkpoint_{rank}.pt"
+    target = targets_like(file, preallocate=preallocate)
+    keep = {k: v for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
+    res = RestoreCoordinator(timeout=60).restore(path, target, shared=shared, shared_mode=mode)
+    got = {k: x for k, _p, x in iter_leaves(res.state_dict)}
+    in_place = all(v is got[k] for k, v in keep.items())
+    return {"bad": compare(res.state_dict, file), "in_place": in_place,
+            "bytes_read": res.stats.bytes_read, "bytes_received": res.stats.bytes_received,
+            "collectives": res.stats.collectives, "report": None if res.report is None else res.report.to_dict(),
+            "missing": res.missing_keys, "seconds": res.stats.seconds}
+
+
+def restore_expect_failure(rank: int, world: int, path: str, kwargs: dict[str, Any],
+                           extra_key_on: int = -1) -> dict[str, Any]:
+    """Restore into sentinel-filled targets; report the error and whether targets stayed untouched."""
+    file = Path(path) / f"checkpoint_{rank}.pt"
+    good = Path(path) / "checkpoint_0.pt"  # same structure on all ranks
+    target = targets_like(good, preallocate=True)
+    if rank == extra_key_on:
+        target["model"]["not_in_file"] = torch.zeros(3)
+    before = {k: bits(v).clone() for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
+    t0 = time.monotonic()
+    try:
+        RestoreCoordinator(timeout=kwargs.pop("timeout", 30)).restore(path, target, **kwargs)
+        err: dict[str, Any] | None = None
+    except RestoreError as e:
+        err = {"type": "RestoreError", "phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}
+    except Exception as e:  # noqa: BLE001 - the test asserts there is none
+        err = {"type": type(e).__name__, "text": str(e)}
+    after = {k: v for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
+    untouched = all(torch.equal(bits(after[k]), b) for k, b in before.items())
+    del file
+    return {"error": err, "untouched": untouched, "seconds": time.monotonic() - t0}
+
+
+def restore_with_killed_rank(rank: int, world: int, path: str, victim: int) -> dict[str, Any]:
+    if rank == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 10})
+
+
+def restore_for_report(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Rank 2 asks for a key no file has; odd ranks do not ask for ``model.ids``; all miss ``extra``."""
+    file = Path(path) / f"checkpoint_{rank}.pt"
+    target = targets_like(file, preallocate=True)
+    target["extra"] = None
+    if rank == 2:
+        target["model"]["not_in_file"] = torch.zeros(3)
+    if rank % 2:
+        del target["model"]["ids"]
+    res = RestoreCoordinator(timeout=60).restore(path, target, shared="shared")
+    return {"report": None if res.report is None else res.report.to_dict(),
+            "text": None if res.report is None else res.report.render(),
+            "missing": res.missing_keys, "unexpected": res.unexpected_keys}

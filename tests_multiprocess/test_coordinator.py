@@ -1,0 +1,158 @@
+"""RestoreCoordinator on real processes: gloo on 127.0.0.1, 2/4/8 ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests_multiprocess import _workers as w
+from tests_multiprocess.harness import RanksFailed, run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _shared_bytes(path: Path) -> int:
+    sd = torch.load(path / "checkpoint_0.pt", weights_only=True)["shared"]
+    from dist_restore._index import iter_leaves
+
+    return sum(v.numel() * v.element_size() for _k, _p, v in iter_leaves(sd) if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_per_rank_restore_bit_exact(tmp_path: Path, world: int) -> None:
+    w.write_checkpoint(tmp_path, world)
+    out = run_ranks(w.restore_and_compare, world, args=(str(tmp_path), "local", True, None), timeout=90)
+    for r, o in enumerate(out):
+        assert o["bad"] == [], f"rank {r}: {o['bad']}"
+        assert o["in_place"]
+        assert o["missing"] == []
+    assert out[0]["report"] is not None and out[0]["report"]["issues"] == []
+    assert all(o["report"] is None for o in out[1:])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["broadcast", "spread", "local"])
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_shared_modes_bit_exact_and_bytes(tmp_path: Path, mode: str, preallocate: bool) -> None:
+    world = 4
+    w.write_checkpoint(tmp_path, world, n_shared=8, shared_elems=4096)
+    shared_total = _shared_bytes(tmp_path)
+    own = [sum(v.numel() * v.element_size() for v in torch.load(
+        tmp_path / f"checkpoint_{r}.pt", weights_only=True)["model"].values()) for r in range(world)]
+    out = run_ranks(w.restore_and_compare, world, args=(str(tmp_path), mode, preallocate), timeout=90)
+    for r, o in enumerate(out):
+        assert o["bad"] == [], f"rank {r}: {o['bad']}"
+        assert o["in_place"]
+    shared_read = [o["bytes_read"] - own[r] for r, o in enumerate(out)]
+    if mode == "broadcast":
+        assert shared_read == [shared_total] + [0] * (world - 1)
+        assert all(o["bytes_received"] >= shared_total for o in out[1:])
+    elif mode == "spread":
+        assert sum(shared_read) == shared_total
+        assert max(shared_read) <= shared_total / world * 1.5, shared_read
+        assert min(shared_read) > 0
+    else:
+        assert shared_read == [shared_total] * world
+
+
+@pytest.mark.timeout(120)
+def test_shared_values_travel_and_8_ranks_broadcast(tmp_path: Path) -> None:
+    w.write_checkpoint(tmp_path, 8)
+    out = run_ranks(w.restore_and_compare, 8, args=(str(tmp_path), "broadcast", False), timeout=100)
+    assert all(o["bad"] == [] for o in out)
+    assert all(o["bytes_read"] > 0 for o in out)
+
+
+@pytest.mark.timeout(180)
+def test_10000_small_shared_tensors(tmp_path: Path) -> None:
+    w.write_checkpoint(tmp_path, 2, small_shared=10_000)
+    out = run_ranks(w.restore_and_compare, 2, args=(str(tmp_path), "broadcast", True), timeout=150)
+    assert all(o["bad"] == [] for o in out)
+    # bucketed: a handful of collectives, not one per tensor
+    assert out[1]["collectives"] < 50, out[1]["collectives"]
+
+
+@pytest.mark.timeout(120)
+def test_report_aggregated_on_rank_0(tmp_path: Path) -> None:
+    world = 4
+    w.write_checkpoint(tmp_path, world)
+    out = run_ranks(w.restore_for_report, world, args=(str(tmp_path),), timeout=90)
+    assert out[2]["missing"] == ["model.not_in_file", "extra"]
+    assert out[1]["unexpected"] == ["model.ids"] and out[0]["unexpected"] == []
+    assert all(o["report"] is None for o in out[1:])
+    from dist_restore import RestoreReport
+
+    rep = RestoreReport.from_dict(out[0]["report"])
+    assert rep.missing_keys == ("extra", "model.not_in_file")
+    assert [(i.key, i.ranks) for i in rep.on_all_ranks("missing")] == [("extra", (0, 1, 2, 3))]
+    assert [(i.key, i.ranks) for i in rep.on_some_ranks("missing")] == [("model.not_in_file", (2,))]
+    assert [(i.key, i.ranks) for i in rep.on_some_ranks("unexpected")] == [("model.ids", (1, 3))]
+    text = out[0]["text"]
+    assert "model.not_in_file  missing on rank 2" in text
+    assert "model.ids  unexpected on ranks 1,3" in text
+
+
+@pytest.mark.timeout(120)
+def test_strict_raises_on_every_rank(tmp_path: Path) -> None:
+    world = 4
+    w.write_checkpoint(tmp_path, world)
+    out = run_ranks(w.restore_expect_failure, world,
+                    args=(str(tmp_path), {"shared": "shared", "strict": True}, 3), timeout=90)
+    for o in out:
+        assert o["error"]["type"] == "RestoreError"
+        assert o["error"]["phase"] == "strict"
+        assert o["error"]["ranks"] == [3]
+        assert "model.not_in_file" in o["error"]["text"]
+        assert o["untouched"]
+    assert len({o["error"]["text"] for o in out}) == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "shape"])
+def test_one_bad_rank_fails_every_rank_untouched(tmp_path: Path, damage: str) -> None:
+    world = 4
+    w.write_checkpoint(tmp_path, world)
+    bad = tmp_path / "checkpoint_2.pt"
+    if damage == "missing":
+        bad.unlink()
+    elif damage == "corrupt":
+        data = bytearray(bad.read_bytes())
+        data[-30:] = b"\0" * 30  # the zip directory's tail
+        bad.write_bytes(bytes(data))
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    else:
+        sd = torch.load(bad, weights_only=True)
+        sd["model"]["w0"] = torch.zeros(7)
+        torch.save(sd, bad)
+    out = run_ranks(w.restore_expect_failure, world, args=(str(tmp_path), {"shared": "shared"}), timeout=90)
+    texts = set()
+    for o in out:
+        assert o["error"] is not None and o["error"]["type"] == "RestoreError", o["error"]
+        assert o["error"]["phase"] == "plan"
+        assert o["error"]["ranks"] == [2]
+        assert "checkpoint_2.pt" in o["error"]["text"] or damage == "shape"
+        assert o["untouched"], "a target was modified although the plan failed"
+        texts.add(o["error"]["text"])
+    assert len(texts) == 1  # the same error on every rank
+    if damage == "shape":
+        assert "model.w0" in texts.pop()
+
+
+@pytest.mark.timeout(120)
+def test_killed_rank_fails_others_within_timeout(tmp_path: Path) -> None:
+    world = 4
+    w.write_checkpoint(tmp_path, world)
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(w.restore_with_killed_rank, world, args=(str(tmp_path), 1), timeout=90)
+    outcomes = {o.rank: o for o in info.value.outcomes}
+    assert outcomes[1].exitcode == -9
+    for r in (0, 2, 3):
+        res = outcomes[r].result
+        assert res is not None, outcomes[r]
+        assert res["error"]["type"] == "RestoreError", res["error"]
+        assert res["untouched"]
+        assert res["seconds"] < 60
