@@ -64,6 +64,9 @@ class IndexEntry:
 
 SOURCE_TENSOR_TYPES = (TensorRef, ExoticRef, StorageRef, torch.Tensor)
 
+# Legacy (non-zip) torch.save files begin with a pickled magic number: PROTO 2, LONG1 10 bytes.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
 
 class CheckpointIndex:
     """What one rank file holds, without its tensor data.
@@ -145,7 +148,9 @@ class CheckpointIndex:
             return IndexEntry(key, "tensor", v.dtype, v.size, v.stride, v.storage_offset,
                               v.nbytes, v.storage.key, off)
         if isinstance(v, torch.Tensor):  # legacy file: loaded tensor
-            if v.layout != torch.strided or v.is_quantized or v.is_nested:
+            if v.is_nested:
+                return IndexEntry(key, "exotic", v.dtype, None)
+            if v.layout != torch.strided or v.is_quantized:
                 return IndexEntry(key, "exotic", v.dtype, tuple(v.shape))
             return IndexEntry(key, "tensor", v.dtype, tuple(v.shape), tuple(v.stride()),
                               v.storage_offset(), v.numel() * v.element_size())
@@ -198,8 +203,12 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
         size = os.fstat(fd).st_size
         if size == 0:
             raise CorruptCheckpointError("file is empty", file=path)
-        head = os.pread(fd, 4, 0)
+        head = os.pread(fd, len(_LEGACY_MAGIC), 0)
         if not is_zip(head):
+            if head != _LEGACY_MAGIC:
+                raise CorruptCheckpointError(
+                    f"not a torch.save file: starts with {head[:8]!r}, neither a zip archive nor the "
+                    "legacy format (truncated or corrupt?)", file=path)
             return _legacy_index(path, size, t0)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             return _zip_index(path, mm, size, t0)
@@ -253,12 +262,16 @@ def full_load(path: Path, *, map_location: Any, mmap: bool) -> Any:
     """``torch.load(weights_only=True)``, its errors turned into ours."""
     import pickle
 
+    from dist_restore.errors import UnsafeCheckpointError
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        from dist_restore.errors import UnsafeCheckpointError
-
-        raise UnsafeCheckpointError(f"torch.load(weights_only=True) refused the file: {e}",
-                                    file=path) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AssertionError) as e:
+        if "unsupported global" in str(e).lower():  # torch's weights-only allowlist said no
+            raise UnsafeCheckpointError(f"torch.load(weights_only=True) refused the file: {e}",
+                                        file=path) from None
+        raise CorruptCheckpointError(f"torch.load failed: UnpicklingError: {e}", file=path) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
         raise CorruptCheckpointError(f"torch.load failed: {type(e).__name__}: {e}", file=path) from e

@@ -114,41 +114,40 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
-    try:
-        whole = torch.frombuffer(mm, dtype=torch.uint8)
-        try:
-            for skey in order:
-                _produce_storage(index, mm, whole, by_storage[skey], values, map_location, verify, stats)
-        finally:
-            del whole
-    finally:
-        mm.close()
+    # The mapping is never closed explicitly: tensors over it (and, on an error, the frames of
+    # the traceback) keep the mmap object alive, and it unmaps when the last one goes.
+    whole = torch.frombuffer(mm, dtype=torch.uint8)
+    with torch.no_grad():  # filling Parameters that require grad is not an autograd op
+        check = verify == "crc32"
+        for skey in order:
+            _produce_storage(index, mm, whole, skey, by_storage[skey], values, map_location, check, stats)
 
 
-def _produce_storage(index: CheckpointIndex, mm: mmap.mmap, whole: torch.Tensor,
+def _produce_storage(index: CheckpointIndex, mm: mmap.mmap, whole: torch.Tensor, skey: str,
                      group: list[PlannedLeaf], values: dict[RawPath, Any],
-                     map_location: MapLocation, verify: Verify, stats: ReadStats) -> None:
-    rec = index.records[group[0].source.storage.key]
-    offset = index.data_offset(rec_key := group[0].source.storage.key, mm)
-    spans = [(lf, *lf.source.element_span()) for lf in group]
-    nonempty = [(lf, lo, hi) for lf, lo, hi in spans if hi > lo]
-    if nonempty:
-        isz = group[0].source.dtype.itemsize
-        lo_b = min(lo for _, lo, _ in nonempty) * isz
-        hi_b = max(hi for _, _, hi in nonempty) * isz
+                     map_location: MapLocation, check: bool, stats: ReadStats) -> None:
+    """Every planned view of one storage record: CRC-check it if read whole, then copy."""
+    rec = index.records[skey]
+    offset = index.data_offset(skey, mm)
+    isz = group[0].source.dtype.itemsize
+    spans = [lf.source.element_span() for lf in group]
+    lo_b = min(lo for lo, hi in spans) * isz
+    hi_b = max(hi for lo, hi in spans) * isz
+    if hi_b > lo_b:
         stats.bytes_read += hi_b - lo_b
-        if verify == "crc32" and lo_b == 0 and hi_b == rec.size:
+        if check and lo_b == 0 and hi_b == rec.size:
             with memoryview(mm) as mv:
                 crc = _crc32(mv[offset : offset + rec.size])
             if crc != rec.crc32:
                 raise CorruptCheckpointError(
-                    f"CRC32 mismatch in storage record data/{rec_key}: "
-                    "tensor data is corrupt", file=index.file, key=group[0].key)
+                    f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
+                    file=index.file, key=group[0].key)
             stats.bytes_verified += rec.size
-
-    allocate = [(lf, lo, hi) for lf, lo, hi in spans if lf.target is None]
-    for lf, lo, hi in spans:
-        if lf.target is not None and hi > lo:
+    allocate = []
+    for lf, (lo, hi) in zip(group, spans):
+        if lf.target is None:
+            allocate.append((lf, lo, hi))
+        elif hi > lo:
             lf.target.copy_(_file_view(whole, offset, lf.source, lo, hi))
     if allocate:
         # one new storage per (storage, device) keeps views of it tied, as torch.load does
@@ -169,7 +168,10 @@ def _file_view(whole: torch.Tensor, data_offset: int, ref: TensorRef, lo: int, h
         typed = raw.view(ref.dtype)
     except RuntimeError:  # record not aligned for this dtype (not written by torch.save)
         typed = raw.clone().view(ref.dtype)
-    view = typed.as_strided(ref.size, ref.stride, typed.storage_offset() + ref.storage_offset - lo)
+    if hi - lo == ref.numel and ref.is_contiguous():
+        view = typed.view(ref.size)
+    else:
+        view = typed.as_strided(ref.size, ref.stride, typed.storage_offset() + ref.storage_offset - lo)
     if ref.metadata:
         torch._utils.set_tensor_metadata(view, ref.metadata)
     return view
@@ -229,7 +231,8 @@ def _produce_fallback(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], val
         target = lf.target
         if target is not None and isinstance(v, torch.Tensor) and v.layout == torch.strided \
                 and not v.is_quantized and not target.is_quantized:
-            target.copy_(v)
+            with torch.no_grad():
+                target.copy_(v)
             continue
         if target is not None:
             logger.warning("%s: %r (%s) is replaced, not filled in place", index.file, lf.key,

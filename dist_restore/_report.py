@@ -8,7 +8,7 @@ and to JSON.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +17,15 @@ _KINDS: tuple[IssueKind, ...] = ("missing", "unexpected", "mismatched")
 
 
 def format_ranks(ranks: Iterable[int]) -> str:
-    """``[0, 1, 2, 3, 6]`` -> ``"0-3,6"`` (sorted, deduplicated, runs compressed)."""
+    """Formats ranks compactly, e.g. ``[0, 1, 2, 3, 6]`` -> ``"0-3,6"``.
+
+    Args:
+        ranks: Rank numbers, in any order, duplicates allowed.
+
+    Returns:
+        The sorted, deduplicated ranks with consecutive runs written ``a-b``, joined by
+        commas; ``""`` for no ranks.
+    """
     rs = sorted(set(ranks))
     out: list[str] = []
     i = 0
@@ -49,7 +57,15 @@ class RankReport:
 
 @dataclass(frozen=True)
 class KeyIssue:
-    """One key with one kind of problem, and the ranks where it occurs."""
+    """One key with one kind of problem, and the ranks where it occurs.
+
+    Attributes:
+        key: The dotted key path.
+        kind: ``"missing"``, ``"unexpected"`` or ``"mismatched"``.
+        ranks: The ranks reporting it, sorted.
+        detail: For mismatches, the message (ranks with different messages for the same
+            key give separate issues); ``""`` otherwise.
+    """
 
     key: str
     kind: IssueKind
@@ -63,7 +79,7 @@ class RestoreReport:
 
     Attributes:
         world_size: Number of ranks in the restore.
-        issues: Sorted by kind (missing, unexpected, mismatched), then key.
+        issues: Sorted by kind (missing, unexpected, mismatched), then key, then detail.
     """
 
     world_size: int
@@ -71,9 +87,25 @@ class RestoreReport:
 
     @classmethod
     def aggregate(cls, reports: Sequence[RankReport], world_size: int) -> RestoreReport:
-        """Merge per-rank reports: one :class:`KeyIssue` per (kind, key, detail)."""
+        """Merges per-rank reports into one :class:`KeyIssue` per (kind, key, detail).
+
+        Args:
+            reports: Reports of any subset of the ranks (a rank may appear twice).
+            world_size: Number of ranks in the job; an issue is "on all ranks" when every
+                rank in ``range(world_size)`` reports it.
+
+        Returns:
+            The aggregated report.
+
+        Raises:
+            ValueError: If ``world_size < 1`` or a report's rank is outside the world.
+        """
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
         acc: dict[tuple[IssueKind, str, str], set[int]] = {}
         for r in reports:
+            if not 0 <= r.rank < world_size:
+                raise ValueError(f"report of rank {r.rank} is outside world_size {world_size}")
             for k in r.missing:
                 acc.setdefault(("missing", k, ""), set()).add(r.rank)
             for k in r.unexpected:
@@ -89,80 +121,112 @@ class RestoreReport:
 
     @property
     def missing_keys(self) -> tuple[str, ...]:
-        """Keys missing on any rank."""
+        """Keys missing on any rank, sorted."""
         return self._keys("missing")
 
     @property
     def unexpected_keys(self) -> tuple[str, ...]:
-        """Keys unexpected on any rank."""
+        """Keys unexpected on any rank, sorted."""
         return self._keys("unexpected")
 
     @property
     def mismatched_keys(self) -> tuple[str, ...]:
-        """Keys with a shape/dtype/structure conflict on any rank."""
+        """Keys with a shape/dtype/structure conflict on any rank, sorted."""
         return self._keys("mismatched")
 
     @property
     def ok(self) -> bool:
-        """No missing, unexpected or mismatched key on any rank."""
+        """True when no rank has a missing, unexpected or mismatched key."""
         return not self.issues
 
     def _everywhere(self, issue: KeyIssue) -> bool:
-        return len(issue.ranks) == self.world_size and set(issue.ranks) == set(range(self.world_size))
+        return set(issue.ranks) == set(range(self.world_size))
 
     def on_all_ranks(self, kind: IssueKind | None = None) -> tuple[KeyIssue, ...]:
-        """Issues that occur on every rank (optionally of one kind)."""
+        """Returns the issues that every rank reports, optionally only those of ``kind``."""
         return tuple(i for i in self.issues if self._everywhere(i) and kind in (None, i.kind))
 
     def on_some_ranks(self, kind: IssueKind | None = None) -> tuple[KeyIssue, ...]:
-        """Issues that occur on some ranks only (optionally of one kind)."""
+        """Returns the issues that only some ranks report, optionally only of ``kind``."""
         return tuple(i for i in self.issues if not self._everywhere(i) and kind in (None, i.kind))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict."""
-        return {"world_size": self.world_size,
-                "issues": [{"key": i.key, "kind": i.kind, "ranks": list(i.ranks), "detail": i.detail}
-                           for i in self.issues]}
+        """Returns the report as a JSON-safe dict (inverse of :meth:`from_dict`)."""
+        return {
+            "world_size": self.world_size,
+            "issues": [
+                {"key": i.key, "kind": i.kind, "ranks": list(i.ranks), "detail": i.detail}
+                for i in self.issues
+            ],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RestoreReport:
-        """Inverse of :meth:`to_dict`."""
-        return cls(int(d["world_size"]),
-                   tuple(KeyIssue(i["key"], i["kind"], tuple(i["ranks"]), i.get("detail", ""))
-                         for i in d["issues"]))
+    def from_dict(cls, d: Mapping[str, Any]) -> RestoreReport:
+        """Rebuilds a report from :meth:`to_dict` output (e.g. after ``json.loads``).
+
+        Raises:
+            ValueError: If an issue has an unknown kind.
+        """
+        issues = []
+        for i in d["issues"]:
+            if i["kind"] not in _KINDS:
+                raise ValueError(f"unknown issue kind {i['kind']!r} for key {i['key']!r}; "
+                                 f"expected one of {_KINDS}")
+            issues.append(KeyIssue(str(i["key"]), i["kind"], tuple(int(r) for r in i["ranks"]),
+                                   str(i.get("detail", ""))))
+        return cls(int(d["world_size"]), tuple(issues))
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The report as JSON text."""
+        """Returns the report as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
+    def _tail(self, issue: KeyIssue) -> str:
+        """What follows the key on its line: the ranks (if not all) and the detail."""
+        if self.world_size == 1 or self._everywhere(issue):
+            return issue.detail
+        word = "rank" if len(issue.ranks) == 1 else "ranks"
+        where = f"on {word} {format_ranks(issue.ranks)}"
+        if issue.kind != "mismatched":  # the message already says what is wrong
+            where = f"{issue.kind} {where}"
+        return f"{where}: {issue.detail}" if issue.detail else where
+
     def render(self, max_keys_per_section: int = 50) -> str:
-        """Compact, aligned text; sections omitted when empty, long ones cut."""
+        """Renders compact text: a summary line, then one section per kind and spread.
+
+        Sections are "<kind> on all ranks (n):" and "<kind> on some ranks (n):" (just
+        "<kind> (n):" for one rank), omitted when empty; keys are aligned within a section.
+
+        Args:
+            max_keys_per_section: Lines shown per section before "... and N more".
+
+        Returns:
+            The multi-line report, without a trailing newline.
+
+        Raises:
+            ValueError: If ``max_keys_per_section`` is negative.
+        """
+        if max_keys_per_section < 0:
+            raise ValueError(f"max_keys_per_section must be >= 0, got {max_keys_per_section}")
         n = self.world_size
         head = f"restore report ({n} rank{'s' if n != 1 else ''}): "
         if self.ok:
             return head + "no missing, unexpected or mismatched keys"
-        counts = [f"{len(self._keys(k))} {k}" for k in _KINDS]
-        lines = [head + ", ".join(counts)]
+        lines = [head + ", ".join(f"{len(self._keys(k))} {k}" for k in _KINDS)]
         for kind in _KINDS:
             if n == 1:
                 groups = [("", tuple(i for i in self.issues if i.kind == kind))]
             else:
-                groups = [(" on all ranks", self.on_all_ranks(kind)), (" on some ranks", self.on_some_ranks(kind))]
+                groups = [(" on all ranks", self.on_all_ranks(kind)),
+                          (" on some ranks", self.on_some_ranks(kind))]
             for where, issues in groups:
                 if not issues:
                     continue
                 lines.append(f"{kind}{where} ({len(issues)}):")
                 shown = issues[:max_keys_per_section]
-                width = max(len(i.key) for i in shown)
+                width = max((len(i.key) for i in shown), default=0)
                 for i in shown:
-                    tail = ""
-                    if n > 1 and not self._everywhere(i):
-                        word = "rank" if len(i.ranks) == 1 else "ranks"
-                        tail = f"  {kind if kind != 'mismatched' else ''} on {word} {format_ranks(i.ranks)}"
-                        tail = tail.replace("   on", "  on")
-                    if i.detail:
-                        tail += f": {i.detail}" if tail else f"  {i.detail}"
-                    lines.append(f"  {i.key.ljust(width) if tail else i.key}{tail}".rstrip())
+                    tail = self._tail(i)
+                    lines.append(f"  {i.key.ljust(width)}  {tail}" if tail else f"  {i.key}")
                 if len(issues) > len(shown):
                     lines.append(f"  ... and {len(issues) - len(shown)} more")
         return "\n".join(lines)

@@ -19,6 +19,7 @@ Every collective has a timeout: a rank that died or hung makes the others raise
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -171,7 +172,7 @@ class RestoreCoordinator:
             raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
                                         for r, p in enumerate(gathered) if p["report"].mismatched},
                                detail=report.render())
-        items, objects = self._canonical_shared(gathered, shared_mode, src)
+        items, objects = self._canonical_shared(gathered, shared_mode, src, local.get("shared", []))
         pg.barrier_token = gathered[0]["token"]
         stats.seconds["plan"] = time.perf_counter() - t0
 
@@ -254,10 +255,13 @@ class RestoreCoordinator:
                     shared_objects[key] = value
         local["index"], local["plan"] = index, plan
         local["object_paths"] = {key: p for key, p, _v in plan.objects}
+        local["shared"] = shared_items
         return {
             "ok": True,
             "report": RankReport(pg.rank, tuple(plan.missing), tuple(plan.unexpected), tuple(plan.mismatched)),
-            "shared": shared_items,
+            # the full list travels from src only; the others send a digest of theirs
+            "shared": [tuple(i) for i in map(_astuple, shared_items)] if pg.rank == src else None,
+            "digest": _digest(shared_items),
             "objects": shared_objects if pg.rank == src else None,
             "token": uuid.uuid4().hex if pg.rank == 0 else None,
         }
@@ -275,11 +279,22 @@ class RestoreCoordinator:
             raise RestoreError(phase, failures)
         return gathered
 
-    def _canonical_shared(self, gathered: list[dict[str, Any]], mode: str, src: int
+    def _canonical_shared(self, gathered: list[dict[str, Any]], mode: str, src: int, mine: list[SharedItem]
                           ) -> tuple[list[SharedItem], dict[str, Any] | None]:
+        """The shared list every rank follows: src's, checked against every rank's."""
         if mode == "local":
             return [], None
-        meta = [{i.key: (i.dtype, i.shape) for i in p["shared"]} for p in gathered]
+        canon = [SharedItem(*t) for t in gathered[src]["shared"]]
+        if self._pg.world_size == 1:
+            return [], gathered[src]["objects"]
+        if len({p["digest"] for p in gathered}) == 1:  # the common case: one list everywhere
+            return assign_owners(canon, mode, self._pg.world_size, src), gathered[src]["objects"]
+        # (all ranks, since all see the digests differ) gather the full lists to compare them
+        try:
+            lists = self._pg.all_gather_object(mine)
+        except CollectiveError as e:
+            raise RestoreError("plan", {self._pg.rank: str(e)}) from e
+        meta = [{i.key: (i.dtype, i.shape) for i in lst} for lst in lists]
         failures = {}
         for r, m in enumerate(meta):
             for key, dt_shape in m.items():
@@ -291,7 +306,6 @@ class RestoreCoordinator:
         if failures:
             raise RestoreError("plan", failures,
                                detail="a shared entry must have one dtype and shape on every rank")
-        canon = gathered[src]["shared"]
         if mode == "spread":  # every owner must hold a replica: entries all ranks have
             canon = [i for i in canon if all(i.key in m for m in meta)]
         items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
@@ -299,41 +313,46 @@ class RestoreCoordinator:
 
     def _exchange(self, items: list[SharedItem], by_key: dict[str, PlannedLeaf], values: dict[Any, Any],
                   index: Any, map_location: MapLocation) -> None:
+        """(owner -> all) One broadcast per bucket; pack and unpack with one C call each."""
         pg = self._pg
         dev = pg.device
         for bucket in make_buckets(items, self._bucket_bytes):
             owner = bucket.owner == pg.rank
+            dtype = _DTYPES[bucket.dtype]
             leaves = [by_key.get(it.key) for it in bucket.items]  # None: this rank did not ask
             tensors = [None if lf is None else lf.target if lf.target is not None else values.get(lf.path)
                        for lf in leaves]
-            direct = None
-            if len(leaves) == 1:
+            flat = None
+            if len(leaves) == 1 and tensors[0] is not None:
                 t = tensors[0]
-                if t is not None and t.device == dev and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-                    direct = t.detach().view(-1).view(torch.uint8)
-            if direct is not None:
-                flat = direct
-            else:
-                flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=dev)
+                if t.device == dev and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+                    flat = t.detach().view(-1).view(torch.uint8)  # lands in / leaves from place
+            direct = flat is not None
+            if flat is None:
                 if owner:
-                    for t, off, it in zip(tensors, bucket.offsets, bucket.items):
-                        _bytes_view(flat, off, it.nbytes, t).copy_(t.detach().resolve_conj().resolve_neg())
+                    flat = _pack(tensors).to(dev)
+                else:
+                    flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=dev)
             pg.broadcast_(flat, bucket.owner)
-            if owner:
+            if owner or (direct and leaves[0].target is not None):
                 continue
-            for lf, t, off, it in zip(leaves, tensors, bucket.offsets, bucket.items):
-                if lf is None or (direct is not None and lf.target is not None):
-                    continue  # not wanted here, or landed in place
-                ref: TensorRef = lf.source
-                view = flat[off : off + it.nbytes].view(ref.dtype).view(ref.size)
-                if lf.target is not None:
-                    lf.target.copy_(view)
+            parts = flat.view(dtype).split([it.nbytes // dtype.itemsize for it in bucket.items])
+            fill_dst, fill_src = [], []
+            for lf, part in zip(leaves, parts):
+                if lf is None:
                     continue
+                ref: TensorRef = lf.source
+                if lf.target is not None:
+                    fill_dst.append(lf.target)
+                    fill_src.append(part.view(ref.size))
+                    continue
+                out = part.view(ref.size)  # the bucket's memory backs it
                 target_dev = resolve_device(ref.storage.location, map_location, file=index.file, key=lf.key)
-                out = view  # the bucket's memory backs it
                 if out.device != target_dev:
                     out = out.to(target_dev)
                 values[lf.path] = finish_tensor(out, _contiguous_ref(ref))
+            if fill_dst:
+                _copy_all(fill_dst, fill_src)
         for it in items:  # zero-byte shared tensors travel in no bucket
             if it.nbytes == 0 and it.owner != pg.rank:
                 lf = by_key.get(it.key)
@@ -344,8 +363,27 @@ class RestoreCoordinator:
                                                     _contiguous_ref(ref))
 
 
-def _bytes_view(flat: torch.Tensor, off: int, nbytes: int, like: torch.Tensor) -> torch.Tensor:
-    return flat[off : off + nbytes].view(like.dtype).view(like.shape)
+_DTYPES = {str(d): d for d in (getattr(torch, n) for n in dir(torch)) if isinstance(d, torch.dtype)}
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The elements of same-dtype tensors, back to back, as one flat uint8 tensor."""
+    try:  # cat resolves strides and conj/neg bits in one call
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).view(torch.uint8)
+    except RuntimeError:  # a dtype cat does not implement (some float8/uint kinds): as bytes
+        return torch.cat([t.detach().resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
+                          for t in tensors])
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, in one fused call where torch allows it."""
+    try:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+    except (RuntimeError, AttributeError, TypeError):  # mixed devices/strides: one by one
+        with torch.no_grad():
+            for d, s in zip(dst, src):
+                d.copy_(s)
 
 
 def _contiguous_ref(ref: TensorRef) -> TensorRef:
@@ -354,6 +392,17 @@ def _contiguous_ref(ref: TensorRef) -> TensorRef:
         return ref
     return TensorRef(ref.storage, ref.dtype, 0, ref.size, ref.stride, ref.requires_grad,
                      ref.is_parameter, None, ref.state)
+
+
+def _astuple(i: SharedItem) -> tuple[Any, ...]:
+    return (i.key, i.dtype, i.shape, i.nbytes)  # tuples pickle several times faster
+
+
+def _digest(items: list[SharedItem]) -> str:
+    h = hashlib.sha1()
+    for i in items:
+        h.update(f"{i.key}\0{i.dtype}\0{i.shape}\n".encode())
+    return h.hexdigest()
 
 
 def _describe(e: BaseException) -> str:
