@@ -146,11 +146,19 @@ class RestoreCoordinator:
         Raises:
             RestoreError: on every rank, if any rank failed (names ranks, phase, messages).
         """
-        pg = self._pg
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        default_timeout = self._pg.timeout
         if timeout is not None:
-            if timeout <= 0:
-                raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-            pg.timeout = float(timeout)
+            self._pg.timeout = float(timeout)
+        try:
+            return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location)
+        finally:
+            self._pg.timeout = default_timeout
+
+    def _restore(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, shared_mode: SharedMode,
+                 src: int, strict: bool, map_location: MapLocation) -> RestoreResult:
+        pg = self._pg
         stats = RestoreStats()
         pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
         rank, world = pg.rank, pg.world_size

@@ -135,3 +135,29 @@ def restore_for_report(rank: int, world: int, path: str) -> dict[str, Any]:
     return {"report": None if res.report is None else res.report.to_dict(),
             "text": None if res.report is None else res.report.render(),
             "missing": res.missing_keys, "unexpected": res.unexpected_keys}
+
+
+def predicate_failing_on_rank_1(key: str) -> bool:
+    if os.environ.get("RANK") == "1" and key.startswith("shared.s1"):
+        raise KeyError(f"user predicate exploded on {key}")
+    return key.startswith("shared.")
+
+
+def restore_with_failing_predicate(rank: int, world: int, path: str) -> dict[str, Any]:
+    return restore_expect_failure(rank, world, path, {"shared": predicate_failing_on_rank_1})
+
+
+def restore_shared_values(rank: int, world: int, path: str, mode: str) -> dict[str, Any]:
+    res = RestoreCoordinator(timeout=60).restore(path, {"shared": {"meta": None, "s0": None}},
+                                                 shared="shared", shared_mode=mode)
+    return {"meta": res.state_dict["shared"]["meta"], "s0": res.state_dict["shared"]["s0"],
+            "bytes_read": res.stats.bytes_read}
+
+
+def write_diverging_values(path: Path, world: int) -> None:
+    """Like write_checkpoint, but each rank's file holds its own value of shared.meta.step."""
+    write_checkpoint(path, world)
+    for r in range(1, world):
+        sd = torch.load(path / f"checkpoint_{r}.pt", weights_only=True)
+        sd["shared"]["meta"]["step"] = -r
+        torch.save(sd, path / f"checkpoint_{r}.pt")

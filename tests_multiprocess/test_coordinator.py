@@ -156,3 +156,31 @@ def test_killed_rank_fails_others_within_timeout(tmp_path: Path) -> None:
         assert res["error"]["type"] == "RestoreError", res["error"]
         assert res["untouched"]
         assert res["seconds"] < 60
+
+
+@pytest.mark.timeout(120)
+def test_failing_user_predicate_fails_every_rank(tmp_path: Path) -> None:
+    world = 2
+    w.write_checkpoint(tmp_path, world)
+    out = run_ranks(w.restore_with_failing_predicate, world, args=(str(tmp_path),), timeout=90)
+    for o in out:
+        assert o["error"]["type"] == "RestoreError" and o["error"]["phase"] == "plan"
+        assert o["error"]["ranks"] == [1]
+        assert "user predicate exploded on shared.s1" in o["error"]["text"]
+        assert o["untouched"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["broadcast", "local"])
+def test_shared_non_tensor_values_come_from_src(tmp_path: Path, mode: str) -> None:
+    world = 3
+    w.write_diverging_values(tmp_path, world)
+    out = run_ranks(w.restore_shared_values, world, args=(str(tmp_path), mode), timeout=90)
+    steps = [o["meta"]["step"] for o in out]
+    if mode == "broadcast":  # travelled from rank 0's file, as did the tensors
+        assert steps == [1234] * world
+        assert [o["bytes_read"] > 0 for o in out] == [True, False, False]
+    else:  # each rank its own copy
+        assert steps == [1234, -1, -2]
+    assert all(o["meta"]["betas"] == (0.9, 0.999) and o["meta"]["milestones"] == [10, 20] for o in out)
+    assert all(torch.equal(o["s0"], out[0]["s0"]) for o in out)
