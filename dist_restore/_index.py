@@ -64,9 +64,6 @@ class IndexEntry:
 
 SOURCE_TENSOR_TYPES = (TensorRef, ExoticRef, StorageRef, torch.Tensor)
 
-# Legacy (non-zip) torch.save files begin with a pickled magic number: PROTO 2, LONG1 10 bytes.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
 
 class CheckpointIndex:
     """What one rank file holds, without its tensor data.
@@ -203,9 +200,9 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
         size = os.fstat(fd).st_size
         if size == 0:
             raise CorruptCheckpointError("file is empty", file=path)
-        head = os.pread(fd, len(_LEGACY_MAGIC), 0)
+        head = os.pread(fd, 4, 0)
         if not is_zip(head):
-            if head != _LEGACY_MAGIC:
+            if not head.startswith(b"\x80"):  # every legacy file starts with a pickle PROTO opcode
                 raise CorruptCheckpointError(
                     f"not a torch.save file: starts with {head[:8]!r}, neither a zip archive nor the "
                     "legacy format (truncated or corrupt?)", file=path)

@@ -213,21 +213,27 @@ def finish_tensor(t: torch.Tensor, ref: TensorRef) -> torch.Tensor:
 
 def _produce_fallback(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values: dict[RawPath, Any],
                       map_location: MapLocation, stats: ReadStats) -> None:
+    """Leaves the fast path does not read: take them from one full ``torch.load``.
+
+    torch.load itself places them (``map_location``) and keeps views of one storage tied,
+    so the loaded tensors are used as they are, not copied.
+    """
     if index.format == "legacy":
-        tree = index.tree
+        tree = index.tree  # loaded on the CPU while indexing
     else:
         kinds = sorted({type(lf.source).__name__ for lf in leaves})
         logger.warning(
-            "%s: %d entr%s (%s, e.g. %r) need a full torch.load(weights_only=True, mmap=True)",
+            "%s: %d entr%s (%s, e.g. %r) need a full torch.load(weights_only=True)",
             index.file, len(leaves), "y" if len(leaves) == 1 else "ies", ", ".join(kinds), leaves[0].key)
-        tree = full_load(index.file, map_location="cpu", mmap=True)
+        tree = full_load(index.file, map_location=_torch_map_location(map_location), mmap=False)
         stats.fallback_loads += 1
+    moved: dict[tuple[int, torch.device], torch.UntypedStorage] = {}
     for lf in leaves:
         v: Any = tree
         for p in lf.path:
             v = v[p]
-        if isinstance(v, torch.Tensor):
-            stats.bytes_read += v.numel() * v.element_size() if v.layout == torch.strided else 0
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided:
+            stats.bytes_read += v.numel() * v.element_size()
         target = lf.target
         if target is not None and isinstance(v, torch.Tensor) and v.layout == torch.strided \
                 and not v.is_quantized and not target.is_quantized:
@@ -237,20 +243,29 @@ def _produce_fallback(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], val
         if target is not None:
             logger.warning("%s: %r (%s) is replaced, not filled in place", index.file, lf.key,
                            type(lf.source).__name__)
-        if isinstance(v, torch.Tensor):
-            loc = str(v.device) if index.format == "legacy" else _saved_location(lf.source)
-            dev = resolve_device(loc, map_location, file=index.file, key=lf.key)
-            if index.format != "legacy" or dev != v.device:
-                v = v.to(dev, copy=index.format != "legacy")
+        if index.format == "legacy" and isinstance(v, torch.Tensor):
+            dev = resolve_device(str(v.device), map_location, file=index.file, key=lf.key)
+            if dev != v.device:
+                v = _move_tied(v, dev, moved)
         values[lf.path] = v
 
 
-def _saved_location(src: Any) -> str:
-    if isinstance(src, TensorRef):
-        return src.storage.location
-    storages = getattr(src, "storages", None)
-    if storages:
-        return storages[0].location
-    loc = getattr(src, "location", None)
-    return loc if isinstance(loc, str) else "cpu"
+def _torch_map_location(map_location: MapLocation) -> Any:
+    if isinstance(map_location, Mapping):
+        return {str(k): str(v) for k, v in map_location.items()}
+    return map_location
 
+
+def _move_tied(v: torch.Tensor, dev: torch.device, moved: dict[tuple[int, torch.device], Any]) -> torch.Tensor:
+    """``v.to(dev)``, keeping tensors that shared a storage sharing one on ``dev``."""
+    if v.layout != torch.strided or v.is_quantized:
+        return v.to(dev)
+    key = (v.untyped_storage().data_ptr(), dev)
+    storage = moved.get(key)
+    if storage is None:
+        storage = moved[key] = v.untyped_storage().to(device=dev) if dev.type != "cpu" \
+            else v.untyped_storage().cpu()
+    out = torch.empty(0, dtype=v.dtype, device=dev).set_(storage, v.storage_offset(), v.size(), v.stride())
+    if isinstance(v, torch.nn.Parameter):
+        return torch.nn.Parameter(out, requires_grad=v.requires_grad)
+    return out.requires_grad_(v.requires_grad) if v.requires_grad else out
