@@ -350,11 +350,13 @@ class RestoreCoordinator:
                 if lf is None:
                     continue
                 ref: TensorRef = lf.source
+                if len(ref.size) != 1:
+                    part = part.view(ref.size)
                 if lf.target is not None:
                     fill_dst.append(lf.target)
-                    fill_src.append(part.view(ref.size))
+                    fill_src.append(part)
                     continue
-                out = part.view(ref.size)  # the bucket's memory backs it
+                out = part  # the bucket's memory backs it
                 target_dev = resolve_device(ref.storage.location, map_location, file=index.file, key=lf.key)
                 if out.device != target_dev:
                     out = out.to(target_dev)
@@ -376,11 +378,12 @@ _DTYPES = {str(d): d for d in (getattr(torch, n) for n in dir(torch)) if isinsta
 
 def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The elements of same-dtype tensors, back to back, as one flat uint8 tensor."""
-    try:  # cat resolves strides and conj/neg bits in one call
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).view(torch.uint8)
-    except RuntimeError:  # a dtype cat does not implement (some float8/uint kinds): as bytes
-        return torch.cat([t.detach().resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
-                          for t in tensors])
+    with torch.no_grad():
+        try:  # one C++ loop (contiguous + view + cat): no per-tensor Python
+            return torch._C._nn.flatten_dense_tensors(tensors).view(torch.uint8)
+        except (RuntimeError, AttributeError):  # conj/neg views, or a dtype cat lacks: as bytes
+            return torch.cat([t.resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
+                              for t in tensors])
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
