@@ -6,6 +6,7 @@ data is read. Legacy (non-zip) files are indexed through ``torch.load`` with a w
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -110,7 +111,13 @@ class CheckpointIndex:
                 with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     for key in self.records:
                         self.data_offset(key, mm)
-            self._entries = {e.key: e for e in self._iter_entries()}
+            was = gc.isenabled()
+            gc.disable()  # many small objects: avoid full collections over all of torch
+            try:
+                self._entries = {e.key: e for e in self._iter_entries()}
+            finally:
+                if was:
+                    gc.enable()
         return self._entries
 
     def data_offset(self, storage_key: str, buf: Any) -> int:

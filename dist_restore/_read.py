@@ -11,6 +11,7 @@ other byte order go through ``torch.load(weights_only=True)``, with a warning.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -18,6 +19,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,60 +106,151 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
     for lf in leaves:
         by_storage[lf.source.storage.key].append(lf)
     order = sorted(by_storage, key=lambda k: index.records[k].header_offset)
-    fd = os.open(index.file, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size != index.file_size:
-            raise CorruptCheckpointError(
-                f"file changed size since it was indexed ({index.file_size} -> {size} bytes)",
-                file=index.file)
-        mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-    finally:
-        os.close(fd)
-    # The mapping is never closed explicitly: tensors over it (and, on an error, the frames of
-    # the traceback) keep the mmap object alive, and it unmaps when the last one goes.
-    whole = torch.frombuffer(mm, dtype=torch.uint8)
-    with torch.no_grad():  # filling Parameters that require grad is not an autograd op
-        check = verify == "crc32"
-        for skey in order:
-            _produce_storage(index, mm, whole, skey, by_storage[skey], values, map_location, check, stats)
+    with _RankFile(index, values, map_location, verify == "crc32", stats) as rf:
+        with torch.no_grad():  # filling Parameters that require grad is not an autograd op
+            for skey in order:
+                rf.storage(skey, by_storage[skey])
 
 
-def _produce_storage(index: CheckpointIndex, mm: mmap.mmap, whole: torch.Tensor, skey: str,
-                     group: list[PlannedLeaf], values: dict[RawPath, Any],
-                     map_location: MapLocation, check: bool, stats: ReadStats) -> None:
-    """Every planned view of one storage record: CRC-check it if read whole, then copy."""
-    rec = index.records[skey]
-    offset = index.data_offset(skey, mm)
-    isz = group[0].source.dtype.itemsize
-    spans = [lf.source.element_span() for lf in group]
-    lo_b = min(lo for lo, hi in spans) * isz
-    hi_b = max(hi for lo, hi in spans) * isz
-    if hi_b > lo_b:
-        stats.bytes_read += hi_b - lo_b
-        if check and lo_b == 0 and hi_b == rec.size:
-            with memoryview(mm) as mv:
-                crc = _crc32(mv[offset : offset + rec.size])
-            if crc != rec.crc32:
+_SMALL = 256 << 10  # below this, a memmove from the mapping beats a syscall
+_CHUNK = 16 << 20  # pread granularity; the CRC of one chunk overlaps the read of the next
+
+
+class _RankFile:
+    """One open rank file: the fd for ``preadv`` and a private mapping for everything else.
+
+    The mapping is never closed explicitly: tensors over it (and, on an error, the frames of
+    the traceback) keep the mmap object alive, and it unmaps when the last one goes.
+    """
+
+    def __init__(self, index: CheckpointIndex, values: dict[RawPath, Any], map_location: MapLocation,
+                 check: bool, stats: ReadStats) -> None:
+        self.index, self.values, self.map_location, self.check, self.stats = (
+            index, values, map_location, check, stats)
+        self.fd = os.open(index.file, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            if size != index.file_size:
                 raise CorruptCheckpointError(
-                    f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
-                    file=index.file, key=group[0].key)
-            stats.bytes_verified += rec.size
-    allocate = []
-    for lf, (lo, hi) in zip(group, spans):
-        if lf.target is None:
-            allocate.append((lf, lo, hi))
-        elif hi > lo:
-            lf.target.copy_(_file_view(whole, offset, lf.source, lo, hi))
-    if allocate:
-        # one new storage per (storage, device) keeps views of it tied, as torch.load does
-        by_dev: dict[torch.device, list[tuple[PlannedLeaf, int, int]]] = defaultdict(list)
-        for item in allocate:
-            dev = resolve_device(item[0].source.storage.location, map_location,
-                                 file=index.file, key=item[0].key)
-            by_dev[dev].append(item)
-        for dev, items in by_dev.items():
-            _allocate_group(whole, offset, items, dev, values)
+                    f"file changed size since it was indexed ({index.file_size} -> {size} bytes)",
+                    file=index.file)
+            self.mm = mmap.mmap(self.fd, size, access=mmap.ACCESS_COPY)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.whole = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _RankFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        os.close(self.fd)
+
+    def storage(self, skey: str, group: list[PlannedLeaf]) -> None:
+        """Every planned view of one storage record: CRC-checked if read whole, then copied."""
+        index, stats = self.index, self.stats
+        rec = index.records[skey]
+        offset = index.data_offset(skey, self.mm)
+        isz = group[0].source.dtype.itemsize
+        spans = [lf.source.element_span() for lf in group]
+        lo_b = min(lo for lo, hi in spans) * isz
+        hi_b = max(hi for lo, hi in spans) * isz
+        whole_record = self.check and hi_b > lo_b and lo_b == 0 and hi_b == rec.size
+        stats.bytes_read += max(0, hi_b - lo_b)
+        if len(group) == 1:
+            dst = self._direct_target(group[0], spans[0])
+            if dst is not None:
+                crc = self._pread_into(dst, offset + lo_b, hi_b - lo_b, whole_record)
+                if whole_record:
+                    self._check_crc(crc, rec, skey, group[0].key)
+                return
+        if whole_record:
+            with memoryview(self.mm) as mv:
+                self._check_crc(_crc32(mv[offset : offset + rec.size]), rec, skey, group[0].key)
+        allocate = []
+        for lf, (lo, hi) in zip(group, spans):
+            if lf.target is None:
+                allocate.append((lf, lo, hi))
+            elif hi > lo:
+                lf.target.copy_(_file_view(self.whole, offset, lf.source, lo, hi))
+        if allocate:
+            # one new storage per (storage, device) keeps views of it tied, as torch.load does
+            by_dev: dict[torch.device, list[tuple[PlannedLeaf, int, int]]] = defaultdict(list)
+            for item in allocate:
+                dev = resolve_device(item[0].source.storage.location, self.map_location,
+                                     file=index.file, key=item[0].key)
+                by_dev[dev].append(item)
+            for dev, items in by_dev.items():
+                _allocate_group(self.whole, offset, items, dev, self.values)
+
+    def _check_crc(self, crc: int | None, rec: Any, skey: str, key: str) -> None:
+        if crc != rec.crc32:
+            raise CorruptCheckpointError(
+                f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
+                file=self.index.file, key=key)
+        self.stats.bytes_verified += rec.size
+
+    def _direct_target(self, lf: PlannedLeaf, span: tuple[int, int]) -> torch.Tensor | None:
+        """The CPU tensor a lone contiguous view's bytes can be read straight into, if any.
+
+        Allocates it (with the saved strides) for ``None`` targets. ``None`` when the view
+        or the target is strided, conjugate, or not on the CPU: those go through ``copy_``.
+        """
+        ref: TensorRef = lf.source
+        lo, hi = span
+        if hi - lo != ref.numel or ref.metadata or not ref.is_contiguous():
+            return None
+        t = lf.target
+        if t is None:
+            dev = resolve_device(ref.storage.location, self.map_location, file=self.index.file, key=lf.key)
+            if dev.type != "cpu":
+                return None
+            t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+            self.values[lf.path] = finish_tensor(t, ref)
+            return t
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+            return None
+        return t
+
+    def _pread_into(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool) -> int | None:
+        """Bytes ``[file_off, +nbytes)`` into ``t``'s memory: one kernel copy, no page mapping.
+
+        Small ones are a memmove from the mapping (no syscall, no tensor view). Large ones
+        are read in chunks; with ``crc`` each chunk's CRC32 runs on a second thread (isal
+        and zlib release the GIL) while the next chunk is read.
+        """
+        if nbytes == 0:
+            return 0 if crc else None
+        addr = t.data_ptr()
+        if nbytes < _SMALL:
+            ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
+            return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
+        mv = memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
+        running = [0]
+        pending = None
+        if crc and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist_restore_crc")
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self.fd, [mv[done : min(nbytes, done + _CHUNK)]], file_off + done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    f"read returned {n} at byte {file_off + done}: file truncated while reading?",
+                    file=self.index.file)
+            if crc:
+                assert self._pool is not None
+                pending = self._pool.submit(_crc_update, running, mv[done : done + n])
+            done += n
+        if pending is not None:
+            pending.result()  # one worker runs the chunks in order
+        return running[0] if crc else None
+
+
+def _crc_update(running: list[int], chunk: memoryview) -> None:
+    running[0] = _crc32(chunk, running[0])
 
 
 def _file_view(whole: torch.Tensor, data_offset: int, ref: TensorRef, lo: int, hi: int) -> torch.Tensor:

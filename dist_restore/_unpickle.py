@@ -7,13 +7,14 @@ C unpickler calls ``find_class`` for every GLOBAL/STACK_GLOBAL/INST/OBJ/EXT opco
 before it can call or build the object.
 
 Tensor rebuild functions are replaced by constructors of :class:`TensorRef`, so
-unpickling allocates no tensor and reads no tensor data: this is what makes indexing
-a 10,000-tensor file a few milliseconds.
+unpickling allocates no tensor and reads no tensor data (indexing a 10,000-tensor file
+costs a fraction of ``torch.load`` of the same file).
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import io
 import pickle
 from dataclasses import dataclass, field
@@ -290,6 +291,8 @@ def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
         CorruptCheckpointError: the pickle is malformed.
     """
     up = _RefUnpickler(data, file)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # ~3 new objects per tensor would trigger full collections over all of torch
     try:
         tree = up.load()
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:
@@ -300,4 +303,7 @@ def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
         raise CorruptCheckpointError(
             f"data.pkl does not unpickle: {type(e).__name__}: {e}", file=file
         ) from e
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return tree, up._storages
