@@ -15,7 +15,6 @@ import ctypes
 import logging
 import mmap
 import os
-import time
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence

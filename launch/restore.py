@@ -10,7 +10,6 @@ Runs as a single process too (``python launch/restore.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
