@@ -1,9 +1,11 @@
 """dist_restore: fast, correct, rank-aware restore of torch.save checkpoints."""
 
 from dist_restore._index import CheckpointIndex, IndexEntry, read_index
+from dist_restore._manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
 from dist_restore._report import RestoreReport
 from dist_restore._types import STATE_DICT, RankInfo
 from dist_restore.coordinator import RestoreCoordinator, RestoreResult, RestoreStats
+from dist_restore.discovery import find_latest_checkpoint
 from dist_restore.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -12,14 +14,19 @@ from dist_restore.errors import (
     UnsafeCheckpointError,
 )
 from dist_restore.reader import CheckpointReader, ReadResult
+from dist_restore.writer import CheckpointWriter
 
 __all__ = [
     "STATE_DICT",
     "CheckpointError",
     "CheckpointIndex",
     "CheckpointReader",
+    "CheckpointWriter",
     "CorruptCheckpointError",
+    "IncompleteCheckpointError",
     "IndexEntry",
+    "Manifest",
+    "RankFileInfo",
     "RankInfo",
     "ReadResult",
     "RestoreCoordinator",
@@ -29,5 +36,7 @@ __all__ = [
     "RestoreStats",
     "StateDictMismatchError",
     "UnsafeCheckpointError",
+    "check_checkpoint",
+    "find_latest_checkpoint",
     "read_index",
 ]

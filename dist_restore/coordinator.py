@@ -127,6 +127,7 @@ class RestoreCoordinator:
         strict: bool = False,
         map_location: MapLocation = None,
         timeout: float | None = None,
+        verify: bool = False,
     ) -> RestoreResult:
         """Restore ``path/checkpoint_{rank}.pt`` on every rank (call on all ranks).
 
@@ -142,6 +143,11 @@ class RestoreCoordinator:
             strict: Fail on every rank if any rank misses or has unexpected keys.
             map_location: Device (or mapping) for allocated tensors.
             timeout: Seconds per collective for this call (default: the coordinator's).
+            verify: Check each rank's whole file against the commit manifest's CRC32.
+
+        Before anything is read, every rank checks the checkpoint is committed: with a
+        manifest, the world size and its own file's size (and checksum with ``verify``);
+        without one, that every rank file exists and no temp file is left.
 
         Raises:
             RestoreError: on every rank, if any rank failed (names ranks, phase, messages).
@@ -152,12 +158,12 @@ class RestoreCoordinator:
         if timeout is not None:
             self._pg.timeout = float(timeout)
         try:
-            return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location)
+            return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify)
         finally:
             self._pg.timeout = default_timeout
 
     def _restore(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, shared_mode: SharedMode,
-                 src: int, strict: bool, map_location: MapLocation) -> RestoreResult:
+                 src: int, strict: bool, map_location: MapLocation, verify: bool) -> RestoreResult:
         pg = self._pg
         stats = RestoreStats()
         pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
@@ -167,7 +173,7 @@ class RestoreCoordinator:
         t0 = time.perf_counter()
         local: dict[str, Any] = {}
         try:
-            payload = self._plan(path, state_dict, shared, shared_mode, src, local)
+            payload = self._plan(path, state_dict, shared, shared_mode, src, verify, local)
         except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
             payload = {"ok": False, "error": _describe(e)}
         gathered = self._agree("plan", payload)
@@ -238,13 +244,14 @@ class RestoreCoordinator:
     # -- phases ---------------------------------------------------------------------------
 
     def _plan(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, mode: str, src: int,
-              local: dict[str, Any]) -> dict[str, Any]:
+              verify: bool, local: dict[str, Any]) -> dict[str, Any]:
         pg = self._pg
         if mode not in _MODES:
             raise ValueError(f"shared_mode must be one of {_MODES}, got {mode!r}")
         if not 0 <= src < pg.world_size:
             raise ValueError(f"src must be a rank in [0, {pg.world_size}), got {src}")
         select = make_selector(shared)
+        self._reader.check_committed(path, verify=verify, world_size=pg.world_size)
         index = self._reader._index(self._reader.file_path(path))
         plan = plan_read(state_dict, index.tree)
         for leaf in plan.leaves:

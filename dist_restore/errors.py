@@ -67,7 +67,7 @@ class StateDictMismatchError(CheckpointError, ValueError):
 
 
 class RestoreError(CheckpointError):
-    """One or more ranks failed a restore; raised identically on every rank.
+    """One or more ranks failed a restore (or a checkpoint write); raised identically on every rank.
 
     Attributes:
         phase: The protocol phase that failed (e.g. ``"plan"``, ``"read"``).
@@ -77,15 +77,22 @@ class RestoreError(CheckpointError):
     def __init__(self, phase: str, failures: Mapping[int, str], *, detail: str = "") -> None:
         self.phase = phase
         self.failures = dict(sorted(failures.items()))
-        lines = [f"restore failed in phase {phase!r} on rank(s) {_ranks(self.failures)}:"]
+        what = "checkpoint write" if phase == "write" else "restore"
+        lines = [f"{what} failed in phase {phase!r} on rank(s) {_ranks(self.failures)}:"]
         for r, msg in self.failures.items():
             lines.append(f"  [rank {r}] {msg}")
         if detail:
             lines.append(detail)
         super().__init__("\n".join(lines))
 
+        self.detail = detail
+
     def __reduce__(self):
-        return (RestoreError, (self.phase, self.failures))
+        return (_rebuild_restore_error, (self.phase, self.failures, self.detail))
+
+
+def _rebuild_restore_error(phase, failures, detail):  # pragma: no cover - trivial
+    return RestoreError(phase, failures, detail=detail)
 
 
 def _ranks(failures: Mapping[int, str]) -> str:

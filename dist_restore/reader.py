@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_restore._index import CheckpointIndex, read_index
+from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, read_manifest
 from dist_restore._plan import ReadPlan, assemble, plan_read, view_out_of_bounds
 from dist_restore._read import MapLocation, ReadStats, Verify, produce
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
@@ -104,11 +105,18 @@ class CheckpointReader:
         *,
         map_location: MapLocation = None,
         strict: bool = False,
+        verify: bool = False,
     ) -> ReadResult:
         """Like :meth:`read`, with unexpected keys, byte counts and timing.
 
+        When the directory has a commit manifest (written by :class:`CheckpointWriter`),
+        this rank's file must be listed there with its recorded size; a directory with
+        leftover temp files of an interrupted write and no manifest is refused.
+
         Args:
             strict: Raise :class:`StateDictMismatchError` if any key is missing or unexpected.
+            verify: Also check this rank's whole file against the manifest's CRC32 (reads
+                the file once more; without a manifest there is nothing to check against).
 
         Raises:
             FileNotFoundError: the rank file does not exist.
@@ -119,6 +127,7 @@ class CheckpointReader:
         """
         t0 = time.perf_counter()
         file = self.file_path(path)
+        self.check_committed(path, verify=verify)
         index = self._index(file)
         plan = self.plan(index, state_dict)
         if strict and (plan.missing or plan.unexpected):
@@ -135,6 +144,28 @@ class CheckpointReader:
                           stats.bytes_verified, seconds, index.seconds, stats.fallback_loads)
 
     # -- the pieces, for the coordinator -------------------------------------------------
+
+    def check_committed(self, path: str | os.PathLike[str], *, verify: bool = False,
+                        world_size: int | None = None) -> None:
+        """Refuse an uncommitted or damaged checkpoint before reading this rank's file.
+
+        With a manifest: world size (when given), this rank's file size and, with
+        ``verify``, its CRC32. Without one: with ``world_size``, every rank file must exist;
+        always, no temp file of an interrupted write may be left. A plain ``torch.save``
+        directory passes.
+        """
+        rank = self._rank_info.global_rank
+        d = Path(path)
+        if not d.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {str(d)!r}")
+        if read_manifest(d) is not None or world_size is not None:
+            check_checkpoint(d, world_size=world_size, ranks=[rank], verify=verify)
+            return
+        temps = sorted(n for n in os.listdir(d) if is_temp_file(n))
+        if temps:
+            raise IncompleteCheckpointError(
+                "incomplete checkpoint: no commit manifest; temp files present: "
+                + ", ".join(temps[:10]) + (" ..." if len(temps) > 10 else ""), file=d, rank=rank)
 
     def _index(self, file: Path) -> CheckpointIndex:
         try:

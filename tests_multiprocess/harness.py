@@ -106,7 +106,7 @@ def _child_main(worker: Callable[..., Any], rank: int, world_size: int, args: tu
         finally:
             if init_pg and dist.is_initialized():
                 dist.destroy_process_group()
-        payload = pickle.dumps(("ok", result))  # fail here, in the child, if the result won't pickle
+        payload = pickle.dumps(("ok", result))  # fails here if the result will not pickle
     except BaseException:  # noqa: BLE001 - everything, incl. SystemExit, goes back as text
         failed = True
         payload = pickle.dumps(("error", traceback.format_exc()))
@@ -124,8 +124,12 @@ def _read_outcome(rank: int, path: str, exitcode: int | None, timed_out: bool,
                   timeout: float) -> RankOutcome:
     """Build a rank's outcome from its file (if any) and how the process ended."""
     if os.path.exists(path):
-        with open(path, "rb") as f:
-            kind, value = pickle.load(f)
+        try:
+            with open(path, "rb") as f:
+                kind, value = pickle.load(f)
+        except Exception:  # noqa: BLE001 - e.g. the result's class is not importable here
+            kind = "error"
+            value = f"rank {rank}'s result could not be unpickled:\n{traceback.format_exc()}"
         if kind == "ok" and exitcode != 0:  # e.g. crashed at interpreter shutdown
             value = f"rank {rank} returned a result but exited with code {exitcode}"
         elif kind == "ok":
@@ -172,6 +176,7 @@ def run_ranks(worker: Callable[..., Any], world_size: int, *, args: Sequence[Any
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
     procs: list[Any] = []
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="run_ranks_") as tmp:
         paths = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world_size)]
         try:
@@ -181,7 +186,6 @@ def run_ranks(worker: Callable[..., Any], world_size: int, *, args: Sequence[Any
                                       init_process_group, backend, pg_timeout, paths[r]))
                 p.start()
                 procs.append(p)
-            deadline = time.monotonic() + timeout
             for p in procs:
                 p.join(max(0.0, deadline - time.monotonic()))
             timed_out = [p.is_alive() for p in procs]

@@ -1,0 +1,399 @@
+"""``CheckpointWriter``: crash-safe ``checkpoint_{rank}.pt`` files committed by a manifest.
+
+A drop-in for torch's experimental ``CheckpointWriter`` (same file layout, plain
+``torch.save`` zip files that ``torch.load`` and both readers read) that never leaves a
+directory that looks complete but is not. ``write`` runs four steps, each ending with an
+exchange of statuses that is also a barrier:
+
+1. prepare (all ranks): check the metadata, create the directory.
+2. uncommit (rank 0): remove temp files of an interrupted write, create the pending
+   marker ``.dist_restore_manifest.json.{pid}.{token}.tmp``, remove the old manifest,
+   fsync the directory. Only now, with every rank ready, is the old checkpoint given up;
+   no rank file is replaced before its manifest is gone.
+3. write (all ranks): ``torch.save`` into a temp file in the same directory, fsync, CRC32
+   it, rename it to ``checkpoint_{rank}.pt``, fsync the directory; exchange
+   ``(size, checksum)`` or the error.
+4. commit (rank 0): only if every rank succeeded, write the manifest through the marker
+   (fsync, rename, fsync the directory); exchange the manifest, so that no rank returns
+   before it exists and every rank returns the same :class:`Manifest`.
+
+Any failure is raised on every rank as ``RestoreError("write", {rank: message})``. No
+manifest is written then and, after step 2, the marker stays, so ``check_checkpoint``
+reports the half-overwritten directory as incomplete; a crash leaves the marker (and the
+dead rank's temp file or a missing rank file) behind likewise.
+
+How ranks exchange statuses:
+
+- a process group (``torch.distributed`` initialised, no ``barrier`` given): the group's
+  ``all_gather`` with ``timeout`` on every call;
+- a ``barrier`` (e.g. torch's experimental ``TCPStoreBarrier`` in a writer process that
+  must not touch the training group): small JSON report files in the checkpoint
+  directory (a shared file system), read after each barrier;
+- neither, with one rank: nothing to exchange;
+- neither, with several ranks: the ranks cannot agree, so each only writes its file, as
+  torch's experimental writer does; rank 0 still removes an old manifest; ``write``
+  returns ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from dist_restore._manifest import (
+    MANIFEST_NAME,
+    TMP_SUFFIX,
+    Manifest,
+    RankFileInfo,
+    checksum_fileobj,
+    fsync_dir,
+    remove_stale_temp_files,
+    temp_path,
+    write_manifest,
+)
+from dist_restore._pg import CollectiveError, ProcessGroupWrapper
+from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
+from dist_restore.errors import RestoreError
+
+logger = logging.getLogger(__name__)
+
+_PHASE = "write"
+T = TypeVar("T")
+
+
+class CheckpointWriter:
+    """Writes ``path/checkpoint_{rank}.pt`` on every rank, then commits a manifest.
+
+    Args:
+        rank_info: This process's rank and the world size; default: from the process
+            group (``process_group`` or the default one) when ``torch.distributed`` is
+            initialised, else rank 0 of 1. Torch's experimental ``RankInfo`` works too.
+        barrier: Synchronise through this callable (or an object with
+            ``execute_barrier()``, like torch's experimental barriers) and report files in
+            the checkpoint directory instead of the process group. Must wait for all
+            ``rank_info.global_world_size`` ranks and time out on its own.
+        process_group: The group to exchange statuses on; default: the default group.
+        timeout: Seconds each process-group collective may take.
+
+    Raises:
+        ValueError: ``rank_info`` disagrees with the process group, or ``process_group``
+            is given while ``torch.distributed`` is not initialised.
+    """
+
+    def __init__(self, rank_info: Any | None = None, barrier: Callable[[], None] | Any | None = None, *,
+                 process_group: Any = None, timeout: float = 600.0) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if barrier is not None and process_group is not None:
+            raise ValueError("pass a barrier or a process_group, not both: with a barrier the ranks "
+                             "exchange statuses through files, never through a group")
+        if barrier is not None and not callable(barrier):
+            barrier = getattr(barrier, "execute_barrier", None) or _not_a_barrier(barrier)
+        self._barrier: Callable[[], None] | None = barrier
+        self._pg: ProcessGroupWrapper | None = None
+        initialised = dist.is_available() and dist.is_initialized()
+        if barrier is None and (initialised or process_group is not None):
+            self._pg = ProcessGroupWrapper(process_group, timeout=timeout)
+            mine = RankInfo(self._pg.rank, self._pg.world_size)
+        elif initialised:
+            mine = RankInfo(dist.get_rank(), dist.get_world_size())
+        else:
+            mine = RankInfo(0, 1)
+        if rank_info is None:
+            self._rank_info = mine
+        else:
+            self._rank_info = _as_rank_info(rank_info)
+            if self._pg is not None and self._rank_info != mine:
+                raise ValueError(f"rank_info {rank_info} disagrees with the process group, where this "
+                                 f"process is rank {mine.global_rank} of {mine.global_world_size}; "
+                                 "pass rank_info=None to take it from the group")
+
+    @property
+    def rank_info(self) -> RankInfo:
+        return self._rank_info
+
+    def write(self, path: str | os.PathLike[str], state_dict: STATE_DICT, *,
+              metadata: Mapping[str, Any] | None = None) -> Manifest | None:
+        """Write this rank's file and, with the other ranks, commit the checkpoint.
+
+        Args:
+            path: The checkpoint directory (created if needed; an existing checkpoint in
+                it is replaced).
+            state_dict: What to ``torch.save``.
+            metadata: JSON-serialisable data for the manifest, e.g. ``{"step": 2000}``
+                (rank 0's is written); ``find_latest_checkpoint`` orders by ``"step"``.
+
+        Returns:
+            The committed manifest (the same on every rank), or ``None`` where the ranks
+            cannot coordinate (several ranks, no process group, no barrier).
+
+        Raises:
+            RestoreError: on every rank, with phase ``"write"``, if any rank failed (bad
+                metadata, I/O error, an unpicklable value) or a peer died or timed out.
+        """
+        t0 = time.perf_counter()
+        d = Path(path)
+        rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
+        if world > 1 and self._pg is None and self._barrier is None:
+            return self._write_uncoordinated(d, state_dict)
+        sync = _make_sync(self._pg, self._barrier, d, rank, world)
+
+        step, _ = _attempt(f"preparing {str(d)!r}", _prepare, d, metadata)
+        self._agree(sync, "prepare", step)
+        # only once every rank is ready does rank 0 take the old checkpoint's manifest away
+        step, marker = _attempt(f"uncommitting {str(d)!r}", _uncommit, d) if rank == 0 else _ok()
+        self._agree(sync, "uncommit", step)
+
+        step, info = _attempt(f"writing {rank_file_name(rank)}", self._write_rank_file, d, state_dict)
+        if info is not None:
+            step.status["info"] = [info.rank, info.file, info.size, info.checksum]
+        infos = [RankFileInfo(*s["info"]) for s in self._agree(sync, "write", step)]
+
+        if rank == 0:
+            step, manifest = _attempt(f"committing {MANIFEST_NAME}", _commit, d, infos, metadata, marker)
+            if manifest is not None:
+                step.status["manifest"] = manifest.to_json()
+        else:
+            step, _ = _ok()
+        manifest_json = self._agree(sync, "commit", step)[0]["manifest"]
+        sync.close()
+        result = Manifest.from_json(manifest_json, file=d / MANIFEST_NAME)
+        logger.info("rank %d: wrote %s (%d bytes); %d rank(s) committed in %.3fs", rank,
+                    d / infos[rank].file, infos[rank].size, world, time.perf_counter() - t0)
+        return result
+
+    def close(self) -> None:
+        """Nothing to release; for torch's ``CheckpointWriter`` interface."""
+
+    # -- steps -----------------------------------------------------------------------
+
+    def _write_rank_file(self, d: Path, state_dict: STATE_DICT) -> RankFileInfo:
+        """(all ranks) ``torch.save`` via a temp file; fsync; CRC32; rename; fsync the dir."""
+        rank = self._rank_info.global_rank
+        final = d / rank_file_name(rank)
+        tmp = temp_path(final)
+        try:
+            # a file object, not the path: given a path, torch names the archive inside after
+            # it (the temp name); given a file, "archive", as for any buffer
+            with open(tmp, "wb") as f:
+                torch.save(state_dict, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
+                size, checksum = checksum_fileobj(f)
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        fsync_dir(d)
+        return RankFileInfo(rank, final.name, size, checksum)
+
+    def _write_uncoordinated(self, d: Path, state_dict: STATE_DICT) -> None:
+        rank = self._rank_info.global_rank
+        logger.warning("rank %d: %d ranks but no process group and no barrier: writing %s without a "
+                       "commit manifest (pass a barrier or initialise torch.distributed)",
+                       rank, self._rank_info.global_world_size, d)
+        d.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            _unlink_quietly(d / MANIFEST_NAME)
+            fsync_dir(d)
+        self._write_rank_file(d, state_dict)
+        return None
+
+    def _agree(self, sync: _Sync, name: str, step: _Step) -> list[dict[str, Any]]:
+        """(all ranks) Exchange statuses; raise the same RestoreError everywhere on any failure."""
+        rank = self._rank_info.global_rank
+        try:
+            gathered = sync.gather(name, step.status)
+        except CollectiveError as e:
+            mine = step.status["error"]
+            raise RestoreError(_PHASE, {rank: f"{mine}; then {e}" if mine else str(e)}) from e
+        failures = {r: s.get("error") or "failed" for r, s in enumerate(gathered) if not s.get("ok")}
+        if failures:
+            logger.warning("rank %d: checkpoint write failed (%s) on ranks %s; no manifest written",
+                           rank, name, sorted(failures))
+            try:
+                sync.close()
+            except Exception as e:  # noqa: BLE001 - the failure being raised matters more
+                logger.warning("rank %d: cleanup after the failed write failed too: %s", rank, e)
+            raise RestoreError(_PHASE, failures) from step.exc
+        return gathered
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+@dataclass
+class _Step:
+    """One rank's outcome of one step: a plain status for the others, the exception for us."""
+
+    status: dict[str, Any]
+    exc: BaseException | None = None
+
+
+def _attempt(what: str, fn: Callable[..., T], *args: Any) -> tuple[_Step, T | None]:
+    """Run one rank's step, catching its failure so that it reaches every rank."""
+    try:
+        return _Step({"ok": True, "error": None}), fn(*args)
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        return _Step({"ok": False, "error": f"{what}: {type(e).__name__}: {e}"}, e), None
+
+
+def _ok() -> tuple[_Step, None]:
+    return _Step({"ok": True, "error": None}), None
+
+
+def _prepare(d: Path, metadata: Mapping[str, Any] | None) -> None:
+    """(all ranks) Check the metadata, create the directory."""
+    if metadata is not None:
+        _check_metadata(metadata)
+    d.mkdir(parents=True, exist_ok=True)
+
+
+def _uncommit(d: Path) -> Path:
+    """(rank 0) Mark the directory as being written; returns the pending marker.
+
+    Sweeps temp files of an interrupted write, creates the marker (a temp file, kept
+    until it becomes the new manifest), removes the old manifest and fsyncs the
+    directory, so the removal is durable before any rank file is replaced.
+    """
+    stale = remove_stale_temp_files(d)
+    if stale:
+        logger.info("removed %d temp file(s) of an interrupted write from %s: %s", len(stale), d, stale)
+    marker = temp_path(d / MANIFEST_NAME)
+    marker.touch(exist_ok=False)
+    _unlink_quietly(d / MANIFEST_NAME)
+    fsync_dir(d)
+    return marker
+
+
+def _commit(d: Path, infos: list[RankFileInfo], metadata: Mapping[str, Any] | None,
+            marker: Path | None) -> Manifest:
+    """(rank 0) Write the manifest through the marker: the checkpoint is complete."""
+    manifest = Manifest.create(infos, dict(metadata or {}))
+    write_manifest(d, manifest, tmp=marker)
+    return manifest
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> None:
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    bad = [k for k in metadata if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"metadata keys must be str, got {bad[:5]!r}")
+    try:
+        json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from None
+
+
+def _as_rank_info(info: Any) -> RankInfo:
+    if isinstance(info, RankInfo):
+        return info
+    try:
+        return RankInfo(int(info.global_rank), int(info.global_world_size))
+    except AttributeError:
+        raise TypeError(f"rank_info must have global_rank and global_world_size, got {info!r}") from None
+
+
+def _not_a_barrier(obj: Any) -> Callable[[], None]:
+    raise TypeError(f"barrier must be a callable or have execute_barrier(), got {type(obj).__name__}")
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # pragma: no cover - best effort cleanup
+        logger.warning("could not remove %s: %s", path, e)
+
+
+# -- how ranks exchange statuses ----------------------------------------------------------
+
+class _Sync:
+    """One rank's end of the status exchange: ``gather`` is also a barrier."""
+
+    def gather(self, step: str, status: dict[str, Any]) -> list[dict[str, Any]]:
+        return [status]
+
+    def close(self) -> None:
+        """Release what the exchange left behind (after the last gather, on every rank)."""
+
+
+class _GroupSync(_Sync):
+    def __init__(self, pg: ProcessGroupWrapper) -> None:
+        self._pg = pg
+
+    def gather(self, step: str, status: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._pg.all_gather_object(status)
+
+
+class _FileSync(_Sync):
+    """Report files ``.dist_restore_sync.{step}.rank{r}.tmp`` in the checkpoint directory.
+
+    Each rank writes its report, waits at the barrier, reads everyone's. A rank removes
+    its report of one step after the next barrier (when every rank has read it), and its
+    last one in :meth:`close`, after one more barrier.
+    """
+
+    def __init__(self, barrier: Callable[[], None], d: Path, rank: int, world: int) -> None:
+        self._barrier, self._dir, self._rank, self._world = barrier, d, rank, world
+        self._mine: Path | None = None
+        self._closed = False
+
+    def _file(self, step: str, rank: int) -> Path:
+        return self._dir / f".dist_restore_sync.{step}.rank{rank}{TMP_SUFFIX}"
+
+    def gather(self, step: str, status: dict[str, Any]) -> list[dict[str, Any]]:
+        mine = self._file(step, self._rank)
+        _unlink_quietly(mine)  # a stale report must never be read as this one
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            with open(mine, "w", encoding="utf-8") as f:
+                json.dump(status, f)
+        except OSError as e:
+            logger.warning("rank %d: could not write %s: %s", self._rank, mine, e)
+        self._wait(step)
+        if self._mine is not None:
+            _unlink_quietly(self._mine)
+        self._mine = mine
+        out = []
+        for r in range(self._world):
+            try:
+                out.append(json.loads(self._file(step, r).read_text(encoding="utf-8")))
+            except (OSError, ValueError) as e:
+                out.append({"ok": False, "error": f"no readable {step} report from rank {r}: {e}"})
+        return out
+
+    def _wait(self, step: str) -> None:
+        try:
+            self._barrier()
+        except Exception as e:  # noqa: BLE001 - store timeouts & co.: a peer died or hung
+            raise CollectiveError(f"barrier after {step!r} failed on rank {self._rank}: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wait("close")
+        if self._mine is not None:
+            _unlink_quietly(self._mine)
+
+
+def _make_sync(pg: ProcessGroupWrapper | None, barrier: Callable[[], None] | None, d: Path,
+               rank: int, world: int) -> _Sync:
+    if barrier is not None and world > 1:
+        return _FileSync(barrier, d, rank, world)
+    if pg is not None:
+        return _GroupSync(pg)
+    return _Sync()

@@ -1,0 +1,78 @@
+"""Restore trusts only whole checkpoints: the reader and coordinator against the manifest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_restore import CheckpointReader, CorruptCheckpointError, RankInfo, RestoreCoordinator, RestoreError
+from dist_restore._manifest import IncompleteCheckpointError
+from dist_restore.writer import CheckpointWriter
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _write(d: Path) -> dict[str, torch.Tensor]:
+    sd = {"w": torch.arange(1024, dtype=torch.float32), "b": torch.ones(3)}
+    CheckpointWriter(RankInfo(0, 1)).write(d, sd, metadata={"step": 7})
+    return sd
+
+
+def test_committed_checkpoint_restores(tmp_path: Path) -> None:
+    sd = _write(tmp_path)
+    assert (tmp_path / "dist_restore_manifest.json").exists()
+    res = CheckpointReader(RankInfo(0, 1)).load(tmp_path, verify=True)
+    assert torch.equal(res.state_dict["w"], sd["w"])
+    out = RestoreCoordinator().restore(tmp_path, None, verify=True)
+    assert torch.equal(out.state_dict["b"], sd["b"])
+
+
+def test_temp_file_without_manifest_is_refused(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "checkpoint_0.pt")
+    (tmp_path / ".checkpoint_0.pt.123.deadbeef.tmp").write_bytes(b"half")
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint: no commit manifest; temp files"):
+        CheckpointReader(RankInfo(0, 1)).load(tmp_path)
+    with pytest.raises(RestoreError, match="temp files present"):
+        RestoreCoordinator().restore(tmp_path)
+
+
+def test_plain_torch_save_directory_still_restores(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "checkpoint_0.pt")
+    assert torch.equal(CheckpointReader(RankInfo(0, 1)).read(tmp_path)[0]["w"], torch.ones(2))
+    assert torch.equal(RestoreCoordinator().restore(tmp_path).state_dict["w"], torch.ones(2))
+
+
+def test_truncated_after_commit_is_refused_before_reading(tmp_path: Path) -> None:
+    _write(tmp_path)
+    f = tmp_path / "checkpoint_0.pt"
+    os.truncate(f, f.stat().st_size - 1)
+    with pytest.raises(CorruptCheckpointError, match="size mismatch"):
+        CheckpointReader(RankInfo(0, 1)).load(tmp_path)
+
+
+def test_flipped_bit_caught_by_manifest_checksum_with_verify(tmp_path: Path) -> None:
+    _write(tmp_path)
+    f = tmp_path / "checkpoint_0.pt"
+    idx = CheckpointReader(RankInfo(0, 1)).index(tmp_path)
+    off = idx["w"].file_offset + 100
+    data = bytearray(f.read_bytes())
+    data[off] ^= 0x01
+    f.write_bytes(bytes(data))
+    # a partial read of "b" never touches w's bytes: only the whole-file checksum sees it
+    reader = CheckpointReader(RankInfo(0, 1))
+    assert torch.equal(reader.load(tmp_path, {"b": None}).state_dict["b"], torch.ones(3))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        reader.load(tmp_path, {"b": None}, verify=True)
+    with pytest.raises(RestoreError, match="checksum mismatch"):
+        RestoreCoordinator().restore(tmp_path, {"b": None}, verify=True)
+
+
+def test_world_size_mismatch_is_named(tmp_path: Path) -> None:
+    sd = {"w": torch.ones(2)}
+    for r in range(2):
+        torch.save(sd, tmp_path / f"checkpoint_{r}.pt")
+    with pytest.raises(RestoreError, match="world size mismatch"):
+        RestoreCoordinator().restore(tmp_path)  # a 1-rank job, a 2-rank checkpoint
