@@ -14,6 +14,7 @@ from dist_restore.errors import (
     UnsafeCheckpointError,
 )
 from dist_restore.reader import CheckpointReader, ReadResult
+from dist_restore.trainer import TrainingState, restore_training_state, resume_latest, save_training_state
 from dist_restore.writer import CheckpointWriter
 
 __all__ = [
@@ -35,8 +36,12 @@ __all__ = [
     "RestoreResult",
     "RestoreStats",
     "StateDictMismatchError",
+    "TrainingState",
     "UnsafeCheckpointError",
     "check_checkpoint",
     "find_latest_checkpoint",
     "read_index",
+    "restore_training_state",
+    "resume_latest",
+    "save_training_state",
 ]

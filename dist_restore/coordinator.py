@@ -189,6 +189,7 @@ class RestoreCoordinator:
         items, objects = self._canonical_shared(gathered, shared_mode, src, local.get("shared", []))
         pg.barrier_token = gathered[0]["token"]
         stats.seconds["plan"] = time.perf_counter() - t0
+        self._progress("plan", stats, f"{len(local['plan'].leaves)} tensors here, {len(items)} shared")
 
         # 2. read -----------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -207,6 +208,7 @@ class RestoreCoordinator:
         self._agree("read", status)
         stats.bytes_read = read_stats.bytes_read
         stats.seconds["read"] = time.perf_counter() - t0
+        self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
 
         # 3. exchange -------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -220,6 +222,7 @@ class RestoreCoordinator:
                 if lf_path is not None:
                     values[lf_path] = value
         stats.seconds["exchange"] = time.perf_counter() - t0
+        self._progress("exchange", stats, f"{pg.stats.bytes_received / 2**20:.1f} MiB received")
 
         # 4. finish ---------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -242,6 +245,10 @@ class RestoreCoordinator:
                              report if rank == 0 else None, stats)
 
     # -- phases ---------------------------------------------------------------------------
+
+    def _progress(self, phase: str, stats: RestoreStats, what: str) -> None:
+        if self._pg.rank == 0:  # progress on rank 0 only; the launch script shows INFO there
+            logger.info("%s done in %.3fs: %s", phase, stats.seconds[phase], what)
 
     def _plan(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, mode: str, src: int,
               verify: bool, local: dict[str, Any]) -> dict[str, Any]:

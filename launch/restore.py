@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return rec
 
     logging.setLogRecordFactory(factory)
-    if rank != 0:
+    if rank != 0:  # the library's progress and report on rank 0 only; this script's lines on every rank
         logging.getLogger().setLevel(logging.WARNING)
+        log.setLevel(logging.INFO)
     tmp = None
     try:
         if args.checkpoint:
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.barrier()
             shared = args.shared or ["shared"]
-            log.info("demo: wrote a synthetic %d-rank checkpoint to %s", world, path)
+            if rank == 0:
+                log.info("demo: wrote a synthetic %d-rank checkpoint to %s", world, path)
         coord = RestoreCoordinator(timeout=args.timeout)
         t0 = time.perf_counter()
         res = coord.restore(path, None, shared=shared, shared_mode=args.mode, strict=args.strict,

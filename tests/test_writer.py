@@ -102,12 +102,13 @@ def test_readable_by_both_readers(tmp_path: Path) -> None:
 
 def test_torch_writer_directory_passes_and_restores(tmp_path: Path) -> None:
     sd = _state(2)
-    TorchWriter(CheckpointWriterConfig(), TorchRankInfo(0, 1)).write(str(tmp_path), sd)
-    assert check_checkpoint(tmp_path, world_size=1) is None
-    got, missing = CheckpointReader(RankInfo(0, 1)).read(tmp_path)
+    step = tmp_path / "step_5"
+    TorchWriter(CheckpointWriterConfig(), TorchRankInfo(0, 1)).write(str(step), sd)
+    assert check_checkpoint(step, world_size=1) is None
+    got, missing = CheckpointReader(RankInfo(0, 1)).read(step)
     assert missing == []
     _assert_same(got, sd)
-    assert find_latest_checkpoint(tmp_path.parent, world_size=1) == tmp_path
+    assert find_latest_checkpoint(tmp_path, world_size=1) == step
 
 
 def test_torch_rank_info_is_accepted(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ initialised unless the test says otherwise, and return plain picklable results.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 import signal
 import time
 from pathlib import Path
@@ -133,5 +134,11 @@ def write_with_store_barrier(rank: int, world: int, path: str, victim: int) -> d
     except Exception as e:  # noqa: BLE001
         err = _error(e)
     barrier.execute_barrier()  # every rank has cleaned up its report files
+    # rank 0 hosts the store: it must outlive the others' last use of it
+    store = barrier._tcp_store
+    if rank != 0:
+        store.set(f"done/{rank}", b"1")
+    else:
+        store.wait([f"done/{r}" for r in range(1, world)], timedelta(seconds=30))
     return {"manifest": man.to_json(), "files_after_commit": files_after_commit, "error": err,
             "files_after_failure": sorted(os.listdir(path))}
