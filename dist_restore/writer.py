@@ -49,7 +49,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from dist_restore._manifest import (
+from dist_restore._manifest import (  # noqa: I001
+    _unlink_quietly,
     MANIFEST_NAME,
     TMP_SUFFIX,
     Manifest,
@@ -306,15 +307,6 @@ def _as_rank_info(info: Any) -> RankInfo:
 
 def _not_a_barrier(obj: Any) -> Callable[[], None]:
     raise TypeError(f"barrier must be a callable or have execute_barrier(), got {type(obj).__name__}")
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # pragma: no cover - best effort cleanup
-        logger.warning("could not remove %s: %s", path, e)
 
 
 # -- how ranks exchange statuses ----------------------------------------------------------
