@@ -14,6 +14,7 @@ nothing in the target is touched before the whole plan has been checked.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
 
     def build(src: Any, path: RawPath) -> Any:
         if isinstance(src, Mapping):
-            out = type(src)() if type(src) in (dict,) or _plain_mapping(src) else {}
+            out = type(src)() if type(src) in _PLAIN_MAPPINGS else {}
             for k, v in src.items():
                 out[k] = build(v, path + (k,))
             return out
@@ -228,10 +229,7 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
     return walk(target, tree, ())
 
 
-def _plain_mapping(m: Mapping[Any, Any]) -> bool:
-    import collections
-
-    return type(m) in (collections.OrderedDict, collections.Counter)
+_PLAIN_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)  # what the unpickler makes
 
 
 def _rebuild_tuple(like: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:

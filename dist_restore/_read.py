@@ -32,7 +32,7 @@ from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
-try:  # ~9 GB/s on this class of machine, vs ~3 GB/s for zlib; both release the GIL
+try:  # 5-9 GB/s on this machine, vs ~2-3 GB/s for zlib; both release the GIL
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - exercised only without isal
     _crc32 = zlib.crc32
