@@ -12,7 +12,9 @@ both plus 4 per-rank float32 tensors of 4 MiB (256 KiB with ``--quick``), differ
 
 One ``run_ranks`` call (spawned processes, gloo on 127.0.0.1) per (world, payload) restores the
 checkpoint into preallocated targets (``shared="shared"``) with every mode in ``broadcast``,
-``spread``, ``local``: one untimed warm-up per mode (checked against ``torch.load``), then
+``spread``, ``local``, and once more in ``broadcast`` with ``None`` targets for the shared entries
+(``broadcast/alloc``: allocated by the restore, as views of the received bucket): one untimed
+warm-up per mode (checked against ``torch.load``), then
 ``--repeats`` rounds, each running every mode once in an order rotated from round to round so that
 machine noise hits the modes alike. Each restore starts after a ``dist.barrier()``.
 
@@ -58,7 +60,7 @@ from dist_restore import RestoreCoordinator
 from tests_multiprocess.harness import run_ranks
 
 MIB = 1 << 20
-MODES = ("broadcast", "spread", "local")
+MODES = ("broadcast", "spread", "local", "broadcast/alloc")  # /alloc: None shared targets
 PHASES = ("plan", "read", "exchange", "finish")
 
 
@@ -120,11 +122,17 @@ def worker(rank: int, world: int, path: str, repeats: int, shared_bytes: int) ->
     target = _empty_like_tree(ref)  # preallocated once, reused by every restore
     coord = RestoreCoordinator(timeout=120)
 
+    last: list[Any] = [None]
+
     def one(mode: str) -> dict[str, Any]:
+        tgt = target
+        if mode.endswith("/alloc"):  # the shared entries allocated by the restore
+            tgt = {**target, "shared": {k: None for k in target["shared"]}}
         dist.barrier()
         t0 = time.perf_counter()
-        res = coord.restore(path, target, shared="shared", shared_mode=mode)
+        res = coord.restore(path, tgt, shared="shared", shared_mode=mode.split("/")[0])
         wall = time.perf_counter() - t0
+        last[0] = res.state_dict
         s = res.stats
         return {"wall": wall, **{ph: s.seconds.get(ph, 0.0) for ph in PHASES}, "bytes_read": s.bytes_read,
                 "bytes_received": s.bytes_received, "collectives": s.collectives}
@@ -134,7 +142,8 @@ def worker(rank: int, world: int, path: str, repeats: int, shared_bytes: int) ->
             if isinstance(t, torch.Tensor):
                 t.zero_()
         one(mode)
-        _check(target, ref, rank, mode)
+        _check(last[0], ref, rank, mode)
+        last[0] = None
     del ref
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     for i in range(repeats):

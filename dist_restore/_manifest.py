@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dist_restore._read import _crc32
+from dist_restore._crc import crc32 as _crc32
 from dist_restore._report import format_ranks
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 

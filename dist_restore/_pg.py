@@ -115,9 +115,9 @@ class ProcessGroupWrapper:
         """Broadcast ``tensor`` (contiguous, on :attr:`device`) in place from group rank ``src``."""
         if not self.distributed:
             return
-        work = dist.broadcast(tensor, group=self.group, group_src=src, async_op=True)
-        self._wait(work, f"broadcast(from rank {src}, {tensor.numel() * tensor.element_size()} bytes)")
         nbytes = tensor.numel() * tensor.element_size()
+        work = dist.broadcast(tensor, group=self.group, group_src=src, async_op=True)
+        self._wait(work, f"broadcast(from rank {src}, {nbytes} bytes)")
         self.stats.collectives += 1
         if self.rank == src:
             self.stats.bytes_sent += nbytes

@@ -11,6 +11,8 @@ The protocol of :meth:`RestoreCoordinator.restore`, in order:
    straight into the targets. (all ranks) ``all_gather`` of the status.
 3. **exchange** (owner -> all): shared tensors travel in flat byte buckets per
    (owner, dtype), one ``broadcast`` each; a lone tensor lands directly in its target.
+   How each rank packs and unpacks a bucket (in place, views, vectored syscalls, or
+   copies) is prepared at the end of the read phase (see :mod:`._exchange`).
 4. **finish** (all ranks): assemble the result; closing barrier. (rank 0) log the report.
 
 Every collective has a timeout: a rank that died or hung makes the others raise
@@ -32,7 +34,8 @@ import torch
 
 from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
 from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
-from dist_restore._read import MapLocation, ReadStats, Verify, finish_tensor, produce, resolve_device
+from dist_restore._exchange import BucketIO, prepare_buckets
+from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_device
 from dist_restore._report import RankReport, RestoreReport
 from dist_restore._shared import SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector
 from dist_restore._types import STATE_DICT, RankInfo
@@ -198,10 +201,17 @@ class RestoreCoordinator:
         received = {it.key for it in items if it.owner not in (-1, rank)}
         read_stats = ReadStats()
         values: dict[Any, Any] = {}
+        ios: list[BucketIO] = []
         try:
             todo = [lf for lf in plan.leaves if lf.key not in received]
             values = produce(index, todo, map_location=map_location, verify=self._reader._verify,
                              stats=read_stats)
+
+            def place(lf: PlannedLeaf) -> torch.device:
+                return resolve_device(lf.source.storage.location, map_location, file=index.file, key=lf.key)
+
+            ios = prepare_buckets(make_buckets(items, self._bucket_bytes), items, rank, pg.device, by_key,
+                                  values, place, stage_bytes=self._bucket_bytes)
             status: dict[str, Any] = {"ok": True}
         except Exception as e:  # noqa: BLE001
             status = {"ok": False, "error": _describe(e)}
@@ -212,10 +222,26 @@ class RestoreCoordinator:
 
         # 3. exchange -------------------------------------------------------------------
         t0 = time.perf_counter()
+        failed: str | None = None  # a local pack/unpack failure: collectives go on, then all agree
         try:
-            self._exchange(items, by_key, values, index, map_location)
+            for io in ios:  # (owner -> all) one broadcast per bucket
+                try:
+                    flat = io.buffer()
+                except Exception as e:  # noqa: BLE001 - still send, to keep every rank in step
+                    failed = failed or _describe(e)
+                    flat = torch.zeros(io.bucket.nbytes, dtype=torch.uint8, device=pg.device)
+                pg.broadcast_(flat, io.bucket.owner)
+                if failed is None:
+                    try:
+                        io.unpack()
+                    except Exception as e:  # noqa: BLE001
+                        failed = _describe(e)
+                io.close()
         except CollectiveError as e:
             raise RestoreError("exchange", {rank: str(e)}) from e
+        finally:
+            for io in ios:
+                io.close()
         if objects is not None:
             for key, value in objects.items():
                 lf_path = local["object_paths"].get(key)
@@ -226,6 +252,8 @@ class RestoreCoordinator:
 
         # 4. finish ---------------------------------------------------------------------
         t0 = time.perf_counter()
+        if ios:  # (all ranks) a failed unpack anywhere fails every rank
+            self._agree("exchange", {"ok": True} if failed is None else {"ok": False, "error": failed})
         result_sd = assemble(state_dict, index.tree, values)
         try:
             pg.barrier()
@@ -332,91 +360,6 @@ class RestoreCoordinator:
             canon = [i for i in canon if all(i.key in m for m in meta)]
         items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
         return items, gathered[src]["objects"]
-
-    def _exchange(self, items: list[SharedItem], by_key: dict[str, PlannedLeaf], values: dict[Any, Any],
-                  index: Any, map_location: MapLocation) -> None:
-        """(owner -> all) One broadcast per bucket; pack and unpack with one C call each."""
-        pg = self._pg
-        dev = pg.device
-        for bucket in make_buckets(items, self._bucket_bytes):
-            owner = bucket.owner == pg.rank
-            dtype = _DTYPES[bucket.dtype]
-            leaves = [by_key.get(it.key) for it in bucket.items]  # None: this rank did not ask
-            tensors = [None if lf is None else lf.target if lf.target is not None else values.get(lf.path)
-                       for lf in leaves]
-            flat = None
-            if len(leaves) == 1 and tensors[0] is not None:
-                t = tensors[0]
-                if t.device == dev and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-                    flat = t.detach().view(-1).view(torch.uint8)  # lands in / leaves from place
-            direct = flat is not None
-            if flat is None:
-                if owner:
-                    flat = _pack(tensors).to(dev)
-                else:
-                    flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=dev)
-            pg.broadcast_(flat, bucket.owner)
-            if owner or (direct and leaves[0].target is not None):
-                continue
-            parts = flat.view(dtype).split([it.nbytes // dtype.itemsize for it in bucket.items])
-            fill_dst, fill_src = [], []
-            for lf, part in zip(leaves, parts):
-                if lf is None:
-                    continue
-                ref: TensorRef = lf.source
-                if len(ref.size) != 1:
-                    part = part.view(ref.size)
-                if lf.target is not None:
-                    fill_dst.append(lf.target)
-                    fill_src.append(part)
-                    continue
-                out = part  # the bucket's memory backs it
-                target_dev = resolve_device(ref.storage.location, map_location, file=index.file, key=lf.key)
-                if out.device != target_dev:
-                    out = out.to(target_dev)
-                values[lf.path] = finish_tensor(out, _contiguous_ref(ref))
-            if fill_dst:
-                _copy_all(fill_dst, fill_src)
-        for it in items:  # zero-byte shared tensors travel in no bucket
-            if it.nbytes == 0 and it.owner != pg.rank:
-                lf = by_key.get(it.key)
-                if lf is not None and lf.target is None:
-                    ref = lf.source
-                    target_dev = resolve_device(ref.storage.location, map_location, file=index.file, key=lf.key)
-                    values[lf.path] = finish_tensor(torch.empty(ref.size, dtype=ref.dtype, device=target_dev),
-                                                    _contiguous_ref(ref))
-
-
-_DTYPES = {str(d): d for d in (getattr(torch, n) for n in dir(torch)) if isinstance(d, torch.dtype)}
-
-
-def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The elements of same-dtype tensors, back to back, as one flat uint8 tensor."""
-    with torch.no_grad():
-        try:  # one C++ loop (contiguous + view + cat): no per-tensor Python
-            return torch._C._nn.flatten_dense_tensors(tensors).view(torch.uint8)
-        except (RuntimeError, AttributeError):  # conj/neg views, or a dtype cat lacks: as bytes
-            return torch.cat([t.resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
-                              for t in tensors])
-
-
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``d.copy_(s)`` for every pair, in one fused call where torch allows it."""
-    try:
-        with torch.no_grad():
-            torch._foreach_copy_(dst, src)
-    except (RuntimeError, AttributeError, TypeError):  # mixed devices/strides: one by one
-        with torch.no_grad():
-            for d, s in zip(dst, src):
-                d.copy_(s)
-
-
-def _contiguous_ref(ref: TensorRef) -> TensorRef:
-    """``ref`` without conj/neg bits: received bytes are already resolved."""
-    if not ref.metadata:
-        return ref
-    return TensorRef(ref.storage, ref.dtype, 0, ref.size, ref.stride, ref.requires_grad,
-                     ref.is_parameter, None, ref.state)
 
 
 def _astuple(i: SharedItem) -> tuple[Any, ...]:

@@ -514,3 +514,47 @@ def test_traceback_locals_do_not_alias_unmapped_file(tmp_path: Path) -> None:
                           text=True, timeout=50, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, f"exit code {proc.returncode}: {proc.stderr[-500:]}"
     assert proc.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("flip", [None, 0, 4999, 10_000, 39_999])
+def test_large_records_split_across_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            threads: int, flip: int | None) -> None:
+    """Records copied in pieces by several threads: exact bytes; a flip in any part is caught."""
+    import dist_restore._read as rd
+
+    monkeypatch.setattr(rd, "_SMALL", 1000)
+    monkeypatch.setattr(rd, "_PIECE", 1000)  # pieces that straddle pages and parts
+    monkeypatch.setattr(rd, "_PER_THREAD", 4096)
+    g = torch.Generator().manual_seed(1)
+    sd = {"big": torch.randint(0, 256, (40_000,), dtype=torch.uint8, generator=g),
+          "odd": torch.randn(2_501, generator=g).double(), "tiny": torch.arange(3)}
+    path = _save(tmp_path, sd)
+    expected = oracle(path)
+    if flip is not None:
+        data = bytearray(path.read_bytes())
+        data[read_index(path)["big"].file_offset + flip] ^= 0x01
+        path.write_bytes(bytes(data))
+    before = file_fingerprint(path)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        targets = {k: torch.zeros_like(v) for k, v in sd.items()}
+        if flip is None:
+            res = READER.load(tmp_path, targets)
+            assert res.bytes_verified == sum(v.numel() * v.element_size() for v in sd.values())
+            for k in sd:
+                assert tensor_bytes(targets[k]) == tensor_bytes(expected[k]), k
+            allocated = READER.load(tmp_path).state_dict
+            for k in sd:
+                assert tensor_bytes(allocated[k]) == tensor_bytes(expected[k]), k
+        else:
+            with pytest.raises(CorruptCheckpointError, match="CRC32") as ei:
+                READER.load(tmp_path, targets)
+            assert ei.value.key == "big"
+            got = NO_VERIFY.load(tmp_path, {"big": None}).state_dict["big"]
+            diff = (got != expected["big"]).nonzero().flatten().tolist()
+            assert diff == [flip]
+    finally:
+        torch.set_num_threads(old)
+    assert file_fingerprint(path) == before

@@ -161,3 +161,16 @@ def write_diverging_values(path: Path, world: int) -> None:
         sd = torch.load(path / f"checkpoint_{r}.pt", weights_only=True)
         sd["shared"]["meta"]["step"] = -r
         torch.save(sd, path / f"checkpoint_{r}.pt")
+
+
+def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int, what: str) -> dict[str, Any]:
+    """``victim`` fails locally while packing (``buffer``) or unpacking a shared bucket."""
+    from dist_restore import _exchange
+
+    if rank == victim:
+        def boom(self: Any, *a: Any) -> Any:
+            raise OSError(f"injected {what} failure")
+
+        setattr(_exchange.BucketIO, what, boom)
+        _exchange.BucketIO.stage = lambda self: None  # so that the first buffer() is in the exchange
+    return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 60})

@@ -188,3 +188,17 @@ def test_shared_non_tensor_values_come_from_src(tmp_path: Path, mode: str) -> No
         assert steps == [1234, -1, -2]
     assert all(o["meta"]["betas"] == (0.9, 0.999) and o["meta"]["milestones"] == [10, 20] for o in out)
     assert all(torch.equal(o["s0"], out[0]["s0"]) for o in out)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("victim", "what"), [(1, "unpack"), (0, "buffer")])
+def test_local_exchange_failure_fails_every_rank_promptly(tmp_path: Path, victim: int, what: str) -> None:
+    """A rank whose own copy fails mid-exchange: the collectives go on, then every rank raises."""
+    world = 3
+    w.write_checkpoint(tmp_path, world, small_shared=50)
+    out = run_ranks(w.restore_with_failing_exchange, world, args=(str(tmp_path), victim, what), timeout=100)
+    for o in out:
+        assert o["error"]["type"] == "RestoreError", o["error"]
+        assert o["error"]["phase"] == "exchange" and o["error"]["ranks"] == [victim], o["error"]
+        assert f"injected {what} failure" in o["error"]["text"]
+        assert o["seconds"] < 30  # agreed on, not a 60 s collective timeout

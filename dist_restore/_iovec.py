@@ -1,0 +1,130 @@
+"""Scatter/gather between one flat buffer and many small tensors, in a few system calls.
+
+Copying 10,000 small tensors one by one costs about 1 us each in Python or in the torch
+dispatcher (10-25 ms in all), several times a broadcast of their bytes. Here the flat buffer
+lives in a memory file (``memfd``) mapped into the process: one ``preadv`` on that file copies
+a range of it into up to ``IOV_MAX`` separate buffers, one ``pwritev`` gathers them into it,
+all inside the kernel (about 0.7 ms for 10,000 tensors of 256 bytes on the 2-core dev
+machine). The iovec arrays are built with numpy from the tensors' addresses beforehand.
+
+Linux only in practice (``memfd_create``, ``preadv``, ``pwritev``): :func:`available` is
+false elsewhere and callers copy tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+IOV_MAX = 1024  # the Linux limit of iovecs per call (sysconf(_SC_IOV_MAX))
+
+
+def _load_libc() -> tuple[object, object] | None:
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fns = libc.preadv, libc.pwritev
+    except (OSError, AttributeError):
+        return None
+    for fn in fns:
+        fn.restype = ctypes.c_ssize_t
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    return fns
+
+
+_FNS = _load_libc()
+
+
+def available() -> bool:
+    """Whether this platform has memory files and vectored file I/O."""
+    return _FNS is not None
+
+
+def iovecs(addresses: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+    """A C ``struct iovec[]`` (base, length) as an ``(n, 2)`` uint64 array."""
+    iov = np.empty((len(addresses), 2), dtype=np.uint64)
+    if len(addresses):
+        iov[:, 0] = addresses
+        iov[:, 1] = sizes
+    return iov
+
+
+class MemBuffer:
+    """A flat byte buffer backed by an anonymous memory file, for vectored copies.
+
+    Args:
+        nbytes: Size of the buffer (> 0).
+
+    :attr:`tensor` is a CPU ``uint8`` tensor over the whole buffer (what a collective
+    sends or receives into). Call :meth:`close` when done.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        if _FNS is None:
+            raise OSError("vectored memory-file copies are not available on this platform")
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be > 0, got {nbytes}")
+        self.nbytes = nbytes
+        self._fd = os.memfd_create("dist_restore_bucket", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.ftruncate(self._fd, nbytes)
+            self._mm = mmap.mmap(self._fd, nbytes, flags=mmap.MAP_SHARED,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def scatter(self, iov: np.ndarray, offset: int = 0) -> None:
+        """Buffer bytes from ``offset`` on, back to back, into the buffers of ``iov``."""
+        self._vectored(0, iov, offset)
+
+    def gather(self, iov: np.ndarray, offset: int = 0) -> None:
+        """The buffers of ``iov``, back to back, into the buffer from ``offset`` on."""
+        self._vectored(1, iov, offset)
+
+    def _vectored(self, which: int, iov: np.ndarray, offset: int) -> None:
+        assert _FNS is not None
+        fn = _FNS[which]
+        iov = np.ascontiguousarray(iov, dtype=np.uint64)
+        total = int(iov[:, 1].sum()) if len(iov) else 0
+        if offset < 0 or offset + total > self.nbytes:
+            raise ValueError(f"{total} bytes at offset {offset} do not fit a {self.nbytes}-byte buffer")
+        base = iov.ctypes.data
+        for i in range(0, len(iov), IOV_MAX):
+            k = min(IOV_MAX, len(iov) - i)
+            want = int(iov[i : i + k, 1].sum())
+            while True:
+                got = fn(self._fd, base + i * 16, k, offset)
+                if got >= 0 or ctypes.get_errno() != errno.EINTR:
+                    break
+            if got != want:  # a memory file of this size never gives a short transfer
+                err = ctypes.get_errno() if got < 0 else 0
+                raise OSError(err, f"{'pwritev' if which else 'preadv'} on a memory file moved {got} "
+                                   f"of {want} bytes ({os.strerror(err) if err else 'short transfer'})")
+            offset += want
+
+    def close(self) -> None:
+        """Close the file. The mapping is never unmapped here: it goes with the last tensor
+        over it (a collective still in flight may hold one; unmapping under it would crash)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tensor = None  # type: ignore[assignment]
+        self._mm = None  # type: ignore[assignment]
+
+    def __enter__(self) -> MemBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,145 @@
+"""The bucket pack/unpack of the exchange, without processes: the owner's buffer is handed
+to a receiver as a broadcast would, for every way a rank can pack or unpack a bucket.
+
+Oracle: ``torch.load`` of the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from _util import tensor_bytes
+from dist_restore import _exchange, _iovec
+from dist_restore._exchange import BucketIO, prepare_buckets
+from dist_restore._index import read_index
+from dist_restore._plan import plan_read
+from dist_restore._read import produce
+from dist_restore._shared import SharedItem, assign_owners, make_buckets
+
+pytestmark = pytest.mark.timeout(60)
+
+CPU = torch.device("cpu")
+
+
+def _file(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    sd = {f"s{i}": torch.randn(3 + i % 5, generator=g) for i in range(300)}
+    sd["h"] = torch.randn(4, 3, generator=g).half()
+    sd["m"] = torch.randn(5, 6, generator=g)
+    sd["c"] = torch.randn(4, dtype=torch.complex64, generator=g)
+    sd["z"] = torch.empty(0, 3)
+    path = tmp_path / "checkpoint_0.pt"
+    torch.save(sd, path)
+    return path
+
+
+def _items(index: Any) -> list[SharedItem]:
+    plan = plan_read(None, index.tree)
+    items = [SharedItem(lf.key, str(lf.source.dtype), tuple(lf.source.size), lf.source.nbytes) for lf in plan.leaves]
+    return assign_owners(items, "broadcast", 2, 0)
+
+
+def _roundtrip(path: Path, owner_target: Any, receiver_target: Any, bucket_bytes: int = 1 << 20
+               ) -> tuple[list[BucketIO], list[BucketIO], dict, Any]:
+    """(owner = rank 0) read + pack; (rank 1) prepare + receive the owner's bytes + unpack."""
+    index = read_index(path)
+    items = _items(index)
+    buckets = make_buckets(items, bucket_bytes)
+
+    def place(lf: Any) -> torch.device:
+        return CPU
+
+    plan0 = plan_read(owner_target, index.tree)
+    values0 = produce(index, plan0.leaves)
+    ios0 = prepare_buckets(buckets, items, 0, CPU, {lf.key: lf for lf in plan0.leaves}, values0, place)
+    plan1 = plan_read(receiver_target, index.tree)
+    values1: dict = {}
+    ios1 = prepare_buckets(buckets, items, 1, CPU, {lf.key: lf for lf in plan1.leaves}, values1, place)
+    for io0, io1 in zip(ios0, ios1, strict=True):
+        sent = io0.buffer().clone()  # what the broadcast carries
+        assert sent.numel() == io0.bucket.nbytes
+        recv = io1.buffer()
+        recv.copy_(sent)
+        io1.unpack()
+        io0.close()
+        io1.close()
+    return ios0, ios1, values1, plan1
+
+
+def _value(plan: Any, values: dict, key: str) -> torch.Tensor:
+    lf = next(lf for lf in plan.leaves if lf.key == key)
+    return lf.target if lf.target is not None else values[lf.path]
+
+
+@pytest.mark.skipif(not _iovec.available(), reason="no memory files here")
+def test_preallocated_targets_use_vectored_copies(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    ref = torch.load(path, weights_only=True)
+    owner_t = {k: torch.zeros_like(v) for k, v in ref.items()}
+    recv_t = {k: torch.full_like(v, 7) for k, v in ref.items()}
+    ios0, ios1, values1, plan1 = _roundtrip(path, owner_t, recv_t)
+    modes0 = {io.bucket.dtype: io.mode for io in ios0 if len(io.bucket.items) > 1}
+    modes1 = {io.bucket.dtype: io.mode for io in ios1 if len(io.bucket.items) > 1}
+    assert modes0["torch.float32"] == modes1["torch.float32"] == "iovec"
+    for k, v in ref.items():
+        assert tensor_bytes(recv_t[k]) == tensor_bytes(v), k
+        assert tensor_bytes(owner_t[k]) == tensor_bytes(v), k
+
+
+def test_allocated_targets_are_views_of_the_received_bucket(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    ref = torch.load(path, weights_only=True)
+    ios0, ios1, values1, plan1 = _roundtrip(path, None, None)
+    assert all(io.mode in ("views", "direct") for io in ios1)
+    for k, v in ref.items():
+        got = _value(plan1, values1, k)
+        assert got.shape == v.shape and got.dtype == v.dtype and tensor_bytes(got) == tensor_bytes(v), k
+
+
+@pytest.mark.parametrize("iovec", [True, False])
+def test_mixed_strided_partial_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, iovec: bool) -> None:
+    """Receiver: some keys not asked for, some None, some strided or conjugate targets."""
+    if iovec and not _iovec.available():
+        pytest.skip("no memory files here")
+    if not iovec:
+        monkeypatch.setattr(_iovec, "available", lambda: False)
+    path = _file(tmp_path)
+    ref = torch.load(path, weights_only=True)
+    recv_t: dict[str, Any] = {k: torch.zeros_like(v) for k, v in ref.items() if k.startswith("s")}
+    for i in range(0, 300, 3):
+        del recv_t[f"s{i}"]  # not asked for: its bytes go nowhere
+    for i in range(1, 300, 7):
+        recv_t[f"s{i}"] = None  # allocated
+    recv_t["m"] = torch.zeros(6, 5).t()  # strided target
+    recv_t["c"] = None
+    recv_t["h"] = torch.zeros(4, 3, dtype=torch.half)
+    owner_t = {k: v for k, v in ref.items()}
+    owner_t["c"] = torch.zeros(4, dtype=torch.complex64).conj()  # owner packs a conjugate view
+    ios0, ios1, values1, plan1 = _roundtrip(path, owner_t, recv_t, bucket_bytes=600)
+    assert len(ios1) > 3  # several buckets
+    modes = {io.mode for io in ios1}
+    assert ("iovec" in modes) == iovec and "copy" in modes
+    assert any(io.mode == "copy" for io in ios0)  # the conjugate source
+    for k, v in recv_t.items():
+        got = _value(plan1, values1, k)
+        assert torch.equal(got.resolve_conj(), ref[k]), k
+    assert set(plan1.unexpected) == set(ref) - set(recv_t)
+
+
+def test_owner_without_a_planned_shared_entry_is_an_error(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    index = read_index(path)
+    items = _items(index)
+    plan0 = plan_read({"s0": None}, index.tree)
+    with pytest.raises(RuntimeError, match="did not plan it"):
+        prepare_buckets(make_buckets(items, 1 << 20), items, 0, CPU, {lf.key: lf for lf in plan0.leaves},
+                        produce(index, plan0.leaves), lambda lf: CPU)
+
+
+def test_dtype_table_covers_saved_dtypes() -> None:
+    for d in (torch.float32, torch.bfloat16, torch.complex64, torch.bool, torch.uint16):
+        assert _exchange.DTYPES[str(d)] is d
