@@ -6,7 +6,6 @@ data is read. Legacy (non-zip) files are indexed through ``torch.load`` with a w
 
 from __future__ import annotations
 
-import gc
 import logging
 import mmap
 import os
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from dist_restore._gc import gc_paused, paused
 from dist_restore._keypath import RawPath
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
 from dist_restore._zip import ZipRecord, data_offset, is_zip, read_zip_records
@@ -111,13 +111,8 @@ class CheckpointIndex:
                 with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     for key in self.records:
                         self.data_offset(key, mm)
-            was = gc.isenabled()
-            gc.disable()  # many small objects: avoid full collections over all of torch
-            try:
+            with paused():  # many small objects: avoid full collections over all of torch
                 self._entries = {e.key: e for e in self._iter_entries()}
-            finally:
-                if was:
-                    gc.enable()
         return self._entries
 
     def data_offset(self, storage_key: str, buf: Any) -> int:
@@ -186,6 +181,7 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
             yield k, p, v
 
 
+@gc_paused
 def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
     """Index one ``torch.save`` file without reading its tensor data.
 

@@ -14,7 +14,6 @@ costs a fraction of ``torch.load`` of the same file).
 from __future__ import annotations
 
 import collections
-import gc
 import io
 import pickle
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dist_restore._gc import gc_paused
 from dist_restore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 
@@ -280,6 +280,7 @@ class _RefUnpickler(pickle.Unpickler):
         return ref
 
 
+@gc_paused  # ~3 new objects per tensor would trigger full collections over all of torch
 def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
     """Unpickle ``data.pkl`` into a tree of containers, plain values and refs.
 
@@ -291,8 +292,6 @@ def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
         CorruptCheckpointError: the pickle is malformed.
     """
     up = _RefUnpickler(data, file)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # ~3 new objects per tensor would trigger full collections over all of torch
     try:
         tree = up.load()
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:
@@ -303,7 +302,4 @@ def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
         raise CorruptCheckpointError(
             f"data.pkl does not unpickle: {type(e).__name__}: {e}", file=file
         ) from e
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return tree, up._storages

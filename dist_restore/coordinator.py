@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from dist_restore._gc import paused
 from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
 from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
 from dist_restore._exchange import BucketIO, prepare_buckets
@@ -161,7 +162,8 @@ class RestoreCoordinator:
         if timeout is not None:
             self._pg.timeout = float(timeout)
         try:
-            return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify)
+            with paused():  # tens of thousands of small objects per restore, no cycles
+                return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify)
         finally:
             self._pg.timeout = default_timeout
 

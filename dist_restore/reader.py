@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_restore._gc import gc_paused
 from dist_restore._index import CheckpointIndex, read_index
 from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, read_manifest
 from dist_restore._plan import ReadPlan, assemble, plan_read, view_out_of_bounds
@@ -98,6 +99,7 @@ class CheckpointReader:
         res = self.load(path, state_dict, map_location=map_location)
         return res.state_dict, res.missing_keys
 
+    @gc_paused
     def load(
         self,
         path: str | os.PathLike[str],
