@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from dist_restore._crc import crc32, crc32_combine
@@ -106,6 +107,11 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
     order = sorted(by_storage, key=lambda k: index.records[k].header_offset)
     with _RankFile(index, values, map_location, verify == "crc32", stats) as rf:
         with torch.no_grad():  # filling Parameters that require grad is not an autograd op
+            small = [k for k in order if rf.is_small_whole(k, by_storage[k])]
+            if small:
+                rf.small_whole(small, [by_storage[k][0] for k in small])
+                done = set(small)
+                order = [k for k in order if k not in done]
             for skey in order:
                 rf.storage(skey, by_storage[skey])
 
@@ -141,6 +147,7 @@ class _RankFile:
             raise
         self.whole = torch.frombuffer(self.mm, dtype=torch.uint8)
         self._pool: ThreadPoolExecutor | None = None
+        self._devices: dict[str, torch.device] = {}
 
     def __enter__(self) -> _RankFile:
         return self
@@ -149,6 +156,67 @@ class _RankFile:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         os.close(self.fd)
+
+    def is_small_whole(self, skey: str, group: list[PlannedLeaf]) -> bool:
+        """A small record read whole by one plain contiguous view into a plain CPU tensor."""
+        if len(group) != 1:
+            return False
+        lf = group[0]
+        ref: TensorRef = lf.source
+        size = self.index.records[skey].size
+        if not 0 < size < _SMALL or ref.metadata or ref.storage_offset or ref.nbytes != size \
+                or not ref.is_contiguous():
+            return False
+        t = lf.target
+        if t is None:
+            return self._device(ref.storage.location, lf.key).type == "cpu"
+        return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+    def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf]) -> None:
+        """:meth:`is_small_whole` records, in a tight loop: one memmove and one CRC32 each
+        (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
+        index, stats = self.index, self.stats
+        offsets = self._data_offsets(skeys)
+        base = self.whole.data_ptr()
+        memmove, values, check = ctypes.memmove, self.values, self.check
+        with memoryview(self.mm) as mv:
+            for skey, lf, off in zip(skeys, leaves, offsets):
+                ref: TensorRef = lf.source
+                rec = index.records[skey]
+                n = rec.size
+                if check and _crc32(mv[off : off + n]) != rec.crc32:
+                    self._check_crc(None, rec, skey, lf.key)  # raises
+                t = lf.target
+                if t is None:
+                    t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+                    values[lf.path] = finish_tensor(t, ref)
+                memmove(t.data_ptr(), base + off, n)
+                stats.bytes_read += n
+                if check:
+                    stats.bytes_verified += n
+
+    def _data_offsets(self, skeys: list[str]) -> list[int]:
+        """Data offsets of many records: their local headers parsed at once with numpy."""
+        index = self.index
+        hoff = np.array([index.records[k].header_offset for k in skeys], dtype=np.int64)
+        u8 = self.whole.numpy()
+        sig_ok = (u8[hoff] == 0x50) & (u8[hoff + 1] == 0x4B) & (u8[hoff + 2] == 3) & (u8[hoff + 3] == 4)
+        names = u8[hoff + 26].astype(np.int64) | (u8[hoff + 27].astype(np.int64) << 8)
+        extras = u8[hoff + 28].astype(np.int64) | (u8[hoff + 29].astype(np.int64) << 8)
+        offs = hoff + 30 + names + extras
+        sizes = np.array([index.records[k].size for k in skeys], dtype=np.int64)
+        ok = sig_ok & (offs + sizes <= index.file_size)
+        out = offs.tolist()
+        for i in np.flatnonzero(~ok).tolist():
+            out[i] = index.data_offset(skeys[i], self.mm)  # raises the precise error
+        return out
+
+    def _device(self, location: str, key: str) -> torch.device:
+        dev = self._devices.get(location)
+        if dev is None:
+            dev = self._devices[location] = resolve_device(location, self.map_location,
+                                                           file=self.index.file, key=key)
+        return dev
 
     def storage(self, skey: str, group: list[PlannedLeaf]) -> None:
         """Every planned view of one storage record: CRC-checked if read whole, then copied."""
