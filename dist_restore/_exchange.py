@@ -173,6 +173,8 @@ def _prepare_receiver(bucket: Bucket, leaves: list[PlannedLeaf | None], values: 
                       device: torch.device, place: Placement) -> BucketIO:
     dtype = DTYPES[bucket.dtype]
     wanted = [lf for lf in leaves if lf is not None]
+    if not wanted:  # received (every rank takes part) and dropped
+        return BucketIO(bucket, False, "views", device)
     shapes = [tuple(lf.source.size) if lf is not None else () for lf in leaves]
     targets = [lf.target for lf in wanted]
     if len(leaves) == 1 and wanted:

@@ -18,6 +18,7 @@ import errno
 import logging
 import mmap
 import os
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,6 +85,7 @@ class MemBuffer:
             os.close(self._fd)
             raise
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8)
+        self._closer = weakref.finalize(self, os.close, self._fd)  # dropped without close(): still closed
 
     def scatter(self, iov: np.ndarray, offset: int = 0) -> None:
         """Buffer bytes from ``offset`` on, back to back, into the buffers of ``iov``."""
@@ -100,25 +102,36 @@ class MemBuffer:
         total = int(iov[:, 1].sum()) if len(iov) else 0
         if offset < 0 or offset + total > self.nbytes:
             raise ValueError(f"{total} bytes at offset {offset} do not fit a {self.nbytes}-byte buffer")
-        base = iov.ctypes.data
-        for i in range(0, len(iov), IOV_MAX):
+        i = 0
+        while i < len(iov):
             k = min(IOV_MAX, len(iov) - i)
             want = int(iov[i : i + k, 1].sum())
-            while True:
-                got = fn(self._fd, base + i * 16, k, offset)
-                if got >= 0 or ctypes.get_errno() != errno.EINTR:
-                    break
-            if got != want:  # a memory file of this size never gives a short transfer
-                err = ctypes.get_errno() if got < 0 else 0
-                raise OSError(err, f"{'pwritev' if which else 'preadv'} on a memory file moved {got} "
-                                   f"of {want} bytes ({os.strerror(err) if err else 'short transfer'})")
-            offset += want
+            got = fn(self._fd, iov.ctypes.data + i * 16, k, offset)
+            if got < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
+                    continue
+                raise OSError(err, f"{'pwritev' if which else 'preadv'} on a memory file: {os.strerror(err)}")
+            if got == 0 and want > 0:  # cannot happen within the file's size
+                raise OSError(f"{'pwritev' if which else 'preadv'} on a memory file moved 0 of {want} bytes")
+            offset += got
+            if got == want:
+                i += k
+                continue
+            # partial (Linux moves at most ~2 GiB per call): skip what went, resume mid-iovec
+            ends = np.cumsum(iov[i : i + k, 1], dtype=np.uint64)
+            j = int(np.searchsorted(ends, got, side="right"))  # first iovec not fully moved
+            done_in_j = got - (int(ends[j - 1]) if j else 0)
+            iov = iov[i + j :].copy()
+            iov[0, 0] += np.uint64(done_in_j)
+            iov[0, 1] -= np.uint64(done_in_j)
+            i = 0
 
     def close(self) -> None:
         """Close the file. The mapping is never unmapped here: it goes with the last tensor
         over it (a collective still in flight may hold one; unmapping under it would crash)."""
         if self._fd >= 0:
-            os.close(self._fd)
+            self._closer()  # closes the fd once
             self._fd = -1
         self.tensor = None  # type: ignore[assignment]
         self._mm = None  # type: ignore[assignment]

@@ -298,6 +298,13 @@ class _RankFile:
         if nbytes < _SMALL:
             ctypes.memmove(addr, src, nbytes)
             return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
+        # A mapped file that shrinks under a copy kills the process (SIGBUS); checkpoints are
+        # written atomically (rename), but check once more before a long copy.
+        size = os.fstat(self.fd).st_size
+        if size != self.index.file_size:
+            raise CorruptCheckpointError(
+                f"file changed size while being read ({self.index.file_size} -> {size} bytes)",
+                file=self.index.file)
         threads = max(1, min(torch.get_num_threads(), _MAX_THREADS, nbytes // _PER_THREAD))
         if threads == 1:
             return self._copy_part(addr, src, 0, nbytes, crc)

@@ -217,7 +217,12 @@ class RestoreCoordinator:
             status: dict[str, Any] = {"ok": True}
         except Exception as e:  # noqa: BLE001
             status = {"ok": False, "error": _describe(e)}
-        self._agree("read", status)
+        try:
+            self._agree("read", status)
+        except BaseException:
+            for io in ios:  # staged buffers: release them now
+                io.close()
+            raise
         stats.bytes_read = read_stats.bytes_read
         stats.seconds["read"] = time.perf_counter() - t0
         self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
@@ -241,6 +246,8 @@ class RestoreCoordinator:
                 io.close()
         except CollectiveError as e:
             raise RestoreError("exchange", {rank: str(e)}) from e
+        except Exception as e:  # noqa: BLE001 - cannot go on in step: the others time out
+            raise RestoreError("exchange", {rank: _describe(e)}) from e
         finally:
             for io in ios:
                 io.close()

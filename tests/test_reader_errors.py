@@ -10,6 +10,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -559,3 +560,20 @@ def test_large_records_split_across_threads(tmp_path: Path, monkeypatch: pytest.
     finally:
         torch.set_num_threads(old)
     assert file_fingerprint(path) == before
+
+
+def test_file_truncated_after_mapping_before_a_large_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that shrinks after it was opened: a clear error, not a SIGBUS from the mapping."""
+    import dist_restore._read as rd
+
+    monkeypatch.setattr(rd, "_SMALL", 1000)
+    path = _save(tmp_path, {"big": torch.arange(50_000, dtype=torch.float32), "small": torch.ones(3)})
+    orig = rd._RankFile.__init__
+
+    def init_then_truncate(self: Any, *a: Any, **k: Any) -> None:
+        orig(self, *a, **k)
+        os.truncate(path, path.stat().st_size // 2)
+
+    monkeypatch.setattr(rd._RankFile, "__init__", init_then_truncate)
+    with pytest.raises(CorruptCheckpointError, match="changed size while being read"):
+        READER.load(tmp_path, {"big": torch.zeros(50_000)})
