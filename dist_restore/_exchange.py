@@ -7,7 +7,8 @@ unpacked from it (receivers). All per-tensor work (addresses, views, allocations
 plus a few system calls at most:
 
 * ``direct``: a one-tensor bucket whose tensor here is contiguous on the collective's
-  device is broadcast in place: no copy.
+  device, or a bucket whose tensors here lie back to back in one storage in bucket order
+  (parameters that are views of one flat buffer), is broadcast in place: no copy.
 * ``views`` (receivers): every entry this rank wants is allocated here (a ``None``
   target): a plain buffer receives the bytes and the entries are views of it.
 * ``iovec`` (CPU): the buffer is a memory file; the owner gathers its tensors into it with
@@ -162,6 +163,9 @@ def _prepare_owner(bucket: Bucket, leaves: list[PlannedLeaf | None], values: Map
     ok = [t is not None and _dense_on(t, t.device, dtype, it.nbytes) for t, it in zip(tensors, bucket.items)]
     if len(tensors) == 1 and ok[0] and tensors[0].device == device:
         return BucketIO(bucket, True, "direct", device, _flat=tensors[0].detach().view(-1).view(torch.uint8))
+    run = _adjacent_run(tensors, bucket, dtype, device)
+    if run is not None:
+        return BucketIO(bucket, True, "direct", device, _flat=run)
     cpu = torch.device("cpu")
     if device == cpu and _iovec.available() and all(ok) and all(t.device == cpu for t in tensors):
         iov = _iovec.iovecs([t.data_ptr() for t in tensors], [it.nbytes for it in bucket.items])
@@ -184,6 +188,10 @@ def _prepare_receiver(bucket: Bucket, leaves: list[PlannedLeaf | None], values: 
             t = _allocate(lf, values, device)
         if t is not None and _dense_on(t, device, dtype, bucket.nbytes):
             return BucketIO(bucket, False, "direct", device, _flat=t.detach().view(-1).view(torch.uint8))
+    if len(wanted) == len(leaves) and all(t is not None for t in targets):
+        run = _adjacent_run(targets, bucket, dtype, device)
+        if run is not None:  # e.g. parameters that are views of one flat buffer, in bucket order
+            return BucketIO(bucket, False, "direct", device, _flat=run)
     if wanted and all(t is None for t in targets) and all(place(lf) == device for lf in wanted):
         flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
         typed = flat.view(dtype)
@@ -212,6 +220,27 @@ def _prepare_receiver(bucket: Bucket, leaves: list[PlannedLeaf | None], values: 
                             [it.nbytes for it in bucket.items])
         return BucketIO(bucket, False, "iovec", device, _tensors=[junk], _iov=iov)
     return BucketIO(bucket, False, "copy", device, _tensors=tensors, _shapes=shapes)
+
+
+def _adjacent_run(tensors: Sequence[torch.Tensor | None], bucket: Bucket, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
+    """The bytes of ``tensors`` as one ``uint8`` view, if they lie back to back in one storage
+    in bucket order (then the bucket is sent or received in place); else ``None``."""
+    if len(tensors) < 2:
+        return None
+    first = tensors[0]
+    if first is None:
+        return None
+    storage = first.untyped_storage()
+    base = storage.data_ptr()
+    nxt = first.data_ptr()
+    for t, it in zip(tensors, bucket.items):
+        if t is None or not _dense_on(t, device, dtype, it.nbytes) or t.data_ptr() != nxt \
+                or t.untyped_storage().data_ptr() != base:
+            return None
+        nxt += it.nbytes
+    start = first.data_ptr() - base
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, start, (bucket.nbytes,), (1,))
 
 
 def _allocate(lf: PlannedLeaf, values: dict[RawPath, Any], device: torch.device) -> torch.Tensor:

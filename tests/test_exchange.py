@@ -210,3 +210,34 @@ def test_bucket_nobody_here_asked_for_is_received_and_dropped(tmp_path: Path) ->
     by_keys = [(io, {it.key for it in io.bucket.items}) for io in ios1]
     assert any("m" not in keys and io.mode == "views" and io._iov is None for io, keys in by_keys)
     assert torch.equal(plan1.leaves[0].target, ref["m"]) and not values1
+
+
+def _flat_views(ref: dict, keys: list[str], fill: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Targets for ``keys`` that are views of one flat buffer, back to back in ``keys`` order."""
+    sizes = [ref[k].numel() for k in keys]
+    flat = torch.full((sum(sizes),), fill)
+    views = dict(zip(keys, (v.view(ref[k].shape) for k, v in zip(keys, flat.split(sizes)))))
+    return flat, views
+
+
+def test_targets_back_to_back_in_one_buffer_are_sent_and_received_in_place(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    ref = torch.load(path, weights_only=True)
+    keys = [f"s{i}" for i in range(300)] + ["m"]  # the float32 bucket, in file order
+    owner_flat, owner_t = _flat_views(ref, keys, 0.0)
+    recv_flat, recv_t = _flat_views(ref, keys, 7.0)
+    owner_t.update({k: torch.zeros_like(v) for k, v in ref.items() if k not in owner_t})
+    recv_t.update({k: torch.zeros_like(v) for k, v in ref.items() if k not in recv_t})
+    ios0, ios1, values1, plan1 = _roundtrip(path, owner_t, recv_t)
+    f32 = [(a, b) for a, b in zip(ios0, ios1) if a.bucket.dtype == "torch.float32"]
+    assert len(f32) == 1 and f32[0][0].mode == f32[0][1].mode == "direct"
+    assert torch.equal(recv_flat, torch.cat([ref[k].reshape(-1) for k in keys]))
+    for k in keys:
+        assert recv_t[k].data_ptr() >= recv_flat.data_ptr()  # still views of the buffer
+    # out of order, or with a gap: not in place, still exact
+    _, recv_t2 = _flat_views(ref, keys[::-1], 7.0)
+    recv_t2.update({k: torch.zeros_like(v) for k, v in ref.items() if k not in recv_t2})
+    _, ios1b, _, _ = _roundtrip(path, owner_t, recv_t2)
+    assert [io.mode for io in ios1b if io.bucket.dtype == "torch.float32"] != ["direct"]
+    for k in keys:
+        assert torch.equal(recv_t2[k], ref[k]), k
