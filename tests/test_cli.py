@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_restore import cli, read_index
+from dist_restore import _cli_verify, cli, read_index
 from dist_restore._manifest import MANIFEST_NAME, Manifest, RankFileInfo, file_checksum, write_manifest
 from dist_restore.cli import main
 
@@ -317,7 +317,7 @@ def test_verify_progress_only_on_a_terminal(ckpt: Path, capsys: pytest.CaptureFi
     _commit(ckpt)
     tty = _Tty()
     monkeypatch.setattr(sys, "stderr", tty)
-    monkeypatch.setattr(cli._Progress, "DELAY", 0.0)
+    monkeypatch.setattr(_cli_verify._Progress, "DELAY", 0.0)
     assert main(["verify", str(ckpt)]) == 0
     text = tty.getvalue()
     assert "\r" in text and "verify [" in text and "checksum rank 2" in text
