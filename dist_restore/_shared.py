@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 SharedMode = Literal["broadcast", "spread", "local"]
 SharedSpec = str | Sequence[str] | Callable[[str], bool] | None
@@ -44,9 +44,12 @@ def make_selector(shared: SharedSpec) -> Callable[[str], bool]:
     return select
 
 
-@dataclass(frozen=True, slots=True)
-class SharedItem:
-    """One shared tensor in the canonical list: the same on every rank."""
+class SharedItem(NamedTuple):
+    """One shared tensor in the canonical list: the same on every rank.
+
+    A named tuple rather than a frozen dataclass: 10,000 shared entries make 30,000 of
+    these per restore, and a tuple builds ~3x faster (and pickles smaller).
+    """
 
     key: str
     dtype: str  # str(torch.dtype): plain and picklable

@@ -308,7 +308,7 @@ class RestoreCoordinator:
             for lf in plan.leaves:
                 if isinstance(lf.source, TensorRef) and index.native_order and select(lf.key):
                     ref = lf.source
-                    shared_items.append(SharedItem(lf.key, str(ref.dtype), tuple(ref.size), ref.nbytes))
+                    shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size), ref.nbytes))
             for key, _p, value in plan.objects:
                 if select(key):
                     shared_objects[key] = value
@@ -343,10 +343,12 @@ class RestoreCoordinator:
         """The shared list every rank follows: src's, checked against every rank's."""
         if mode == "local":
             return [], None
-        canon = [SharedItem(*t) for t in gathered[src]["shared"]]
         if self._pg.world_size == 1:
             return [], gathered[src]["objects"]
-        if len({p["digest"] for p in gathered}) == 1:  # the common case: one list everywhere
+        if len({p["digest"] for p in gathered}) == 1 and mode == "broadcast":  # the common case
+            return [SharedItem(*t, src) for t in gathered[src]["shared"]], gathered[src]["objects"]
+        canon = [SharedItem(*t) for t in gathered[src]["shared"]]
+        if len({p["digest"] for p in gathered}) == 1:  # one list everywhere
             return assign_owners(canon, mode, self._pg.world_size, src), gathered[src]["objects"]
         # (all ranks, since all see the digests differ) gather the full lists to compare them
         try:
@@ -372,7 +374,18 @@ class RestoreCoordinator:
 
 
 def _astuple(i: SharedItem) -> tuple[Any, ...]:
-    return (i.key, i.dtype, i.shape, i.nbytes)  # tuples pickle several times faster
+    return (i.key, i.dtype, i.shape, i.nbytes)  # plain tuples: no class to resolve when unpickled
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``str(dtype)``, cached: it costs ~1 us a call, and there is one per shared tensor."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
 
 
 def _digest(items: list[SharedItem]) -> str:
