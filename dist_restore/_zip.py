@@ -10,7 +10,7 @@ indexing a file costs a few microseconds per record and never touches tensor dat
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from dist_restore.errors import CorruptCheckpointError
 
@@ -23,13 +23,18 @@ _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOC = struct.Struct("<4sLQL")
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _CDIR = struct.Struct("<4s6H3L5H2L")
+# the same 46 bytes, only the fields the parser uses: sig, method, crc, csize, usize,
+# name/extra/comment lengths, local header offset
+_CDIR_USED = struct.Struct("<4s6xH4x3L3H8xL")
 _LOCAL = struct.Struct("<4s5H3L2H")
 _U32 = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class ZipRecord:
-    """One record of the zip: where its bytes are and what they should hash to."""
+class ZipRecord(NamedTuple):
+    """One record of the zip: where its bytes are and what they should hash to.
+
+    (A named tuple: one per storage, and it builds ~3x faster than a frozen dataclass.)
+    """
 
     name: str
     header_offset: int
@@ -92,12 +97,11 @@ def read_zip_records(buf: memoryview | bytes, file: str) -> dict[str, ZipRecord]
     records: dict[str, ZipRecord] = {}
     cd = bytes(buf[cd_offset : cd_offset + cd_size])  # one copy; parsing bytes beats parsing an mmap
     p = 0
-    unpack = _CDIR.unpack_from
+    unpack = _CDIR_USED.unpack_from
     for _ in range(n_entries):
         if p + _CDIR.size > cd_size:
             raise corrupt("central directory shorter than its entry count")
-        (sig, _vm, _vn, _flags, method, _t, _d, crc, csize, usize, nlen, elen, clen, _disk,
-         _ia, _ea, hoff) = unpack(cd, p)
+        sig, method, crc, csize, usize, nlen, elen, clen, hoff = unpack(cd, p)
         if sig != _CDIR_SIG:
             raise corrupt(f"bad central directory entry at byte {cd_offset + p}")
         q = p + _CDIR.size
