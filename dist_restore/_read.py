@@ -26,7 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dist_restore._crc import crc32, crc32_combine
+from dist_restore._crc import crc32 as _crc32
+from dist_restore._crc import crc32_combine
 from dist_restore._index import CheckpointIndex, full_load
 from dist_restore._keypath import RawPath
 from dist_restore._plan import PlannedLeaf
@@ -34,8 +35,6 @@ from dist_restore._unpickle import TensorRef
 from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
-
-_crc32 = crc32
 
 MapLocation = str | torch.device | Mapping[str, str | torch.device] | None
 Verify = Literal["crc32", "none"]
@@ -274,7 +273,7 @@ class _RankFile:
             return None
         t = lf.target
         if t is None:
-            dev = resolve_device(ref.storage.location, self.map_location, file=self.index.file, key=lf.key)
+            dev = self._device(ref.storage.location, lf.key)
             if dev.type != "cpu":
                 return None
             t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)

@@ -345,10 +345,11 @@ class RestoreCoordinator:
             return [], None
         if self._pg.world_size == 1:
             return [], gathered[src]["objects"]
-        if len({p["digest"] for p in gathered}) == 1 and mode == "broadcast":  # the common case
+        same = len({p["digest"] for p in gathered}) == 1  # the common case: one list everywhere
+        if same and mode == "broadcast":
             return [SharedItem(*t, src) for t in gathered[src]["shared"]], gathered[src]["objects"]
         canon = [SharedItem(*t) for t in gathered[src]["shared"]]
-        if len({p["digest"] for p in gathered}) == 1:  # one list everywhere
+        if same:
             return assign_owners(canon, mode, self._pg.world_size, src), gathered[src]["objects"]
         # (all ranks, since all see the digests differ) gather the full lists to compare them
         try:
