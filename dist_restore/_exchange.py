@@ -11,8 +11,11 @@ plus a few system calls at most:
   (parameters that are views of one flat buffer), is broadcast in place: no copy.
 * ``views`` (receivers): every entry this rank wants is allocated here (a ``None``
   target): a plain buffer receives the bytes and the entries are views of it.
-* ``iovec`` (CPU): the buffer is a memory file; the owner gathers its tensors into it with
-  ``pwritev``, receivers scatter it into theirs with ``preadv`` (see :mod:`._iovec`).
+* ``rows`` (CPU): the owner gathers its tensors into a plain buffer, receivers scatter it
+  into theirs, one compiled numpy copy per tensor size (see :mod:`._rows`).
+* ``iovec`` (CPU, many tensors of sizes that occur once): the buffer is a memory file; the
+  owner gathers its tensors into it with ``pwritev``, receivers scatter it into theirs with
+  ``preadv`` (see :mod:`._iovec`).
 * ``copy``: anything else (CUDA targets, strided or conjugate tensors, no memory files):
   a fused flatten on the owner, split + ``_foreach_copy_`` on receivers.
 
@@ -29,14 +32,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dist_restore import _iovec
+from dist_restore import _iovec, _rows
 from dist_restore._keypath import RawPath
 from dist_restore._plan import PlannedLeaf
 from dist_restore._read import finish_tensor
 from dist_restore._shared import Bucket, SharedItem
 from dist_restore._unpickle import TensorRef
 
-Mode = Literal["direct", "views", "iovec", "copy"]
+Mode = Literal["direct", "views", "rows", "iovec", "copy"]
+#: More tensors than this whose size occurs once in a bucket: vectored file I/O beats
+#: one ``memmove`` call each (see :attr:`._rows.RowPlan.odd`).
+MAX_ODD = 256
 #: The device an allocated (``None`` target) leaf goes to.
 Placement = Callable[[PlannedLeaf], torch.device]
 
@@ -61,6 +67,7 @@ class BucketIO:
     _tensors: list[torch.Tensor | None] = field(default_factory=list)  # per item; None: not wanted
     _shapes: list[tuple[int, ...]] = field(default_factory=list)
     _iov: np.ndarray | None = None
+    _plan: _rows.RowPlan | None = None
     _flat: torch.Tensor | None = None
     _mem: _iovec.MemBuffer | None = None
 
@@ -69,7 +76,12 @@ class BucketIO:
         if self._flat is not None:
             return self._flat
         n = self.bucket.nbytes
-        if self.mode == "iovec":
+        if self.mode == "rows":
+            assert self._plan is not None
+            self._flat = torch.empty(n, dtype=torch.uint8)
+            if self.owner:
+                self._plan.gather(self._flat.numpy())
+        elif self.mode == "iovec":
             self._mem = _iovec.MemBuffer(n)
             self._flat = self._mem.tensor
             if self.owner:
@@ -91,6 +103,10 @@ class BucketIO:
     def unpack(self) -> None:
         """(receivers) Copy the received buffer into the wanted tensors that are not views of it."""
         if self.owner or self.mode in ("direct", "views"):
+            return
+        if self.mode == "rows":
+            assert self._flat is not None and self._plan is not None
+            self._plan.scatter(self._flat.numpy())
             return
         if self.mode == "iovec":
             assert self._mem is not None and self._iov is not None
@@ -167,9 +183,10 @@ def _prepare_owner(bucket: Bucket, leaves: list[PlannedLeaf | None], values: Map
     if run is not None:
         return BucketIO(bucket, True, "direct", device, _flat=run)
     cpu = torch.device("cpu")
-    if device == cpu and _iovec.available() and all(ok) and all(t.device == cpu for t in tensors):
-        iov = _iovec.iovecs([t.data_ptr() for t in tensors], [it.nbytes for it in bucket.items])
-        return BucketIO(bucket, True, "iovec", device, _iov=iov)
+    if device == cpu and all(ok) and all(t.device == cpu for t in tensors):
+        vec = _vectored(bucket, [t.data_ptr() for t in tensors], owner=True, device=device)
+        if vec is not None:
+            return vec
     return BucketIO(bucket, True, "copy", device, _tensors=list(tensors))
 
 
@@ -212,14 +229,28 @@ def _prepare_receiver(bucket: Bucket, leaves: list[PlannedLeaf | None], values: 
             tensors.append(lf.target)
         else:
             tensors.append(_allocate(lf, values, place(lf)))
-    if device == cpu and _iovec.available() and all(
-            t is None or _dense_on(t, cpu, dtype, it.nbytes) for t, it in zip(tensors, bucket.items)):
-        junk_size = max((it.nbytes for t, it in zip(tensors, bucket.items) if t is None), default=0)
-        junk = torch.empty(junk_size, dtype=torch.uint8)  # bytes of entries this rank did not ask for
-        iov = _iovec.iovecs([junk.data_ptr() if t is None else t.data_ptr() for t in tensors],
-                            [it.nbytes for it in bucket.items])
-        return BucketIO(bucket, False, "iovec", device, _tensors=[junk], _iov=iov)
+    if device == cpu and all(t is None or _dense_on(t, cpu, dtype, it.nbytes)
+                             for t, it in zip(tensors, bucket.items)):
+        vec = _vectored(bucket, [-1 if t is None else t.data_ptr() for t in tensors], owner=False, device=device)
+        if vec is not None:
+            return vec
     return BucketIO(bucket, False, "copy", device, _tensors=tensors, _shapes=shapes)
+
+
+def _vectored(bucket: Bucket, addresses: list[int], owner: bool, device: torch.device) -> BucketIO | None:
+    """A ``rows`` (or, with many odd sizes, ``iovec``) plan for dense CPU tensors at
+    ``addresses`` (``-1``: an entry this receiver did not ask for); ``None``: neither works."""
+    sizes = [it.nbytes for it in bucket.items]
+    rows = _rows.RowPlan(addresses, sizes, bucket.offsets)
+    if rows.odd <= MAX_ODD:
+        return BucketIO(bucket, owner, "rows", device, _plan=rows)
+    if not _iovec.available():
+        return None
+    junk: list[torch.Tensor] = []
+    if not owner and -1 in addresses:  # bytes of entries this rank did not ask for
+        junk.append(torch.empty(max(n for a, n in zip(addresses, sizes) if a == -1), dtype=torch.uint8))
+        addresses = [junk[0].data_ptr() if a == -1 else a for a in addresses]
+    return BucketIO(bucket, owner, "iovec", device, _tensors=junk, _iov=_iovec.iovecs(addresses, sizes))
 
 
 def _adjacent_run(tensors: Sequence[torch.Tensor | None], bucket: Bucket, dtype: torch.dtype,

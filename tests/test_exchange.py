@@ -75,8 +75,16 @@ def _value(plan: Any, values: dict, key: str) -> torch.Tensor:
     return lf.target if lf.target is not None else values[lf.path]
 
 
-@pytest.mark.skipif(not _iovec.available(), reason="no memory files here")
-def test_preallocated_targets_use_vectored_copies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vectored", ["rows", "iovec", "copy"])
+def test_preallocated_targets_use_vectored_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  vectored: str) -> None:
+    """Many sizes that occur once: vectored file I/O, or (without memory files) one copy each."""
+    if vectored == "iovec" and not _iovec.available():
+        pytest.skip("no memory files here")
+    if vectored != "rows":
+        monkeypatch.setattr(_exchange, "MAX_ODD", -1)  # as if every size occurred once
+    if vectored == "copy":
+        monkeypatch.setattr(_iovec, "available", lambda: False)
     path = _file(tmp_path)
     ref = torch.load(path, weights_only=True)
     owner_t = {k: torch.zeros_like(v) for k, v in ref.items()}
@@ -84,7 +92,7 @@ def test_preallocated_targets_use_vectored_copies(tmp_path: Path) -> None:
     ios0, ios1, values1, plan1 = _roundtrip(path, owner_t, recv_t)
     modes0 = {io.bucket.dtype: io.mode for io in ios0 if len(io.bucket.items) > 1}
     modes1 = {io.bucket.dtype: io.mode for io in ios1 if len(io.bucket.items) > 1}
-    assert modes0["torch.float32"] == modes1["torch.float32"] == "iovec"
+    assert modes0["torch.float32"] == modes1["torch.float32"] == vectored
     for k, v in ref.items():
         assert tensor_bytes(recv_t[k]) == tensor_bytes(v), k
         assert tensor_bytes(owner_t[k]) == tensor_bytes(v), k
@@ -100,13 +108,13 @@ def test_allocated_targets_are_views_of_the_received_bucket(tmp_path: Path) -> N
         assert got.shape == v.shape and got.dtype == v.dtype and tensor_bytes(got) == tensor_bytes(v), k
 
 
-@pytest.mark.parametrize("iovec", [True, False])
-def test_mixed_strided_partial_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, iovec: bool) -> None:
+@pytest.mark.parametrize("vectored", ["rows", "iovec"])
+def test_mixed_strided_partial_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vectored: str) -> None:
     """Receiver: some keys not asked for, some None, some strided or conjugate targets."""
-    if iovec and not _iovec.available():
-        pytest.skip("no memory files here")
-    if not iovec:
-        monkeypatch.setattr(_iovec, "available", lambda: False)
+    if vectored == "iovec":
+        if not _iovec.available():
+            pytest.skip("no memory files here")
+        monkeypatch.setattr(_exchange, "MAX_ODD", -1)
     path = _file(tmp_path)
     ref = torch.load(path, weights_only=True)
     recv_t: dict[str, Any] = {k: torch.zeros_like(v) for k, v in ref.items() if k.startswith("s")}
@@ -122,7 +130,7 @@ def test_mixed_strided_partial_targets(tmp_path: Path, monkeypatch: pytest.Monke
     ios0, ios1, values1, plan1 = _roundtrip(path, owner_t, recv_t, bucket_bytes=600)
     assert len(ios1) > 3  # several buckets
     modes = {io.mode for io in ios1}
-    assert ("iovec" in modes) == iovec and "copy" in modes
+    assert vectored in modes and "copy" in modes
     assert any(io.mode == "copy" for io in ios0)  # the conjugate source
     for k, v in recv_t.items():
         got = _value(plan1, values1, k)
