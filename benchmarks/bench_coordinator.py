@@ -13,7 +13,9 @@ both plus 4 per-rank float32 tensors of 4 MiB (256 KiB with ``--quick``), differ
 One ``run_ranks`` call (spawned processes, gloo on 127.0.0.1) per (world, payload) restores the
 checkpoint into preallocated targets (``shared="shared"``) with every mode in ``broadcast``,
 ``spread``, ``local``, and once more in ``broadcast`` with ``None`` targets for the shared entries
-(``broadcast/alloc``: allocated by the restore, as views of the received bucket): one untimed
+(``broadcast/alloc``: allocated by the restore). All ranks run on one host, so by default shared
+buckets go through the owner's memory file; the ``+coll`` modes set ``shared_memory=False`` and
+move them by broadcasts (what ranks on different hosts do). One untimed
 warm-up per mode (checked against ``torch.load``), then
 ``--repeats`` rounds, each running every mode once in an order rotated from round to round so that
 machine noise hits the modes alike. Each restore starts after a ``dist.barrier()``.
@@ -24,13 +26,18 @@ Reported per row (world, payload, mode):
 * ``plan`` / ``read`` / ``exchange`` / ``finish``: ``res.stats.seconds`` phases, same reduction;
 * ``read MB``: ``bytes_read`` (from each rank's own file) summed over ranks;
 * ``shared MB``: the shared part of it: ``bytes_read`` minus the rank's own (per-rank) bytes;
-* ``max recv MB``: the largest ``bytes_received`` of a rank (shared tensors + control data);
+* ``max recv MB``: the largest ``bytes_received`` of a rank (by collectives: shared tensors +
+  control data);
+* ``max shm MB``: the largest ``bytes_shm`` of a rank (copied from other ranks' memory files);
 * ``coll``: collectives issued per rank (``min-max`` when ranks differ);
 * ``1bcast``: in the same processes, a single ``dist.broadcast`` from rank 0 of one flat uint8
   tensor of the total shared bytes (barrier before, max over ranks, median of rounds): the floor
   for moving the shared bytes once;
 * ``exch/1bcast``: the ``exchange`` phase over ``1bcast`` for ``broadcast`` and ``spread``
   (target for ``broadcast``, payload ``small``: <= 1.5x).
+
+For the memory-file modes the owners' packing happens in the ``read`` phase (it replaces the
+staging of the first bucket), so compare ``read + exch`` too, or ``wall``.
 
 1 MB = 1e6 bytes. Times are in milliseconds. The machine is shared: read the load averages.
 """
@@ -60,7 +67,9 @@ from dist_restore import RestoreCoordinator
 from tests_multiprocess.harness import run_ranks
 
 MIB = 1 << 20
-MODES = ("broadcast", "spread", "local", "broadcast/alloc")  # /alloc: None shared targets
+#: /alloc: None shared targets; +coll: shared_memory=False (broadcasts, as across hosts)
+MODES = ("broadcast", "spread", "local", "broadcast/alloc", "broadcast+coll", "spread+coll",
+         "broadcast/alloc+coll")
 PHASES = ("plan", "read", "exchange", "finish")
 
 
@@ -120,22 +129,23 @@ def worker(rank: int, world: int, path: str, repeats: int, shared_bytes: int) ->
     """(all ranks) Warm up and check each mode, then time ``repeats`` rotated rounds."""
     ref = torch.load(os.path.join(path, f"checkpoint_{rank}.pt"), mmap=True, weights_only=True)
     target = _empty_like_tree(ref)  # preallocated once, reused by every restore
-    coord = RestoreCoordinator(timeout=120)
+    coords = {shm: RestoreCoordinator(timeout=120, shared_memory=shm) for shm in (True, False)}
 
     last: list[Any] = [None]
 
     def one(mode: str) -> dict[str, Any]:
         tgt = target
-        if mode.endswith("/alloc"):  # the shared entries allocated by the restore
+        name, coll = mode.removesuffix("+coll"), mode.endswith("+coll")
+        if name.endswith("/alloc"):  # the shared entries allocated by the restore
             tgt = {**target, "shared": {k: None for k in target["shared"]}}
         dist.barrier()
         t0 = time.perf_counter()
-        res = coord.restore(path, tgt, shared="shared", shared_mode=mode.split("/")[0])
+        res = coords[not coll].restore(path, tgt, shared="shared", shared_mode=name.split("/")[0])
         wall = time.perf_counter() - t0
         last[0] = res.state_dict
         s = res.stats
         return {"wall": wall, **{ph: s.seconds.get(ph, 0.0) for ph in PHASES}, "bytes_read": s.bytes_read,
-                "bytes_received": s.bytes_received, "collectives": s.collectives}
+                "bytes_received": s.bytes_received, "bytes_shm": s.bytes_shm, "collectives": s.collectives}
 
     for mode in MODES:  # warm-up, and proof that every mode restores the right bytes
         for _, t in _leaves(target):
@@ -170,6 +180,7 @@ class Row:
     read_mb: float
     shared_mb: float
     max_recv_mb: float
+    max_shm_mb: float
     coll: str
     bcast_ms: float
     ratio: float | None
@@ -189,19 +200,19 @@ def summarize(world: int, p: Payload, results: list[dict[str, Any]]) -> list[Row
         read = sum(x["bytes_read"] for x in last)
         colls = sorted({x["collectives"] for x in last})
         rows.append(Row(world, p.name, mode, ms, read / 1e6, (read - world * p.own_bytes) / 1e6,
-                        max(x["bytes_received"] for x in last) / 1e6,
+                        max(x["bytes_received"] for x in last) / 1e6, max(x["bytes_shm"] for x in last) / 1e6,
                         str(colls[0]) if len(colls) == 1 else f"{colls[0]}-{colls[-1]}", bcast,
                         ms["exchange"] / bcast if mode != "local" and bcast > 0 else None))
     return rows
 
 
 HEADERS = ["world", "payload", "mode", "wall ms", "plan ms", "read ms", "exch ms", "finish ms",
-           "read MB", "shared MB", "max recv MB", "coll", "1bcast ms", "exch/1bcast"]
+           "read MB", "shared MB", "max recv MB", "max shm MB", "coll", "1bcast ms", "exch/1bcast"]
 
 
 def cells(r: Row) -> list[str]:
     return [str(r.world), r.payload, r.mode, *(f"{r.ms[k]:.1f}" for k in ("wall", *PHASES)),
-            f"{r.read_mb:.1f}", f"{r.shared_mb:.1f}", f"{r.max_recv_mb:.1f}", r.coll, f"{r.bcast_ms:.1f}",
+            f"{r.read_mb:.1f}", f"{r.shared_mb:.1f}", f"{r.max_recv_mb:.1f}", f"{r.max_shm_mb:.1f}", r.coll, f"{r.bcast_ms:.1f}",
             "-" if r.ratio is None else f"{r.ratio:.2f}x"]
 
 

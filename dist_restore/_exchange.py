@@ -70,6 +70,7 @@ class BucketIO:
     _plan: _rows.RowPlan | None = None
     _flat: torch.Tensor | None = None
     _mem: _iovec.MemBuffer | None = None
+    _keep: bool = False  # _flat is the targets' own memory (direct, or views of allocated entries)
 
     def buffer(self) -> torch.Tensor:
         """(all ranks) The flat ``uint8`` tensor to broadcast; on the owner, packed."""
@@ -113,8 +114,11 @@ class BucketIO:
             self._mem.scatter(self._iov)
             return
         assert self._flat is not None
+        self._copy_from(self._flat)
+
+    def _copy_from(self, flat: torch.Tensor) -> None:
         dtype = DTYPES[self.bucket.dtype]
-        parts = self._flat.view(dtype).split([it.nbytes // dtype.itemsize for it in self.bucket.items])
+        parts = flat.view(dtype).split([it.nbytes // dtype.itemsize for it in self.bucket.items])
         dst, src = [], []
         for t, part, shape in zip(self._tensors, parts, self._shapes):
             if t is not None:
@@ -122,9 +126,41 @@ class BucketIO:
                 src.append(part.view(shape))
         _copy_all(dst, src)
 
+    def pack_into(self, file: _iovec.MemBuffer, offset: int) -> None:
+        """(owner) Put the bucket's bytes into the memory ``file`` at ``offset`` (instead of a
+        buffer to broadcast: ranks on this host copy them from there)."""
+        assert self.owner
+        dst = file.tensor[offset : offset + self.bucket.nbytes]
+        if self.mode == "rows":
+            assert self._plan is not None
+            self._plan.gather(dst.numpy())
+        elif self.mode == "iovec":
+            assert self._iov is not None
+            file.gather(self._iov, offset)
+        else:
+            dst.copy_(self.buffer())  # direct: the tensor itself; copy: packed
+
+    def unpack_from(self, src: torch.Tensor, fd: int, offset: int) -> None:
+        """(receivers) Copy the bucket from ``src``, its bytes in another rank's memory file
+        (open here as ``fd``, the bucket at ``offset``), instead of from a broadcast."""
+        assert not self.owner and src.numel() == self.bucket.nbytes
+        if self.mode == "rows":
+            assert self._plan is not None
+            self._plan.scatter(src.numpy())
+        elif self.mode == "iovec":
+            assert self._iov is not None
+            _iovec.vectored(fd, 0, self._iov, offset, offset + self.bucket.nbytes)
+        elif self.mode in ("direct", "views"):
+            if self._flat is not None:  # None: a bucket nobody here asked for
+                self._flat.copy_(src)
+        else:
+            self._copy_from(src)
+
     def close(self) -> None:
-        """Drop the buffer (views of it, in ``views`` mode, keep their memory alive)."""
-        self._flat = None
+        """Drop the buffer, unless it is the targets' own memory: :meth:`buffer` makes it
+        again if needed."""
+        if not self._keep:
+            self._flat = None
         if self._mem is not None:
             self._mem.close()
             self._mem = None
@@ -137,7 +173,8 @@ def prepare_buckets(buckets: Sequence[Bucket], items: Sequence[SharedItem], rank
 
     Allocated leaves (``None`` targets) this rank receives are stored in ``values`` here
     (filled by the exchange). ``values`` must hold what this rank read itself. The first
-    buckets, up to ``stage_bytes`` in all (at least one), are staged (:meth:`BucketIO.stage`)
+    buckets, up to ``stage_bytes`` in all (at least one; none if ``stage_bytes`` is negative), are
+    staged (:meth:`BucketIO.stage`)
     now; the others when the exchange reaches them, so that buffers stay bounded.
     """
     ios = []
@@ -153,9 +190,9 @@ def prepare_buckets(buckets: Sequence[Bucket], items: Sequence[SharedItem], rank
             ref: TensorRef = lf.source
             values[lf.path] = finish_tensor(torch.empty(ref.size, dtype=ref.dtype, device=place(lf)),
                                             _contiguous_ref(ref))
-    staged = 0
+    staged = 0 if stage_bytes >= 0 else -1
     for io in ios:
-        if staged and staged + io.bucket.nbytes > stage_bytes:
+        if staged < 0 or (staged and staged + io.bucket.nbytes > stage_bytes):
             break
         io.stage()
         staged += io.bucket.nbytes
@@ -178,10 +215,11 @@ def _prepare_owner(bucket: Bucket, leaves: list[PlannedLeaf | None], values: Map
         tensors.append(lf.target if lf.target is not None else values.get(lf.path))
     ok = [t is not None and _dense_on(t, t.device, dtype, it.nbytes) for t, it in zip(tensors, bucket.items)]
     if len(tensors) == 1 and ok[0] and tensors[0].device == device:
-        return BucketIO(bucket, True, "direct", device, _flat=tensors[0].detach().view(-1).view(torch.uint8))
+        return BucketIO(bucket, True, "direct", device,
+                        _flat=tensors[0].detach().view(-1).view(torch.uint8), _keep=True)
     run = _adjacent_run(tensors, bucket, dtype, device)
     if run is not None:
-        return BucketIO(bucket, True, "direct", device, _flat=run)
+        return BucketIO(bucket, True, "direct", device, _flat=run, _keep=True)
     cpu = torch.device("cpu")
     if device == cpu and all(ok) and all(t.device == cpu for t in tensors):
         vec = _vectored(bucket, [t.data_ptr() for t in tensors], owner=True, device=device)
@@ -204,11 +242,12 @@ def _prepare_receiver(bucket: Bucket, leaves: list[PlannedLeaf | None], values: 
         if t is None and place(lf) == device:
             t = _allocate(lf, values, device)
         if t is not None and _dense_on(t, device, dtype, bucket.nbytes):
-            return BucketIO(bucket, False, "direct", device, _flat=t.detach().view(-1).view(torch.uint8))
+            return BucketIO(bucket, False, "direct", device, _flat=t.detach().view(-1).view(torch.uint8),
+                            _keep=True)
     if len(wanted) == len(leaves) and all(t is not None for t in targets):
         run = _adjacent_run(targets, bucket, dtype, device)
         if run is not None:  # e.g. parameters that are views of one flat buffer, in bucket order
-            return BucketIO(bucket, False, "direct", device, _flat=run)
+            return BucketIO(bucket, False, "direct", device, _flat=run, _keep=True)
     if wanted and all(t is None for t in targets) and all(place(lf) == device for lf in wanted):
         flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
         typed = flat.view(dtype)
@@ -218,7 +257,7 @@ def _prepare_receiver(bucket: Bucket, leaves: list[PlannedLeaf | None], values: 
                 start = off // dtype.itemsize
                 values[lf.path] = finish_tensor(typed[start : start + n].view(lf.source.size),
                                                 _contiguous_ref(lf.source))
-        return BucketIO(bucket, False, "views", device, _flat=flat)
+        return BucketIO(bucket, False, "views", device, _flat=flat, _keep=True)
     cpu = torch.device("cpu")
     # allocate the None targets; then every wanted tensor is a plain CPU buffer, or not
     tensors: list[torch.Tensor | None] = []

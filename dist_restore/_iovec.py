@@ -67,12 +67,14 @@ class MemBuffer:
 
     Args:
         nbytes: Size of the buffer (> 0).
+        populate: Allocate and map every page now, in bulk (``fallocate`` + ``MAP_POPULATE``),
+            instead of one page fault per page on first touch.
 
     :attr:`tensor` is a CPU ``uint8`` tensor over the whole buffer (what a collective
     sends or receives into). Call :meth:`close` when done.
     """
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, populate: bool = False) -> None:
         if _FNS is None:
             raise OSError("vectored memory-file copies are not available on this platform")
         if nbytes <= 0:
@@ -81,8 +83,11 @@ class MemBuffer:
         self._fd = os.memfd_create("dist_restore_bucket", getattr(os, "MFD_CLOEXEC", 0))
         try:
             os.ftruncate(self._fd, nbytes)
-            self._mm = mmap.mmap(self._fd, nbytes, flags=mmap.MAP_SHARED,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            flags = mmap.MAP_SHARED
+            if populate:
+                os.posix_fallocate(self._fd, 0, nbytes)  # fails early (ENOSPC) if memory is short
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
+            self._mm = mmap.mmap(self._fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self._fd)
             raise
@@ -98,36 +103,7 @@ class MemBuffer:
         self._vectored(1, iov, offset)
 
     def _vectored(self, which: int, iov: np.ndarray, offset: int) -> None:
-        assert _FNS is not None
-        fn = _FNS[which]
-        iov = np.ascontiguousarray(iov, dtype=np.uint64)
-        total = int(iov[:, 1].sum()) if len(iov) else 0
-        if offset < 0 or offset + total > self.nbytes:
-            raise ValueError(f"{total} bytes at offset {offset} do not fit a {self.nbytes}-byte buffer")
-        i = 0
-        while i < len(iov):
-            k = min(IOV_MAX, len(iov) - i)
-            want = int(iov[i : i + k, 1].sum())
-            got = fn(self._fd, iov.ctypes.data + i * 16, k, offset)
-            if got < 0:
-                err = ctypes.get_errno()
-                if err == errno.EINTR:
-                    continue
-                raise OSError(err, f"{'pwritev' if which else 'preadv'} on a memory file: {os.strerror(err)}")
-            if got == 0 and want > 0:  # cannot happen within the file's size
-                raise OSError(f"{'pwritev' if which else 'preadv'} on a memory file moved 0 of {want} bytes")
-            offset += got
-            if got == want:
-                i += k
-                continue
-            # partial (Linux moves at most ~2 GiB per call): skip what went, resume mid-iovec
-            ends = np.cumsum(iov[i : i + k, 1], dtype=np.uint64)
-            j = int(np.searchsorted(ends, got, side="right"))  # first iovec not fully moved
-            done_in_j = got - (int(ends[j - 1]) if j else 0)
-            iov = iov[i + j :].copy()
-            iov[0, 0] += np.uint64(done_in_j)
-            iov[0, 1] -= np.uint64(done_in_j)
-            i = 0
+        vectored(self._fd, which, iov, offset, self.nbytes)
 
     def close(self) -> None:
         """Close the file. The mapping is never unmapped here: it goes with the last tensor
@@ -143,3 +119,38 @@ class MemBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def vectored(fd: int, which: int, iov: np.ndarray, offset: int, size: int) -> None:
+    """``preadv`` (``which`` 0: file -> buffers) or ``pwritev`` (1: buffers -> file) of all of
+    ``iov`` from ``offset`` of the ``size``-byte file ``fd``, resuming partial transfers."""
+    assert _FNS is not None
+    fn = _FNS[which]
+    iov = np.ascontiguousarray(iov, dtype=np.uint64)
+    total = int(iov[:, 1].sum()) if len(iov) else 0
+    if offset < 0 or offset + total > size:
+        raise ValueError(f"{total} bytes at offset {offset} do not fit a {size}-byte buffer")
+    i = 0
+    while i < len(iov):
+        k = min(IOV_MAX, len(iov) - i)
+        want = int(iov[i : i + k, 1].sum())
+        got = fn(fd, iov.ctypes.data + i * 16, k, offset)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise OSError(err, f"{'pwritev' if which else 'preadv'} on a memory file: {os.strerror(err)}")
+        if got == 0 and want > 0:  # cannot happen within the file's size
+            raise OSError(f"{'pwritev' if which else 'preadv'} on a memory file moved 0 of {want} bytes")
+        offset += got
+        if got == want:
+            i += k
+            continue
+        # partial (Linux moves at most ~2 GiB per call): skip what went, resume mid-iovec
+        ends = np.cumsum(iov[i : i + k, 1], dtype=np.uint64)
+        j = int(np.searchsorted(ends, got, side="right"))  # first iovec not fully moved
+        done_in_j = got - (int(ends[j - 1]) if j else 0)
+        iov = iov[i + j :].copy()
+        iov[0, 0] += np.uint64(done_in_j)
+        iov[0, 1] -= np.uint64(done_in_j)
+        i = 0

@@ -11,9 +11,13 @@ The protocol of :meth:`RestoreCoordinator.restore`, in order:
    straight into the targets. (all ranks) ``all_gather`` of the status.
 3. **exchange** (owner -> all): shared tensors travel in flat byte buckets per
    (owner, dtype), one ``broadcast`` each; a lone tensor lands directly in its target.
-   How each rank packs and unpacks a bucket (in place, views, vectored syscalls, or
-   copies) is prepared at the end of the read phase (see :mod:`._exchange`).
-4. **finish** (all ranks): assemble the result; closing barrier. (rank 0) log the report.
+   How each rank packs and unpacks a bucket (in place, views, row copies, vectored
+   syscalls, or copies) is prepared at the end of the read phase (see :mod:`._exchange`).
+   When every rank runs on one host, owners instead pack their buckets into a memory
+   file during the read phase and the others copy them out of it (see :mod:`._shm`).
+4. **finish** (all ranks): agree that every copy succeeded (and broadcast what a rank
+   could not copy from a memory file); assemble the result; closing barrier. (rank 0)
+   log the report.
 
 Every collective has a timeout: a rank that died or hung makes the others raise
 :class:`RestoreError` instead of blocking.
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dist_restore import _shm
 from dist_restore._gc import paused
 from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
 from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
@@ -56,6 +61,8 @@ class RestoreStats:
     Attributes:
         bytes_read: Tensor bytes read from this rank's file.
         bytes_received: Bytes received by collectives (shared tensors and control data).
+        bytes_shm: Bytes of shared tensors copied from another rank's memory file (ranks on
+            one host; see ``shared_memory``).
         bytes_sent: Bytes this rank sent by collectives.
         collectives: Number of collectives issued (barriers included).
         seconds: Wall seconds per phase (``plan``, ``read``, ``exchange``, ``finish``).
@@ -63,6 +70,7 @@ class RestoreStats:
 
     bytes_read: int = 0
     bytes_received: int = 0
+    bytes_shm: int = 0
     bytes_sent: int = 0
     collectives: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -100,11 +108,16 @@ class RestoreCoordinator:
         timeout: Seconds any one collective may wait before every rank gives up.
         bucket_bytes: Upper size of a flat bucket of shared tensors.
         verify: CRC32 checking of whole storage records (see :class:`CheckpointReader`).
+        shared_memory: When every rank runs on one host (and the group is on the CPU),
+            move shared buckets through the owner's memory file instead of broadcasts.
+        shared_memory_bytes: The most bytes of buckets one owner packs into its memory
+            file at once; an owner with more broadcasts them.
     """
 
     def __init__(self, process_group: Any = None, *, barrier: BarrierKind = "process_group",
                  store: Any = None, timeout: float = 300.0, bucket_bytes: int = 16 << 20,
-                 verify: Verify = "crc32") -> None:
+                 verify: Verify = "crc32", shared_memory: bool = True,
+                 shared_memory_bytes: int = 1 << 30) -> None:
         if barrier not in ("process_group", "store", "none"):
             raise ValueError(f"barrier must be 'process_group', 'store' or 'none', got {barrier!r}")
         if timeout <= 0:
@@ -113,6 +126,8 @@ class RestoreCoordinator:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self._pg = ProcessGroupWrapper(process_group, timeout=timeout, barrier=barrier, store=store)
         self._bucket_bytes = int(bucket_bytes)
+        self._shm = bool(shared_memory) and self._pg.device.type == "cpu"
+        self._shm_bytes = int(shared_memory_bytes)
         self._reader = CheckpointReader(self.rank_info, verify=verify)
 
     @property
@@ -201,9 +216,12 @@ class RestoreCoordinator:
         index, plan = local["index"], local["plan"]
         by_key = {lf.key: lf for lf in plan.leaves}
         received = {it.key for it in items if it.owner not in (-1, rank)}
+        hosts = {p.get("host") for p in gathered}
+        one_host = self._shm and len(hosts) == 1 and None not in hosts and pg.distributed
         read_stats = ReadStats()
         values: dict[Any, Any] = {}
         ios: list[BucketIO] = []
+        owner_file: _shm.OwnerFile | None = None
         try:
             todo = [lf for lf in plan.leaves if lf.key not in received]
             values = produce(index, todo, map_location=map_location, verify=self._reader._verify,
@@ -213,56 +231,88 @@ class RestoreCoordinator:
                 return resolve_device(lf.source.storage.location, map_location, file=index.file, key=lf.key)
 
             ios = prepare_buckets(make_buckets(items, self._bucket_bytes), items, rank, pg.device, by_key,
-                                  values, place, stage_bytes=self._bucket_bytes)
-            status: dict[str, Any] = {"ok": True}
+                                  values, place, stage_bytes=-1 if one_host else self._bucket_bytes)
+            if one_host:
+                owner_file = self._pack_into_file(ios)
+            status: dict[str, Any] = {"ok": True, "offer": _offer_tuple(owner_file)}
         except Exception as e:  # noqa: BLE001
             status = {"ok": False, "error": _describe(e)}
         try:
-            self._agree("read", status)
-        except BaseException:
-            for io in ios:  # staged buffers: release them now
-                io.close()
-            raise
-        stats.bytes_read = read_stats.bytes_read
-        stats.seconds["read"] = time.perf_counter() - t0
-        self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
+            try:
+                read_status = self._agree("read", status)
+            except BaseException:
+                for io in ios:  # staged buffers: release them now
+                    io.close()
+                raise
+            stats.bytes_read = read_stats.bytes_read
+            stats.seconds["read"] = time.perf_counter() - t0
+            self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
 
-        # 3. exchange -------------------------------------------------------------------
-        t0 = time.perf_counter()
-        failed: str | None = None  # a local pack/unpack failure: collectives go on, then all agree
-        try:
-            for io in ios:  # (owner -> all) one broadcast per bucket
+            # 3. exchange ---------------------------------------------------------------
+            t0 = time.perf_counter()
+            shm_at = _memory_file_places(read_status, ios)  # bucket index -> (offer, offset in its file)
+            failed: str | None = None  # a local copy failure: collectives go on, then all agree
+            unreachable: set[int] = set()  # owners whose memory file this rank could not open
+            try:
+                peers: dict[int, _shm.PeerFile | None] = {}
                 try:
-                    flat = io.buffer()
-                except Exception as e:  # noqa: BLE001 - still send, to keep every rank in step
-                    failed = failed or _describe(e)
-                    flat = torch.zeros(io.bucket.nbytes, dtype=torch.uint8, device=pg.device)
-                pg.broadcast_(flat, io.bucket.owner)
-                if failed is None:
-                    try:
-                        io.unpack()
-                    except Exception as e:  # noqa: BLE001
-                        failed = _describe(e)
-                io.close()
-        except CollectiveError as e:
-            raise RestoreError("exchange", {rank: str(e)}) from e
-        except Exception as e:  # noqa: BLE001 - cannot go on in step: the others time out
-            raise RestoreError("exchange", {rank: _describe(e)}) from e
-        finally:
-            for io in ios:
-                io.close()
-        if objects is not None:
-            for key, value in objects.items():
-                lf_path = local["object_paths"].get(key)
-                if lf_path is not None:
-                    values[lf_path] = value
-        stats.seconds["exchange"] = time.perf_counter() - t0
-        self._progress("exchange", stats, f"{pg.stats.bytes_received / 2**20:.1f} MiB received")
+                    for i, io in enumerate(ios):
+                        owner = io.bucket.owner
+                        if i not in shm_at:  # (owner -> all) one broadcast per bucket
+                            failed = self._broadcast(io, None, not io.owner, failed)
+                            io.close()
+                            continue
+                        if io.owner or failed is not None:
+                            continue
+                        offer, off = shm_at[i]
+                        if owner not in peers:
+                            peers[owner] = self._open_peer(offer, owner)
+                        peer = peers[owner]
+                        if peer is None:
+                            unreachable.add(owner)
+                            continue
+                        try:
+                            io.unpack_from(peer.region(off, io.bucket.nbytes), peer.fd, off)
+                            stats.bytes_shm += io.bucket.nbytes
+                        except Exception as e:  # noqa: BLE001
+                            failed = _describe(e)
+                        io.close()
+                finally:
+                    for peer in peers.values():
+                        if peer is not None:
+                            peer.close()
+                if objects is not None:
+                    for key, value in objects.items():
+                        lf_path = local["object_paths"].get(key)
+                        if lf_path is not None:
+                            values[lf_path] = value
+                stats.seconds["exchange"] = time.perf_counter() - t0
+                self._progress("exchange", stats, f"{(pg.stats.bytes_received + stats.bytes_shm) / 2**20:.1f} "
+                               f"MiB received")
 
-        # 4. finish ---------------------------------------------------------------------
-        t0 = time.perf_counter()
-        if ios:  # (all ranks) a failed unpack anywhere fails every rank
-            self._agree("exchange", {"ok": True} if failed is None else {"ok": False, "error": failed})
+                # 4. finish -------------------------------------------------------------
+                t0 = time.perf_counter()
+                if ios:  # (all ranks) a failed copy anywhere fails every rank
+                    said = self._agree("exchange", {"ok": failed is None, "error": failed,
+                                                    "unreachable": sorted(unreachable)})
+                    again = sorted(set().union(*(p["unreachable"] for p in said)))
+                    if again:  # memory files some rank could not open: broadcast those buckets
+                        if rank == 0:
+                            logger.warning("shared entries of rank(s) %s go by broadcast: a rank could not open "
+                                           "their memory files", again)
+                        for i, io in enumerate(ios):
+                            if i in shm_at and io.bucket.owner in again:
+                                off = shm_at[i][1]
+                                send = owner_file.region(off, io.bucket.nbytes) if io.owner and owner_file else None
+                                failed = self._broadcast(io, send, io.bucket.owner in unreachable, failed)
+                                io.close()
+                        self._agree("exchange", {"ok": failed is None, "error": failed})
+            finally:
+                for io in ios:
+                    io.close()
+        finally:
+            if owner_file is not None:  # every rank has agreed its copies are done
+                owner_file.close()
         result_sd = assemble(state_dict, index.tree, values)
         try:
             pg.barrier()
@@ -282,6 +332,65 @@ class RestoreCoordinator:
                              report if rank == 0 else None, stats)
 
     # -- phases ---------------------------------------------------------------------------
+
+    def _broadcast(self, io: BucketIO, send: torch.Tensor | None, unpack: bool, failed: str | None) -> str | None:
+        """(all ranks) One bucket's broadcast from its owner, then (``unpack``) the copy into
+        this rank's targets. Local failures are returned (the first one kept), so that every
+        rank still issues every collective; a failed collective raises."""
+        pg = self._pg
+        try:
+            if send is None:
+                try:
+                    send = io.buffer() if io.owner or unpack else torch.empty(
+                        io.bucket.nbytes, dtype=torch.uint8, device=pg.device)
+                except Exception as e:  # noqa: BLE001 - still send, to keep every rank in step
+                    failed = failed or _describe(e)
+                    send = torch.zeros(io.bucket.nbytes, dtype=torch.uint8, device=pg.device)
+                    unpack = False
+            pg.broadcast_(send, io.bucket.owner)
+            if unpack and failed is None:
+                try:
+                    io.unpack()
+                except Exception as e:  # noqa: BLE001
+                    failed = _describe(e)
+        except CollectiveError as e:
+            raise RestoreError("exchange", {pg.rank: str(e)}) from e
+        except Exception as e:  # noqa: BLE001 - cannot go on in step: the others time out
+            raise RestoreError("exchange", {pg.rank: _describe(e)}) from e
+        return failed
+
+    def _pack_into_file(self, ios: list[BucketIO]) -> _shm.OwnerFile | None:
+        """(owners, one host) This rank's buckets, packed into a memory file the other ranks
+        can open; ``None`` (they go by broadcast) if there are none, too many bytes, or no
+        memory file can be made here. A bucket sent in place (``direct``: one large tensor,
+        or a flat buffer) is left to the broadcast, which needs no copy of it here."""
+        mine = [(i, io) for i, io in enumerate(ios) if io.owner and io.mode != "direct"]
+        total = sum(io.bucket.nbytes for _i, io in mine)
+        if not mine or total > self._shm_bytes:
+            return None
+        try:
+            file = _shm.OwnerFile(total, tuple(i for i, _io in mine))
+        except OSError as e:
+            logger.warning("rank %d: no memory file for %d bytes of shared entries (%s): they go by broadcast",
+                           self._pg.rank, total, e)
+            return None
+        try:
+            off = 0
+            for _i, io in mine:
+                io.pack_into(file.mem, off)
+                off += io.bucket.nbytes
+        except BaseException:
+            file.close()
+            raise
+        return file
+
+    def _open_peer(self, offer: _shm.Offer, owner: int) -> _shm.PeerFile | None:
+        try:
+            return _shm.PeerFile(offer)
+        except OSError as e:
+            logger.warning("rank %d: cannot open the memory file of rank %d (%s): its shared entries will "
+                           "come by broadcast", self._pg.rank, owner, e)
+            return None
 
     def _progress(self, phase: str, stats: RestoreStats, what: str) -> None:
         if self._pg.rank == 0:  # progress on rank 0 only; the launch script shows INFO there
@@ -323,6 +432,7 @@ class RestoreCoordinator:
             "digest": _digest(shared_items),
             "objects": shared_objects if pg.rank == src else None,
             "token": uuid.uuid4().hex if pg.rank == 0 else None,
+            "host": _shm.host_id() if self._shm else None,
         }
 
     def _agree(self, phase: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -372,6 +482,28 @@ class RestoreCoordinator:
             canon = [i for i in canon if all(i.key in m for m in meta)]
         items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
         return items, gathered[src]["objects"]
+
+
+def _offer_tuple(file: _shm.OwnerFile | None) -> tuple[Any, ...] | None:
+    """The offer as a plain tuple (no class to resolve when unpickled), or ``None``."""
+    if file is None:
+        return None
+    o = file.offer
+    return (o.pid, o.fd, o.nbytes, o.token, o.buckets)
+
+
+def _memory_file_places(read_status: list[dict[str, Any]], ios: list[BucketIO]) -> dict[int, tuple[Any, int]]:
+    """Bucket index -> (its owner's offer, the bucket's offset in the owner's file), for the
+    buckets packed into memory files (the same on every rank: from the read agreement)."""
+    places: dict[int, tuple[Any, int]] = {}
+    for p in read_status:
+        if p.get("offer"):
+            offer = _shm.Offer(*p["offer"])
+            off = 0
+            for i in offer.buckets:
+                places[i] = (offer, off)
+                off += ios[i].bucket.nbytes
+    return places
 
 
 def _astuple(i: SharedItem) -> tuple[Any, ...]:

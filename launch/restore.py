@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--map-location", default="cpu", help="device for restored tensors (default: cpu)")
     p.add_argument("--report-json", metavar="FILE", help="write the aggregated report as JSON (rank 0)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per collective (default: 300)")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="broadcast shared entries even when every rank runs on one host")
     p.add_argument("--demo-mib", type=float, default=64.0, help="demo checkpoint size per rank, MiB")
     return p.parse_args(argv)
 
@@ -100,15 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             shared = args.shared or ["shared"]
             if rank == 0:
                 log.info("demo: wrote a synthetic %d-rank checkpoint to %s", world, path)
-        coord = RestoreCoordinator(timeout=args.timeout)
+        coord = RestoreCoordinator(timeout=args.timeout, shared_memory=not args.no_shared_memory)
         t0 = time.perf_counter()
         res = coord.restore(path, None, shared=shared, shared_mode=args.mode, strict=args.strict,
                             map_location=args.map_location)
         dt = time.perf_counter() - t0
-        mib = (res.stats.bytes_read + res.stats.bytes_received) / (1 << 20)
-        log.info("restored %.1f MiB on this rank (%.1f MiB read from file, %.1f MiB received) in %.3fs: "
-                 "%.0f MiB/s; %d collectives", mib, res.stats.bytes_read / (1 << 20),
-                 res.stats.bytes_received / (1 << 20), dt, mib / dt if dt else 0.0, res.stats.collectives)
+        st = res.stats
+        mib = (st.bytes_read + st.bytes_received + st.bytes_shm) / (1 << 20)
+        log.info("restored %.1f MiB on this rank (%.1f MiB read from file, %.1f MiB received by collectives, "
+                 "%.1f MiB from other ranks' memory files) in %.3fs: %.0f MiB/s; %d collectives", mib,
+                 st.bytes_read / (1 << 20), st.bytes_received / (1 << 20), st.bytes_shm / (1 << 20), dt,
+                 mib / dt if dt else 0.0, st.collectives)
         # the aggregated report itself is logged once, on rank 0, by the coordinator
         if rank == 0 and res.report is not None and args.report_json:
             Path(args.report_json).write_text(res.report.to_json())

@@ -249,3 +249,65 @@ def test_targets_back_to_back_in_one_buffer_are_sent_and_received_in_place(tmp_p
     assert [io.mode for io in ios1b if io.bucket.dtype == "torch.float32"] != ["direct"]
     for k in keys:
         assert torch.equal(recv_t2[k], ref[k]), k
+
+
+def _roundtrip_shm(path: Path, owner_target: Any, receiver_target: Any, bucket_bytes: int = 1 << 20
+                   ) -> tuple[list[BucketIO], list[BucketIO], dict, Any]:
+    """As :func:`_roundtrip`, through the owner's memory file (ranks on one host)."""
+    from dist_restore import _shm
+
+    index = read_index(path)
+    items = _items(index)
+    buckets = make_buckets(items, bucket_bytes)
+    plan0 = plan_read(owner_target, index.tree)
+    values0 = produce(index, plan0.leaves)
+    ios0 = prepare_buckets(buckets, items, 0, CPU, {lf.key: lf for lf in plan0.leaves}, values0, lambda lf: CPU,
+                           stage_bytes=-1)
+    plan1 = plan_read(receiver_target, index.tree)
+    values1: dict = {}
+    ios1 = prepare_buckets(buckets, items, 1, CPU, {lf.key: lf for lf in plan1.leaves}, values1, lambda lf: CPU,
+                           stage_bytes=-1)
+    assert all(io._flat is None or io._keep for io in ios0 + ios1)  # nothing staged
+    owner = _shm.OwnerFile(sum(b.nbytes for b in buckets), tuple(range(len(buckets))))
+    off = 0
+    for io in ios0:
+        io.pack_into(owner.mem, off)
+        off += io.bucket.nbytes
+    peer = _shm.PeerFile(owner.offer)  # this process opens its own file through /proc
+    off = 0
+    for io in ios1:
+        io.unpack_from(peer.region(off, io.bucket.nbytes), peer.fd, off)
+        off += io.bucket.nbytes
+    peer.close()
+    owner.close()
+    return ios0, ios1, values1, plan1
+
+
+@pytest.mark.skipif(not _iovec.available(), reason="no memory files here")
+@pytest.mark.parametrize("vectored", ["rows", "iovec"])
+def test_every_mode_through_a_memory_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vectored: str) -> None:
+    if vectored == "iovec":
+        monkeypatch.setattr(_exchange, "MAX_ODD", -1)
+    path = _file(tmp_path)
+    ref = torch.load(path, weights_only=True)
+    recv_t: dict[str, Any] = {k: torch.zeros_like(v) for k, v in ref.items() if k.startswith("s")}
+    for i in range(0, 300, 3):
+        del recv_t[f"s{i}"]  # not asked for
+    for i in range(1, 300, 7):
+        recv_t[f"s{i}"] = None  # allocated
+    recv_t["m"] = torch.zeros(6, 5).t()  # strided: copy mode
+    recv_t["c"] = None
+    recv_t["h"] = torch.zeros(4, 3, dtype=torch.half)  # a lone tensor: direct
+    owner_t = {k: torch.zeros_like(v) for k, v in ref.items()}
+    owner_t["c"] = torch.zeros(4, dtype=torch.complex64).conj()  # the owner packs a conjugate view
+    ios0, ios1, values1, plan1 = _roundtrip_shm(path, owner_t, recv_t, bucket_bytes=600)
+    modes = {io.mode for io in ios1}
+    assert {vectored, "copy", "direct"} <= modes, modes
+    for k, v in recv_t.items():
+        got = _value(plan1, values1, k)
+        assert torch.equal(got.resolve_conj(), ref[k]), k
+    # allocated entries, all of a bucket: views of one buffer filled from the file
+    _, ios1b, values1b, plan1b = _roundtrip_shm(path, owner_t, None)
+    assert "views" in {io.mode for io in ios1b} and {io.mode for io in ios1b} <= {"views", "direct"}
+    for k, v in ref.items():
+        assert torch.equal(_value(plan1b, values1b, k).resolve_conj(), v), k

@@ -248,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 1
     try:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+        from dist_restore import _shm
+
+        node = os.environ["GROUP_RANK"]  # each agent plays a host of its own: no memory files across
+        _shm.host_id = lambda: f"simulated-node-{node}"
         doc["world_size"] = dist.get_world_size()
         res = RestoreCoordinator(timeout=args.timeout).restore(
             args.checkpoint, None, shared="shared", shared_mode=args.mode)

@@ -80,15 +80,27 @@ def compare(result: Any, file: Path) -> list[str]:
 
 
 def restore_and_compare(rank: int, world: int, path: str, mode: str, preallocate: bool,
-                        shared: Any = "shared") -> dict[str, Any]:
+                        shared: Any = "shared", shared_memory: bool = True,
+                        no_peer_file_on: int = -1) -> dict[str, Any]:
+    """Restore and compare with ``torch.load``; ``no_peer_file_on``: that rank cannot open
+    other ranks' memory files (as if in another PID namespace)."""
     file = Path(path) / f"checkpoint_{rank}.pt"
     target = targets_like(file, preallocate=preallocate)
     keep = {k: v for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
-    res = RestoreCoordinator(timeout=60).restore(path, target, shared=shared, shared_mode=mode)
+    if rank == no_peer_file_on:
+        from dist_restore import _shm
+
+        def refuse(self: Any, offer: Any) -> None:
+            raise PermissionError(13, "Permission denied", f"/proc/{offer.pid}/fd/{offer.fd}")
+
+        _shm.PeerFile.__init__ = refuse  # type: ignore[method-assign]
+    res = RestoreCoordinator(timeout=60, shared_memory=shared_memory).restore(path, target, shared=shared,
+                                                                              shared_mode=mode)
     got = {k: x for k, _p, x in iter_leaves(res.state_dict)}
     in_place = all(v is got[k] for k, v in keep.items())
     return {"bad": compare(res.state_dict, file), "in_place": in_place,
             "bytes_read": res.stats.bytes_read, "bytes_received": res.stats.bytes_received,
+            "bytes_shm": res.stats.bytes_shm,
             "collectives": res.stats.collectives, "report": None if res.report is None else res.report.to_dict(),
             "missing": res.missing_keys, "seconds": res.stats.seconds}
 
@@ -104,7 +116,8 @@ def restore_expect_failure(rank: int, world: int, path: str, kwargs: dict[str, A
     before = {k: bits(v).clone() for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
     t0 = time.monotonic()
     try:
-        RestoreCoordinator(timeout=kwargs.pop("timeout", 30)).restore(path, target, **kwargs)
+        RestoreCoordinator(timeout=kwargs.pop("timeout", 30),
+                           shared_memory=kwargs.pop("shared_memory", True)).restore(path, target, **kwargs)
         err: dict[str, Any] | None = None
     except RestoreError as e:
         err = {"type": "RestoreError", "phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}
@@ -163,8 +176,10 @@ def write_diverging_values(path: Path, world: int) -> None:
         torch.save(sd, path / f"checkpoint_{r}.pt")
 
 
-def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int, what: str) -> dict[str, Any]:
-    """``victim`` fails locally while packing (``buffer``) or unpacking a shared bucket."""
+def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int, what: str,
+                                  shm: bool = False) -> dict[str, Any]:
+    """``victim`` fails locally while packing (``buffer``, ``pack_into``) or unpacking
+    (``unpack``, ``unpack_from``) a shared bucket."""
     from dist_restore import _exchange
 
     if rank == victim:
@@ -173,4 +188,4 @@ def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int,
 
         setattr(_exchange.BucketIO, what, boom)
         _exchange.BucketIO.stage = lambda self: None  # so that the first buffer() is in the exchange
-    return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 60})
+    return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 60, "shared_memory": shm})

@@ -36,24 +36,34 @@ def test_per_rank_restore_bit_exact(tmp_path: Path, world: int) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["broadcast", "spread", "local"])
 @pytest.mark.parametrize("preallocate", [True, False])
-def test_shared_modes_bit_exact_and_bytes(tmp_path: Path, mode: str, preallocate: bool) -> None:
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "collectives"])
+def test_shared_modes_bit_exact_and_bytes(tmp_path: Path, mode: str, preallocate: bool, shm: bool) -> None:
+    """Every mode, with the shared buckets through memory files (one host) or broadcasts."""
     world = 4
     w.write_checkpoint(tmp_path, world, n_shared=8, shared_elems=4096)
     shared_total = _shared_bytes(tmp_path)
     own = [sum(v.numel() * v.element_size() for v in torch.load(
         tmp_path / f"checkpoint_{r}.pt", weights_only=True)["model"].values()) for r in range(world)]
-    out = run_ranks(w.restore_and_compare, world, args=(str(tmp_path), mode, preallocate), timeout=90)
+    out = run_ranks(w.restore_and_compare, world, args=(str(tmp_path), mode, preallocate, "shared", shm),
+                    timeout=90)
     for r, o in enumerate(out):
         assert o["bad"] == [], f"rank {r}: {o['bad']}"
         assert o["in_place"]
     shared_read = [o["bytes_read"] - own[r] for r, o in enumerate(out)]
+    # shared tensor bytes arriving from other ranks, by memory file (all but lone tensors, which
+    # their owner broadcasts in place) or by collective
+    moved = [o["bytes_shm"] + o["bytes_received"] for o in out]
+    if mode != "local":
+        assert all(o["bytes_shm"] > 0 for o in out[1:]) if shm else all(o["bytes_shm"] == 0 for o in out)
     if mode == "broadcast":
         assert shared_read == [shared_total] + [0] * (world - 1)
-        assert all(o["bytes_received"] >= shared_total for o in out[1:])
+        assert all(m >= shared_total for m in moved[1:])
+        assert out[0]["bytes_shm"] == 0
     elif mode == "spread":
         assert sum(shared_read) == shared_total
         assert max(shared_read) <= shared_total / world * 1.5, shared_read
         assert min(shared_read) > 0
+        assert all(m >= shared_total - x for m, x in zip(moved, shared_read))  # what the others read
     else:
         assert shared_read == [shared_total] * world
 
@@ -67,12 +77,33 @@ def test_shared_values_travel_and_8_ranks_broadcast(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_10000_small_shared_tensors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "collectives"])
+def test_10000_small_shared_tensors(tmp_path: Path, shm: bool) -> None:
     w.write_checkpoint(tmp_path, 2, small_shared=10_000)
-    out = run_ranks(w.restore_and_compare, 2, args=(str(tmp_path), "broadcast", True), timeout=150)
+    out = run_ranks(w.restore_and_compare, 2, args=(str(tmp_path), "broadcast", True, "shared", shm), timeout=150)
     assert all(o["bad"] == [] for o in out)
     # bucketed: a handful of collectives, not one per tensor
     assert out[1]["collectives"] < 50, out[1]["collectives"]
+    assert (out[1]["bytes_shm"] > 10_000 * 4) == shm
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["broadcast", "spread"])
+def test_rank_that_cannot_open_memory_files_gets_them_by_broadcast(tmp_path: Path, mode: str) -> None:
+    """Rank 2 cannot open the others' memory files: every rank then broadcasts those buckets,
+    and every rank still ends bit-exact."""
+    world = 3
+    w.write_checkpoint(tmp_path, world, n_shared=6, shared_elems=3000, small_shared=300)
+    shared_total = _shared_bytes(tmp_path)
+    out = run_ranks(w.restore_and_compare, world, args=(str(tmp_path), mode, True, "shared", True, 2), timeout=90)
+    for r, o in enumerate(out):
+        assert o["bad"] == [], f"rank {r}: {o['bad']}"
+    own = [sum(v.numel() * v.element_size() for v in torch.load(
+        tmp_path / f"checkpoint_{r}.pt", weights_only=True)["model"].values()) for r in range(world)]
+    shared_read = [o["bytes_read"] - own[r] for r, o in enumerate(out)]
+    assert sum(shared_read) == shared_total and out[2]["bytes_shm"] == 0
+    assert out[2]["bytes_received"] >= shared_total - shared_read[2]  # the others' shares, by broadcast
+    assert out[1]["bytes_shm"] > 0  # rank 1 had copied from the others' files
 
 
 @pytest.mark.timeout(120)
@@ -191,14 +222,18 @@ def test_shared_non_tensor_values_come_from_src(tmp_path: Path, mode: str) -> No
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("victim", "what"), [(1, "unpack"), (0, "buffer")])
-def test_local_exchange_failure_fails_every_rank_promptly(tmp_path: Path, victim: int, what: str) -> None:
-    """A rank whose own copy fails mid-exchange: the collectives go on, then every rank raises."""
+@pytest.mark.parametrize(("victim", "what", "shm", "phase"), [
+    (1, "unpack", False, "exchange"), (0, "buffer", False, "exchange"),
+    (1, "unpack_from", True, "exchange"), (0, "pack_into", True, "read")])
+def test_local_exchange_failure_fails_every_rank_promptly(tmp_path: Path, victim: int, what: str, shm: bool,
+                                                          phase: str) -> None:
+    """A rank whose own copy fails: the collectives go on, then every rank raises. (With memory
+    files the owner packs during the read phase: its failure is a read failure.)"""
     world = 3
     w.write_checkpoint(tmp_path, world, small_shared=50)
-    out = run_ranks(w.restore_with_failing_exchange, world, args=(str(tmp_path), victim, what), timeout=100)
+    out = run_ranks(w.restore_with_failing_exchange, world, args=(str(tmp_path), victim, what, shm), timeout=100)
     for o in out:
         assert o["error"]["type"] == "RestoreError", o["error"]
-        assert o["error"]["phase"] == "exchange" and o["error"]["ranks"] == [victim], o["error"]
+        assert o["error"]["phase"] == phase and o["error"]["ranks"] == [victim], o["error"]
         assert f"injected {what} failure" in o["error"]["text"]
         assert o["seconds"] < 30  # agreed on, not a 60 s collective timeout
