@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -69,23 +70,28 @@ class MemBuffer:
         nbytes: Size of the buffer (> 0).
         populate: Allocate and map every page now, in bulk (``fallocate`` + ``MAP_POPULATE``),
             instead of one page fault per page on first touch.
+        seal: Seal the file's size (``F_SEAL_SHRINK``, ``F_SEAL_GROW``), so that a process
+            that maps it can never fault past its end.
 
     :attr:`tensor` is a CPU ``uint8`` tensor over the whole buffer (what a collective
     sends or receives into). Call :meth:`close` when done.
     """
 
-    def __init__(self, nbytes: int, populate: bool = False) -> None:
+    def __init__(self, nbytes: int, populate: bool = False, seal: bool = False) -> None:
         if _FNS is None:
             raise OSError("vectored memory-file copies are not available on this platform")
         if nbytes <= 0:
             raise ValueError(f"nbytes must be > 0, got {nbytes}")
         self.nbytes = nbytes
-        self._fd = os.memfd_create("dist_restore_bucket", getattr(os, "MFD_CLOEXEC", 0))
+        flags = getattr(os, "MFD_CLOEXEC", 0) | (getattr(os, "MFD_ALLOW_SEALING", 0) if seal else 0)
+        self._fd = os.memfd_create("dist_restore_bucket", flags)
         try:
             os.ftruncate(self._fd, nbytes)
+            if seal:
+                fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             flags = mmap.MAP_SHARED
             if populate:
-                os.posix_fallocate(self._fd, 0, nbytes)  # fails early (ENOSPC) if memory is short
+                os.posix_fallocate(self._fd, 0, nbytes)  # the pages, in one call
                 flags |= getattr(mmap, "MAP_POPULATE", 0)
             self._mm = mmap.mmap(self._fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:

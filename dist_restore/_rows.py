@@ -30,7 +30,7 @@ import numpy as np
 #: Largest item (bytes) copied as a row: a window's ``len * itemsize`` stays below 2**62
 #: for any address range of a 47-bit user address space.
 ROW_MAX = 16 << 10
-#: Address ranges wider than this are split into several windows (same reason).
+#: No window spans a wider address range (same reason).
 _SPAN_MAX = 1 << 47
 
 
@@ -106,8 +106,14 @@ class RowPlan:
 
     def _add_groups(self, n: int, addr: np.ndarray, off: np.ndarray) -> None:
         by_addr = np.argsort(addr, kind="stable")
-        a = addr[by_addr]
-        cuts = (np.nonzero(np.diff(a) > _SPAN_MAX)[0] + 1).tolist()  # split a huge range
+        cuts: list[int] = []
+        if int(addr[by_addr[-1]]) - int(addr[by_addr[0]]) > _SPAN_MAX:  # split: no window spans more
+            a = addr[by_addr].tolist()
+            start = a[0]
+            for j, x in enumerate(a):
+                if x - start > _SPAN_MAX:
+                    cuts.append(j)
+                    start = x
         for part in np.split(by_addr, cuts):
             pa, po = addr[np.sort(part)], off[np.sort(part)]  # back in buffer order
             low = int(pa.min())

@@ -18,6 +18,7 @@ broadcast after all (see ``coordinator.py``).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -33,6 +34,19 @@ from dist_restore import _iovec
 logger = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
+#: Buckets start at multiples of this in the file, so that typed views of them are aligned.
+ALIGN = 64
+
+
+def layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of buckets of ``sizes`` bytes in a memory file, each :data:`ALIGN`-aligned,
+    and the bytes they span."""
+    offsets, end = [], 0
+    for n in sizes:
+        start = -(-end // ALIGN) * ALIGN
+        offsets.append(start)
+        end = start + n
+    return offsets, end
 
 
 def host_id() -> str | None:
@@ -79,7 +93,7 @@ class OwnerFile:
 
     def __init__(self, nbytes: int, buckets: tuple[int, ...]) -> None:
         self.nbytes = nbytes
-        self.mem = _iovec.MemBuffer(nbytes + TOKEN_BYTES, populate=True)
+        self.mem = _iovec.MemBuffer(nbytes + TOKEN_BYTES, populate=True, seal=True)
         token = os.urandom(TOKEN_BYTES)
         self.mem.tensor[nbytes:].copy_(torch.frombuffer(bytearray(token), dtype=torch.uint8))
         self.offer = Offer(os.getpid(), self.mem._fd, nbytes, token.hex(), tuple(buckets))
@@ -109,6 +123,8 @@ class PeerFile:
             size = os.fstat(self.fd).st_size
             if size != offer.nbytes + TOKEN_BYTES:
                 raise OSError(f"{path}: {size} bytes, expected {offer.nbytes + TOKEN_BYTES}: not the offered file")
+            if not fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:  # else a SIGBUS could follow
+                raise OSError(f"{path}: not sealed against shrinking: not the offered file")
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             self._mm = mmap.mmap(self.fd, size, flags=flags, prot=mmap.PROT_READ)
             if self._mm[offer.nbytes :].hex() != offer.token:

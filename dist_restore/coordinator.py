@@ -365,7 +365,7 @@ class RestoreCoordinator:
         memory file can be made here. A bucket sent in place (``direct``: one large tensor,
         or a flat buffer) is left to the broadcast, which needs no copy of it here."""
         mine = [(i, io) for i, io in enumerate(ios) if io.owner and io.mode != "direct"]
-        total = sum(io.bucket.nbytes for _i, io in mine)
+        offsets, total = _shm.layout([io.bucket.nbytes for _i, io in mine])
         if not mine or total > self._shm_bytes:
             return None
         try:
@@ -375,10 +375,9 @@ class RestoreCoordinator:
                            self._pg.rank, total, e)
             return None
         try:
-            off = 0
-            for _i, io in mine:
+            for (_i, io), off in zip(mine, offsets):
                 io.pack_into(file.mem, off)
-                off += io.bucket.nbytes
+                io.close()  # a packed copy (copy mode) is not needed twice
         except BaseException:
             file.close()
             raise
@@ -387,7 +386,7 @@ class RestoreCoordinator:
     def _open_peer(self, offer: _shm.Offer, owner: int) -> _shm.PeerFile | None:
         try:
             return _shm.PeerFile(offer)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, the bytes can still come by broadcast
             logger.warning("rank %d: cannot open the memory file of rank %d (%s): its shared entries will "
                            "come by broadcast", self._pg.rank, owner, e)
             return None
@@ -499,10 +498,9 @@ def _memory_file_places(read_status: list[dict[str, Any]], ios: list[BucketIO]) 
     for p in read_status:
         if p.get("offer"):
             offer = _shm.Offer(*p["offer"])
-            off = 0
-            for i in offer.buckets:
+            offsets, _total = _shm.layout([ios[i].bucket.nbytes for i in offer.buckets])
+            for i, off in zip(offer.buckets, offsets):
                 places[i] = (offer, off)
-                off += ios[i].bucket.nbytes
     return places
 
 

@@ -36,9 +36,13 @@ def test_wrong_size_or_token_is_not_the_offered_file() -> None:
         _shm.PeerFile(dataclasses.replace(owner.offer, nbytes=65))
     with pytest.raises(OSError, match="token"):
         _shm.PeerFile(dataclasses.replace(owner.offer, token="00" * _shm.TOKEN_BYTES))
-    other = _iovec.MemBuffer(64 + _shm.TOKEN_BYTES)  # same size, another file
+    other = _iovec.MemBuffer(64 + _shm.TOKEN_BYTES, seal=True)  # same size, another file
     with pytest.raises(OSError, match="token"):
         _shm.PeerFile(dataclasses.replace(owner.offer, fd=other._fd))
+    unsealed = _iovec.MemBuffer(64 + _shm.TOKEN_BYTES)  # a file that could shrink under the mapping
+    with pytest.raises(OSError, match="not sealed"):
+        _shm.PeerFile(dataclasses.replace(owner.offer, fd=unsealed._fd))
+    unsealed.close()
     with pytest.raises(OSError):
         _shm.PeerFile(dataclasses.replace(owner.offer, fd=123456))  # no such descriptor
     other.close()
@@ -58,3 +62,18 @@ def test_descriptors_are_not_leaked() -> None:
 
 def test_host_id_is_stable() -> None:
     assert _shm.host_id() == _shm.host_id()
+
+
+def test_owner_file_is_sealed_against_resizing() -> None:
+    owner = _shm.OwnerFile(64, (0,))
+    with pytest.raises(OSError):
+        os.ftruncate(owner.mem._fd, 32)
+    with pytest.raises(OSError):
+        os.ftruncate(owner.mem._fd, 1 << 20)
+    owner.close()
+
+
+def test_bucket_layout_is_aligned() -> None:
+    offsets, end = _shm.layout([10, 64, 3, 1])
+    assert offsets == [0, 64, 128, 192] and end == 193
+    assert _shm.layout([]) == ([], 0)
