@@ -19,8 +19,13 @@ plus a few system calls at most:
 * ``copy``: anything else (CUDA targets, strided or conjugate tensors, no memory files):
   a fused flatten on the owner, split + ``_foreach_copy_`` on receivers.
 
-Nothing here calls a collective or modifies a target; :meth:`BucketIO.unpack` is the only
-write, and the coordinator calls it after the broadcast.
+When all ranks run on one host the bucket does not travel by broadcast: the owner packs it
+into its memory file with :meth:`BucketIO.pack_into` and receivers copy it out of their
+mapping of that file with :meth:`BucketIO.unpack_from`, in the same modes (see :mod:`._shm`).
+
+Nothing here calls a collective or modifies a target; :meth:`BucketIO.unpack` and
+:meth:`BucketIO.unpack_from` are the only writes, and the coordinator calls them after the
+read agreement.
 """
 
 from __future__ import annotations
