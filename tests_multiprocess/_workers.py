@@ -81,7 +81,7 @@ def compare(result: Any, file: Path) -> list[str]:
 
 def restore_and_compare(rank: int, world: int, path: str, mode: str, preallocate: bool,
                         shared: Any = "shared", shared_memory: bool = True,
-                        no_peer_file_on: int = -1) -> dict[str, Any]:
+                        no_peer_file_on: int = -1, shared_memory_bytes: int = 1 << 30) -> dict[str, Any]:
     """Restore and compare with ``torch.load``; ``no_peer_file_on``: that rank cannot open
     other ranks' memory files (as if in another PID namespace)."""
     file = Path(path) / f"checkpoint_{rank}.pt"
@@ -94,8 +94,8 @@ def restore_and_compare(rank: int, world: int, path: str, mode: str, preallocate
             raise PermissionError(13, "Permission denied", f"/proc/{offer.pid}/fd/{offer.fd}")
 
         _shm.PeerFile.__init__ = refuse  # type: ignore[method-assign]
-    res = RestoreCoordinator(timeout=60, shared_memory=shared_memory).restore(path, target, shared=shared,
-                                                                              shared_mode=mode)
+    res = RestoreCoordinator(timeout=60, shared_memory=shared_memory, shared_memory_bytes=shared_memory_bytes
+                             ).restore(path, target, shared=shared, shared_mode=mode)
     got = {k: x for k, _p, x in iter_leaves(res.state_dict)}
     in_place = all(v is got[k] for k, v in keep.items())
     return {"bad": compare(res.state_dict, file), "in_place": in_place,

@@ -88,6 +88,15 @@ def test_10000_small_shared_tensors(tmp_path: Path, shm: bool) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_owner_over_the_memory_file_limit_broadcasts(tmp_path: Path) -> None:
+    w.write_checkpoint(tmp_path, 2, small_shared=200)
+    args = (str(tmp_path), "broadcast", True, "shared", True, -1, 1000)  # at most 1000 bytes per file
+    out = run_ranks(w.restore_and_compare, 2, args=args, timeout=90)
+    assert all(o["bad"] == [] for o in out)
+    assert out[1]["bytes_shm"] == 0 and out[1]["bytes_received"] >= _shared_bytes(tmp_path)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["broadcast", "spread"])
 def test_rank_that_cannot_open_memory_files_gets_them_by_broadcast(tmp_path: Path, mode: str) -> None:
     """Rank 2 cannot open the others' memory files: every rank then broadcasts those buckets,
