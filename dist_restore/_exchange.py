@@ -82,17 +82,14 @@ class BucketIO:
         if self._flat is not None:
             return self._flat
         n = self.bucket.nbytes
-        if self.mode == "rows":
-            assert self._plan is not None
-            self._flat = torch.empty(n, dtype=torch.uint8)
+        if self.mode in ("rows", "iovec"):
+            if self.mode == "iovec":
+                self._mem = _iovec.MemBuffer(n)
+                self._flat = self._mem.tensor
+            else:
+                self._flat = torch.empty(n, dtype=torch.uint8)
             if self.owner:
-                self._plan.gather(self._flat.numpy())
-        elif self.mode == "iovec":
-            self._mem = _iovec.MemBuffer(n)
-            self._flat = self._mem.tensor
-            if self.owner:
-                assert self._iov is not None
-                self._mem.gather(self._iov)
+                self._gather_into(self._flat, self._mem, 0)
         elif self.owner:
             self._flat = _pack([t for t in self._tensors if t is not None]).to(self.device)
         else:
@@ -110,18 +107,20 @@ class BucketIO:
         """(receivers) Copy the received buffer into the wanted tensors that are not views of it."""
         if self.owner or self.mode in ("direct", "views"):
             return
+        assert self._flat is not None
+        self._scatter_from(self._flat, self._mem._fd if self._mem is not None else -1, 0)
+
+    def _scatter_from(self, flat: torch.Tensor, fd: int, offset: int) -> None:
+        """(receivers; rows, iovec, copy) The bucket's bytes ``flat`` (also at ``offset`` of
+        the memory file ``fd``, for iovec) into the wanted tensors."""
         if self.mode == "rows":
-            assert self._flat is not None and self._plan is not None
-            self._plan.scatter(self._flat.numpy())
+            assert self._plan is not None
+            self._plan.scatter(flat.numpy())
             return
         if self.mode == "iovec":
-            assert self._mem is not None and self._iov is not None
-            self._mem.scatter(self._iov)
+            assert self._iov is not None
+            _iovec.vectored(fd, 0, self._iov, offset, offset + self.bucket.nbytes)
             return
-        assert self._flat is not None
-        self._copy_from(self._flat)
-
-    def _copy_from(self, flat: torch.Tensor) -> None:
         dtype = DTYPES[self.bucket.dtype]
         parts = flat.view(dtype).split([it.nbytes // dtype.itemsize for it in self.bucket.items])
         dst, src = [], []
@@ -136,30 +135,30 @@ class BucketIO:
         buffer to broadcast: ranks on this host copy them from there)."""
         assert self.owner
         dst = file.tensor[offset : offset + self.bucket.nbytes]
+        if self.mode in ("rows", "iovec"):
+            self._gather_into(dst, file, offset)
+        else:
+            dst.copy_(self.buffer())  # direct: the tensor itself; copy: packed
+
+    def _gather_into(self, dst: torch.Tensor, file: _iovec.MemBuffer | None, offset: int) -> None:
+        """(owner; rows, iovec) The tensors into ``dst``, which is ``file`` from ``offset`` on
+        (iovec)."""
         if self.mode == "rows":
             assert self._plan is not None
             self._plan.gather(dst.numpy())
-        elif self.mode == "iovec":
-            assert self._iov is not None
-            file.gather(self._iov, offset)
         else:
-            dst.copy_(self.buffer())  # direct: the tensor itself; copy: packed
+            assert self._iov is not None and file is not None
+            file.gather(self._iov, offset)
 
     def unpack_from(self, src: torch.Tensor, fd: int, offset: int) -> None:
         """(receivers) Copy the bucket from ``src``, its bytes in another rank's memory file
         (open here as ``fd``, the bucket at ``offset``), instead of from a broadcast."""
         assert not self.owner and src.numel() == self.bucket.nbytes
-        if self.mode == "rows":
-            assert self._plan is not None
-            self._plan.scatter(src.numpy())
-        elif self.mode == "iovec":
-            assert self._iov is not None
-            _iovec.vectored(fd, 0, self._iov, offset, offset + self.bucket.nbytes)
-        elif self.mode in ("direct", "views"):
+        if self.mode in ("direct", "views"):
             if self._flat is not None:  # None: a bucket nobody here asked for
                 self._flat.copy_(src)
         else:
-            self._copy_from(src)
+            self._scatter_from(src, fd, offset)
 
     def close(self) -> None:
         """Drop the buffer, unless it is the targets' own memory: :meth:`buffer` makes it
@@ -178,9 +177,9 @@ def prepare_buckets(buckets: Sequence[Bucket], items: Sequence[SharedItem], rank
 
     Allocated leaves (``None`` targets) this rank receives are stored in ``values`` here
     (filled by the exchange). ``values`` must hold what this rank read itself. The first
-    buckets, up to ``stage_bytes`` in all (at least one; none if ``stage_bytes`` is negative), are
-    staged (:meth:`BucketIO.stage`)
-    now; the others when the exchange reaches them, so that buffers stay bounded.
+    buckets, up to ``stage_bytes`` in all (at least one; none if ``stage_bytes`` is negative),
+    are staged (:meth:`BucketIO.stage`) now; the others when the exchange reaches them, so
+    that buffers stay bounded.
     """
     ios = []
     for bucket in buckets:

@@ -115,13 +115,14 @@ class RowPlan:
                     cuts.append(j)
                     start = x
         for part in np.split(by_addr, cuts):
-            pa, po = addr[np.sort(part)], off[np.sort(part)]  # back in buffer order
+            part = np.sort(part)  # back in buffer order
+            pa, po = addr[part], off[part]
             low = int(pa.min())
             window = np.asarray(_Window(low, int(pa.max()) - low + 1, n))
             d = np.diff(po)
-            step = int(d[0]) if len(d) and bool((d == d[0]).all()) and int(d[0]) >= n else None
-            if len(po) == 1:
-                step = n
+            step: int | None = n if not len(d) else int(d[0])
+            if len(d) and (step < n or not (d == step).all()):
+                step = None
             self._groups.append(_Group(n, window, pa - low, po, step))
 
     def _rows(self, g: _Group, buf: np.ndarray) -> np.ndarray:
@@ -129,8 +130,12 @@ class RowPlan:
         if g.step is not None:
             return np.ndarray((len(g.offsets),), dtype=g.window.dtype, buffer=buf, offset=int(g.offsets[0]),
                               strides=(g.step,))
-        every = np.ndarray((len(buf) - g.nbytes + 1,), dtype=g.window.dtype, buffer=buf, strides=(1,))
-        return every[g.offsets]
+        return self._every(g, buf)[g.offsets]
+
+    @staticmethod
+    def _every(g: _Group, buf: np.ndarray) -> np.ndarray:
+        """``V{n}`` items at every byte offset of ``buf`` (indexed by buffer offset)."""
+        return np.ndarray((len(buf) - g.nbytes + 1,), dtype=g.window.dtype, buffer=buf, strides=(1,))
 
     def _check(self, buf: np.ndarray) -> None:
         if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
@@ -156,8 +161,7 @@ class RowPlan:
             if g.step is not None:
                 self._rows(g, buf)[...] = g.window[g.index]
             else:
-                every = np.ndarray((len(buf) - g.nbytes + 1,), dtype=g.window.dtype, buffer=buf, strides=(1,))
-                every[g.offsets] = g.window[g.index]
+                self._every(g, buf)[g.offsets] = g.window[g.index]
         base = buf.ctypes.data
         for address, offset, n in self._singles:
             ctypes.memmove(base + offset, address, n)

@@ -83,8 +83,14 @@ class Offer:
     buckets: tuple[int, ...]
 
 
+def _region(tensor: torch.Tensor, size: int, offset: int, nbytes: int) -> torch.Tensor:
+    if offset < 0 or offset + nbytes > size:
+        raise ValueError(f"{nbytes} bytes at {offset} do not fit the {size}-byte file")
+    return tensor[offset : offset + nbytes]
+
+
 class OwnerFile:
-    """(owner) The memory file its buckets are packed into, back to back.
+    """(owner) The memory file its buckets are packed into (at the offsets of :func:`layout`).
 
     Args:
         nbytes: Bytes of the buckets packed into it (> 0).
@@ -100,9 +106,7 @@ class OwnerFile:
 
     def region(self, offset: int, nbytes: int) -> torch.Tensor:
         """The ``uint8`` bytes ``[offset, offset + nbytes)`` of the file."""
-        if offset < 0 or offset + nbytes > self.nbytes:
-            raise ValueError(f"{nbytes} bytes at {offset} do not fit the {self.nbytes}-byte file")
-        return self.mem.tensor[offset : offset + nbytes]
+        return _region(self.mem.tensor, self.nbytes, offset, nbytes)
 
     def close(self) -> None:
         self.mem.close()
@@ -139,9 +143,7 @@ class PeerFile:
 
     def region(self, offset: int, nbytes: int) -> torch.Tensor:
         """The ``uint8`` bytes ``[offset, offset + nbytes)`` of the owner's file."""
-        if offset < 0 or offset + nbytes > self.nbytes:
-            raise ValueError(f"{nbytes} bytes at {offset} do not fit the {self.nbytes}-byte file")
-        return self.tensor[offset : offset + nbytes]
+        return _region(self.tensor, self.nbytes, offset, nbytes)
 
     def close(self) -> None:
         """Close the descriptor; the mapping goes with the last tensor over it."""

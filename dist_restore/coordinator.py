@@ -237,13 +237,8 @@ class RestoreCoordinator:
             status: dict[str, Any] = {"ok": True, "offer": _offer_tuple(owner_file)}
         except Exception as e:  # noqa: BLE001
             status = {"ok": False, "error": _describe(e)}
-        try:
-            try:
-                read_status = self._agree("read", status)
-            except BaseException:
-                for io in ios:  # staged buffers: release them now
-                    io.close()
-                raise
+        try:  # from here on, buffers and the memory file are released however this ends
+            read_status = self._agree("read", status)
             stats.bytes_read = read_stats.bytes_read
             stats.seconds["read"] = time.perf_counter() - t0
             self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
@@ -253,65 +248,63 @@ class RestoreCoordinator:
             shm_at = _memory_file_places(read_status, ios)  # bucket index -> (offer, offset in its file)
             failed: str | None = None  # a local copy failure: collectives go on, then all agree
             unreachable: set[int] = set()  # owners whose memory file this rank could not open
+            peers: dict[int, _shm.PeerFile | None] = {}
             try:
-                peers: dict[int, _shm.PeerFile | None] = {}
-                try:
-                    for i, io in enumerate(ios):
-                        owner = io.bucket.owner
-                        if i not in shm_at:  # (owner -> all) one broadcast per bucket
-                            failed = self._broadcast(io, None, not io.owner, failed)
-                            io.close()
-                            continue
-                        if io.owner or failed is not None:
-                            continue
-                        offer, off = shm_at[i]
-                        if owner not in peers:
-                            peers[owner] = self._open_peer(offer, owner)
-                        peer = peers[owner]
-                        if peer is None:
-                            unreachable.add(owner)
-                            continue
-                        try:
-                            io.unpack_from(peer.region(off, io.bucket.nbytes), peer.fd, off)
-                            stats.bytes_shm += io.bucket.nbytes
-                        except Exception as e:  # noqa: BLE001
-                            failed = _describe(e)
+                for i, io in enumerate(ios):
+                    owner = io.bucket.owner
+                    if i not in shm_at:  # (owner -> all) one broadcast per bucket
+                        failed = self._broadcast(io, None, not io.owner, failed)
                         io.close()
-                finally:
-                    for peer in peers.values():
-                        if peer is not None:
-                            peer.close()
-                if objects is not None:
-                    for key, value in objects.items():
-                        lf_path = local["object_paths"].get(key)
-                        if lf_path is not None:
-                            values[lf_path] = value
-                stats.seconds["exchange"] = time.perf_counter() - t0
-                self._progress("exchange", stats, f"{(pg.stats.bytes_received + stats.bytes_shm) / 2**20:.1f} "
-                               f"MiB received")
-
-                # 4. finish -------------------------------------------------------------
-                t0 = time.perf_counter()
-                if ios:  # (all ranks) a failed copy anywhere fails every rank
-                    said = self._agree("exchange", {"ok": failed is None, "error": failed,
-                                                    "unreachable": sorted(unreachable)})
-                    again = sorted(set().union(*(p["unreachable"] for p in said)))
-                    if again:  # memory files some rank could not open: broadcast those buckets
-                        if rank == 0:
-                            logger.warning("shared entries of rank(s) %s go by broadcast: a rank could not open "
-                                           "their memory files", again)
-                        for i, io in enumerate(ios):
-                            if i in shm_at and io.bucket.owner in again:
-                                off = shm_at[i][1]
-                                send = owner_file.region(off, io.bucket.nbytes) if io.owner and owner_file else None
-                                failed = self._broadcast(io, send, io.bucket.owner in unreachable, failed)
-                                io.close()
-                        self._agree("exchange", {"ok": failed is None, "error": failed})
-            finally:
-                for io in ios:
+                        continue
+                    if io.owner or failed is not None:
+                        continue
+                    offer, off = shm_at[i]
+                    if owner not in peers:
+                        peers[owner] = self._open_peer(offer, owner)
+                    peer = peers[owner]
+                    if peer is None:
+                        unreachable.add(owner)
+                        continue
+                    try:
+                        io.unpack_from(peer.region(off, io.bucket.nbytes), peer.fd, off)
+                        stats.bytes_shm += io.bucket.nbytes
+                    except Exception as e:  # noqa: BLE001
+                        failed = _describe(e)
                     io.close()
+            finally:
+                for peer in peers.values():
+                    if peer is not None:
+                        peer.close()
+            if objects is not None:
+                for key, value in objects.items():
+                    lf_path = local["object_paths"].get(key)
+                    if lf_path is not None:
+                        values[lf_path] = value
+            stats.seconds["exchange"] = time.perf_counter() - t0
+            self._progress("exchange", stats, f"{(pg.stats.bytes_received + stats.bytes_shm) / 2**20:.1f} "
+                           f"MiB received")
+
+            # 4. finish -----------------------------------------------------------------
+            t0 = time.perf_counter()
+            if ios:  # (all ranks) a failed copy anywhere fails every rank
+                said = self._agree("exchange", {"ok": failed is None, "error": failed,
+                                                "unreachable": sorted(unreachable)})
+                again = sorted(set().union(*(p["unreachable"] for p in said)))
+                if again:  # memory files some rank could not open: broadcast those buckets
+                    if rank == 0:
+                        logger.warning("shared entries of rank(s) %s go by broadcast: a rank could not open "
+                                       "their memory files", again)
+                    for i, io in enumerate(ios):
+                        if i in shm_at and io.bucket.owner in again:
+                            off = shm_at[i][1]
+                            send = owner_file.region(off, io.bucket.nbytes) if io.owner and owner_file else None
+                            failed = self._broadcast(io, send, io.bucket.owner in unreachable, failed)
+                            io.close()
+                    self._agree("exchange", {"ok": failed is None, "error": failed})
         finally:
-            if owner_file is not None:  # every rank has agreed its copies are done
+            for io in ios:  # staged buffers, memory files: released now
+                io.close()
+            if owner_file is not None:  # every rank has agreed its copies are done (or failed)
                 owner_file.close()
         result_sd = assemble(state_dict, index.tree, values)
         try:
