@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from dist_restore._dtensor import DLayout, DTensorRef
 from dist_restore._gc import gc_paused, paused
 from dist_restore._keypath import RawPath
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
@@ -27,7 +28,7 @@ from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
-EntryKind = Literal["tensor", "exotic", "object"]
+EntryKind = Literal["tensor", "dtensor", "exotic", "object"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,8 @@ class IndexEntry:
 
     Attributes:
         key: Dotted key path (``model.w``, ``opt.groups[0].lr``).
-        kind: ``"tensor"`` (dense, read by the fast path), ``"exotic"`` (quantized,
+        kind: ``"tensor"`` (dense, read by the fast path), ``"dtensor"`` (a DTensor: its
+            local shard is a dense record; ``shape`` is the global shape), ``"exotic"`` (quantized,
             sparse, nested, meta: read through ``torch.load``) or ``"object"`` (a plain
             Python value stored in the pickle).
         dtype: Tensor dtype, when known.
@@ -49,6 +51,10 @@ class IndexEntry:
         file_offset: Byte offset in the file of the view's first element (dense only;
             ``None`` for legacy files).
         value: The value, for ``"object"`` entries.
+        local_shape: A DTensor's local shard shape (``stride``, ``storage_offset``,
+            ``nbytes``, ``storage_key`` and ``file_offset`` describe that shard).
+        layout: A DTensor's layout: placements, mesh shape, dim names, this file's mesh
+            coordinate (``layout.mesh.coordinate``).
     """
 
     key: str
@@ -61,9 +67,23 @@ class IndexEntry:
     storage_key: str | None = None
     file_offset: int | None = None
     value: Any = None
+    local_shape: tuple[int, ...] | None = None
+    layout: DLayout | None = None
+
+    @property
+    def region(self) -> tuple[tuple[int, int], ...] | None:
+        """A DTensor's global region held by this file as ``(offset, size)`` per dim, when
+        it is a box; ``None`` for other entries or a non-box (strided) region (see
+        :meth:`DLayout.runs_at` for the exact runs)."""
+        if self.layout is None or self.layout.mesh.coordinate is None:
+            return None
+        runs = self.layout.runs_at(self.layout.mesh.coordinate)
+        if any(len(r) > 1 for r in runs):
+            return None
+        return tuple((r[0][0], r[0][1]) if r else (0, 0) for r in runs)
 
 
-SOURCE_TENSOR_TYPES = (TensorRef, ExoticRef, StorageRef, torch.Tensor)
+SOURCE_TENSOR_TYPES = (TensorRef, DTensorRef, ExoticRef, StorageRef, torch.Tensor)
 
 
 class CheckpointIndex:
@@ -141,6 +161,16 @@ class CheckpointIndex:
             yield self._entry(key, value)
 
     def _entry(self, key: str, v: Any) -> IndexEntry:
+        if isinstance(v, DTensorRef):
+            loc: TensorRef = v.local
+            base = self._data_offsets.get(loc.storage.key)
+            off = None if base is None else base + loc.storage_offset * loc.dtype.itemsize
+            try:
+                layout = v.layout
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(e.reason, file=self.file, key=key) from None
+            return IndexEntry(key, "dtensor", v.dtype, tuple(v.size), loc.stride, loc.storage_offset, loc.nbytes,
+                              loc.storage.key, off, local_shape=tuple(loc.size), layout=layout)
         if isinstance(v, TensorRef):
             base = self._data_offsets.get(v.storage.key)
             off = None if base is None else base + v.storage_offset * v.dtype.itemsize

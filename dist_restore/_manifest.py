@@ -367,6 +367,17 @@ def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | Non
     return manifest
 
 
+def rank_file_count(directory: str | os.PathLike[str]) -> int:
+    """How many ranks wrote the checkpoint: the manifest's world size, else one more than
+    the highest ``checkpoint_{rank}.pt`` present (0 if none). Opens no rank file."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    if manifest is not None:
+        return manifest.world_size
+    present = [int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(d)) if m]
+    return max(present) + 1 if present else 0
+
+
 def _check_uncommitted(d: Path, world_size: int | None) -> None:
     names = os.listdir(d)
     present = {int(m.group(1)) for m in map(_RANK_FILE.match, names) if m}

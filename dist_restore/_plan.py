@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dist_restore._dtensor import DTensorRef
 from dist_restore._index import SOURCE_TENSOR_TYPES, iter_leaves
 from dist_restore._keypath import RawPath, join_index, join_key
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
@@ -71,7 +72,7 @@ class ReadPlan:
 
 def source_meta(src: Any) -> tuple[torch.dtype | None, tuple[int, ...] | None]:
     """``(dtype, shape)`` of a source value, where known."""
-    if isinstance(src, TensorRef):
+    if isinstance(src, (TensorRef, DTensorRef)):
         return src.dtype, src.size
     if isinstance(src, torch.Tensor):
         return src.dtype, tuple(src.shape)
@@ -83,7 +84,7 @@ def source_meta(src: Any) -> tuple[torch.dtype | None, tuple[int, ...] | None]:
 
 
 def source_nbytes(src: Any) -> int:
-    if isinstance(src, (TensorRef, StorageRef)):
+    if isinstance(src, (TensorRef, StorageRef, DTensorRef)):
         return src.nbytes
     if isinstance(src, ExoticRef):
         return sum(s.nbytes for s in src.storages)
@@ -103,6 +104,9 @@ def check_tensor(key: str, target: torch.Tensor, src: Any) -> str | None:
     """The mismatch message for filling ``target`` from ``src``, or ``None`` if it fits."""
     dtype, shape = source_meta(src)
     problems = []
+    if isinstance(src, DTensorRef) and tuple(target.shape) == tuple(src.local.size) \
+            and type(target).__name__ != "DTensor":
+        shape = tuple(src.local.size)  # a plain tensor of the local shard's shape: the shard itself
     if shape is not None and tuple(target.shape) != tuple(shape):
         problems.append(f"shape {tuple(shape)} in checkpoint, {tuple(target.shape)} in target")
     if dtype is not None and target.dtype != dtype:
@@ -112,6 +116,8 @@ def check_tensor(key: str, target: torch.Tensor, src: Any) -> str | None:
 
 def view_out_of_bounds(src: Any) -> str | None:
     """Why a dense tensor view cannot lie in its storage record, or ``None`` if it does."""
+    if isinstance(src, DTensorRef):
+        src = src.local
     if not isinstance(src, TensorRef) or src.numel == 0:
         return None
     lo, hi = src.element_span()

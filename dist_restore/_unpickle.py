@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from dist_restore._dtensor import DTensorRef, DTensorType
+from dist_restore._dtensor import allowed_globals as dtensor_globals
 from dist_restore._gc import gc_paused
 from dist_restore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -149,13 +151,33 @@ def _as_parameter(data: Any, requires_grad: Any, state: Any) -> Any:
         if state:
             data.state = state
         return data
+    if isinstance(data, DTensorRef):
+        data.is_parameter = True
+        data.requires_grad = bool(requires_grad)
+        return data
     if isinstance(data, ExoticRef):
         return data
     raise CorruptCheckpointError(f"parameter rebuilt from {type(data).__name__}, not a tensor")
 
 
+def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset, layout, device, requires_grad=False):
+    if cls is DTensorType:
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpointError(f"DTensor rebuild has dtype {dtype!r}, not a torch.dtype")
+        return DTensorRef(dtype, tuple(int(v) for v in size), tuple(int(v) for v in stride), bool(requires_grad))
+    return _exotic("wrapper_subclass")(cls, dtype, size, stride, storage_offset, layout, device, requires_grad)
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
     ret = func(*args)
+    if isinstance(ret, DTensorRef):
+        if new_type is not DTensorType:
+            raise CorruptCheckpointError(f"a DTensor rebuilt as {new_type!r}")
+        ret.set_state(state)
+        if not isinstance(ret.local, TensorRef):
+            raise CorruptCheckpointError(f"a DTensor whose local tensor is {type(ret.local).__name__}, "
+                                         "not a dense tensor record")
+        return ret
     if isinstance(ret, TensorRef):
         if new_type is torch.nn.Parameter:
             ret.is_parameter = True
@@ -215,10 +237,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_sparse_tensor"): _exotic("sparse"),
         ("torch._utils", "_rebuild_nested_tensor"): _exotic("nested"),
         ("torch._utils", "_rebuild_meta_tensor_no_storage"): _exotic("meta"),
-        ("torch._utils", "_rebuild_wrapper_subclass"): _exotic("wrapper_subclass"),
+        ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
         ("torch._utils", "_rebuild_device_tensor_from_cpu_tensor"): _exotic("device_tensor"),
         ("torch._utils", "_rebuild_device_tensor_from_numpy"): _exotic("device_tensor"),
     }
+    g.update(dtensor_globals())
     for name in dir(torch):
         obj = getattr(torch, name, None)
         if isinstance(obj, (torch.dtype, torch.qscheme, torch.layout, torch.memory_format)):

@@ -11,7 +11,11 @@ from typing import Any
 
 from dist_restore._gc import gc_paused
 from dist_restore._index import CheckpointIndex, read_index
-from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, read_manifest
+from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, rank_file_count, \
+    read_manifest
+from dist_restore._regions import LayoutError
+from dist_restore._reshard import ShardPlan, plan_shards, split_leaves
+from dist_restore._slices import read_jobs
 from dist_restore._plan import ReadPlan, assemble, plan_read, view_out_of_bounds
 from dist_restore._read import MapLocation, ReadStats, Verify, produce
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
@@ -204,8 +208,12 @@ class CheckpointReader:
             values: Pre-produced ``{raw path: value}`` to use for skipped leaves.
         """
         leaves = [lf for lf in plan.leaves if lf.key not in skip] if skip else list(plan.leaves)
+        leaves, reshard = split_leaves(leaves)
         try:
+            shards = self.plan_shards(index, reshard) if reshard else None
             produced = produce(index, leaves, map_location=map_location, verify=self._verify, stats=stats)
+            if shards is not None:
+                read_jobs(shards.jobs, shards.indexes, shards.entries, stats if stats is not None else ReadStats())
         except CheckpointError as e:
             if e.rank is None:
                 raise type(e)(e.reason, file=e.file, rank=self._rank_info.global_rank, key=e.key) from e
@@ -213,6 +221,18 @@ class CheckpointReader:
         if values:
             produced.update(values)
         return assemble(state_dict, index.tree, produced)
+
+
+    def plan_shards(self, index: CheckpointIndex, leaves: list[Any]) -> ShardPlan:
+        """Plan DTensor targets (or DTensor entries into whole tensors) from this rank's file
+        and, where their shards need them, the other rank files of the same directory."""
+        rank = self._rank_info.global_rank
+        directory = index.file.parent
+        try:
+            return plan_shards(leaves, home=rank, home_index=index, own=rank, nfiles=rank_file_count(directory),
+                               open_index=lambda f: self._index(directory / rank_file_name(f)), spread=rank)
+        except LayoutError as e:
+            raise StateDictMismatchError(str(e), file=index.file, rank=rank) from None
 
 
 def _preview(keys: tuple[str, ...] | list[str], n: int = 10) -> str:

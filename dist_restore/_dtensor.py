@@ -1,0 +1,273 @@
+"""DTensor entries of a ``torch.save`` file, as plain data: no DeviceMesh, no process group.
+
+A pickled DTensor is ``_rebuild_from_type_v2(_rebuild_wrapper_subclass, DTensor, (DTensor,
+dtype, global size, global stride, ...), state)`` whose state holds ``_local_tensor`` (an
+ordinary tensor record) and ``_spec`` (a ``DTensorSpec``: the ``DeviceMesh``, the
+placements and ``TensorMeta``). The unpickler resolves those classes to the inert stand-ins
+below: they record the arguments and state they are given and run no code of torch's. The
+reference's :class:`DTensorRef` then turns them into a :class:`DLayout` of plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from dist_restore._regions import LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, mesh_groups, \
+    shard_runs
+from dist_restore.errors import CorruptCheckpointError
+
+
+class _Stub:
+    """An inert stand-in for a class of torch.distributed met in a pickle.
+
+    ``NEWOBJ``/``REDUCE`` give it arguments, ``BUILD`` its state; it keeps both and runs
+    nothing else.
+    """
+
+    __slots__ = ("args", "state")
+    kind = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def fields(self) -> dict[str, Any]:
+        """The object's attributes: a dict state, or the dict and slot parts of a pair."""
+        st = self.state
+        if isinstance(st, tuple) and len(st) == 2:
+            out: dict[str, Any] = {}
+            for part in st:
+                if isinstance(part, Mapping):
+                    out.update(part)
+            return out
+        return dict(st) if isinstance(st, Mapping) else {}
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.args!r} {self.state!r:.200}>"
+
+
+def _stub(kind: str) -> type[_Stub]:
+    return type(f"_{kind}Stub", (_Stub,), {"__slots__": (), "kind": kind})
+
+
+class DTensorType:
+    """Stands in for the ``DTensor`` class in the pickle."""
+
+
+_PLACEMENT_MODULES = ("torch.distributed.tensor.placement_types", "torch.distributed._tensor.placement_types")
+_SPEC_MODULES = ("torch.distributed.tensor._dtensor_spec", "torch.distributed._tensor._dtensor_spec")
+
+STUBS: dict[str, type[_Stub]] = {k: _stub(k) for k in (
+    "DTensorSpec", "TensorMeta", "ShardOrderEntry", "DeviceMesh", "_MeshLayout", "_FlatLayout",
+    "Shard", "_StridedShard", "Replicate", "Partial", "_NormPartial", "_MaskPartial")}
+
+
+def allowed_globals() -> dict[tuple[str, str], Any]:
+    """The globals of pickled DTensors, mapped to the stand-ins."""
+    g: dict[tuple[str, str], Any] = {}
+    for mod in ("torch.distributed.tensor", "torch.distributed.tensor._api", "torch.distributed._tensor",
+                "torch.distributed._tensor.api"):
+        g[(mod, "DTensor")] = DTensorType
+    for mod in _SPEC_MODULES:
+        for name in ("DTensorSpec", "TensorMeta", "ShardOrderEntry"):
+            g[(mod, name)] = STUBS[name]
+    for mod in _PLACEMENT_MODULES:
+        for name in ("Shard", "_StridedShard", "Replicate", "Partial", "_NormPartial", "_MaskPartial"):
+            g[(mod, name)] = STUBS[name]
+    g[("torch.distributed.device_mesh", "DeviceMesh")] = STUBS["DeviceMesh"]
+    g[("torch.distributed._mesh_layout", "_MeshLayout")] = STUBS["_MeshLayout"]
+    g[("torch.distributed._mesh_layout", "_FlatLayout")] = STUBS["_FlatLayout"]
+    return g
+
+
+@dataclass(frozen=True)
+class MeshInfo:
+    """A device mesh as saved.
+
+    Attributes:
+        shape: Mesh shape.
+        dim_names: Mesh dimension names, if any.
+        coordinate: The saving rank's coordinate (``None``: not in the mesh).
+        rank: The saving rank's global rank.
+        groups: Global ranks of every copy of this mesh in its root, each flattened
+            row-major (one copy for a root mesh; ``None`` when the file does not say).
+    """
+
+    shape: tuple[int, ...]
+    dim_names: tuple[str, ...] | None
+    coordinate: tuple[int, ...] | None
+    rank: int | None
+    groups: tuple[tuple[int, ...], ...] | None
+
+    def __str__(self) -> str:
+        names = self.dim_names or tuple(f"d{i}" for i in range(len(self.shape)))
+        return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, self.shape)) + ")"
+
+
+@dataclass(frozen=True)
+class DLayout:
+    """Where a DTensor's data lies: plain values, comparable and picklable.
+
+    Attributes:
+        shape: Global shape.
+        placements: One per mesh dimension.
+        mesh: The mesh.
+    """
+
+    shape: tuple[int, ...]
+    placements: tuple[Placement, ...]
+    mesh: MeshInfo
+
+    def runs_at(self, coordinate: tuple[int, ...]) -> ShardRuns:
+        """The global region held at a mesh coordinate (see :mod:`._regions`)."""
+        return shard_runs(self.shape, self.mesh.shape, self.placements, coordinate)
+
+    def describe(self) -> str:
+        return f"[{', '.join(map(str, self.placements))}] on mesh {self.mesh}"
+
+
+class DTensorRef:
+    """A pickled DTensor: its global metadata, layout and the local tensor's reference."""
+
+    __slots__ = ("dtype", "size", "stride", "requires_grad", "is_parameter", "local", "_spec", "__dict__")
+
+    def __init__(self, dtype: torch.dtype, size: tuple[int, ...], stride: tuple[int, ...],
+                 requires_grad: bool) -> None:
+        self.dtype = dtype
+        self.size = size
+        self.stride = stride
+        self.requires_grad = requires_grad
+        self.is_parameter = False
+        self.local: Any = None
+        self._spec: Any = None
+
+    def set_state(self, state: Any) -> None:
+        fields: dict[str, Any] = {}
+        parts = state if isinstance(state, tuple) else (state,)
+        for part in parts:
+            if isinstance(part, Mapping):
+                fields.update(part)
+        self.local = fields.get("_local_tensor")
+        self._spec = fields.get("_spec")
+        if self.local is None or self._spec is None:
+            raise CorruptCheckpointError("a DTensor without _local_tensor or _spec")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this file's local shard."""
+        return getattr(self.local, "nbytes", 0)
+
+    @cached_property
+    def layout(self) -> DLayout:
+        """The layout, parsed on first use.
+
+        Raises:
+            CorruptCheckpointError: a spec this code cannot read.
+        """
+        try:
+            return _parse_spec(self._spec, tuple(self.size))
+        except (LayoutError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CorruptCheckpointError(f"DTensor layout not understood: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"DTensorRef({self.dtype}, global {tuple(self.size)}, local {self.local!r})"
+
+
+def _ints(x: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in x)
+
+
+def _placement(p: Any) -> Placement:
+    if not isinstance(p, _Stub):
+        raise TypeError(f"placement {p!r} is not a placement")
+    f = p.fields()
+    if p.kind == "Replicate":
+        return Replicate()
+    if p.kind == "Shard":
+        return Shard(int(f["dim"]))
+    if p.kind == "_StridedShard":
+        return Shard(int(f["dim"]), int(f.get("split_factor", f.get("sf", 1))))
+    if p.kind in ("Partial", "_NormPartial", "_MaskPartial"):
+        return Partial(str(f.get("reduce_op", "sum")))
+    raise TypeError(f"unknown placement {p.kind}")
+
+
+def _parse_spec(spec: Any, size: tuple[int, ...]) -> DLayout:
+    if not isinstance(spec, _Stub) or spec.kind != "DTensorSpec":
+        raise TypeError(f"_spec is {type(spec).__name__}, not a DTensorSpec")
+    f = spec.fields()
+    placements = tuple(_placement(p) for p in f["placements"])
+    order = f.get("shard_order")
+    if order:
+        _check_default_order(order, placements)
+    mesh = _parse_mesh(f["mesh"])
+    if len(placements) != len(mesh.shape):
+        raise LayoutError(f"{len(placements)} placements on a {len(mesh.shape)}-d mesh")
+    return DLayout(size, placements, mesh)
+
+
+def _check_default_order(order: Any, placements: tuple[Placement, ...]) -> None:
+    """A ``shard_order`` other than left to right changes which rows a rank holds; say so
+    rather than guess."""
+    for entry in order:
+        args = entry.args if isinstance(entry, _Stub) else entry
+        if isinstance(entry, _Stub) and not args:
+            args = tuple(entry.fields().values())
+        tensor_dim, mesh_dims = args[0], tuple(args[1])
+        if list(mesh_dims) != sorted(mesh_dims):
+            raise LayoutError(f"shard_order {tuple(mesh_dims)} for tensor dim {tensor_dim} is not left to "
+                              "right: not supported")
+
+
+def _parse_mesh(mesh: Any) -> MeshInfo:
+    if not isinstance(mesh, _Stub) or mesh.kind != "DeviceMesh":
+        raise TypeError(f"mesh is {type(mesh).__name__}, not a DeviceMesh")
+    f = mesh.fields()
+    names = f.get("_mesh_dim_names")
+    coord = f.get("_coordinate_on_dim")
+    rank = f.get("_rank")
+    layout = f.get("_layout")
+    groups: tuple[tuple[int, ...], ...] | None = None
+    if isinstance(layout, _Stub):
+        axes = []
+        for ax in layout.fields()["axes"]:
+            af = ax.fields()
+            axes.append((af["shape"], af["stride"]))
+        shape = []
+        for s, _d in axes:
+            n = 1
+            for v in (s if isinstance(s, tuple) else (s,)):
+                n *= _flat_size(v)
+            shape.append(n)
+        rank_map = f.get("_flatten_rank_map")
+        if rank_map is not None:
+            groups = tuple(tuple(g) for g in mesh_groups(axes, _ints(rank_map)))
+    elif "mesh" in f and hasattr(f["mesh"], "size"):  # older torch: the mesh's rank tensor
+        shape = list(f["mesh"].size)
+    else:
+        raise TypeError("a DeviceMesh with neither _layout nor mesh")
+    return MeshInfo(tuple(shape), tuple(names) if names else None,
+                    _ints(coord) if coord is not None else None,
+                    int(rank) if rank is not None else None, groups)
+
+
+def _flat_size(v: Any) -> int:
+    if isinstance(v, tuple):
+        n = 1
+        for x in v:
+            n *= _flat_size(x)
+        return n
+    return int(v)

@@ -1,0 +1,265 @@
+"""Region math for sharded tensors: pure functions, no I/O, no process group.
+
+A shard of a global tensor is described per tensor dimension by *runs*: the local
+positions ``[0, n)`` of that dimension map to global positions as a sequence of
+``(global_start, length)`` runs laid end to end. A ``Shard`` placement keeps one run; a
+``_StridedShard`` (FSDP2 over tensor parallel) can leave several. A shard is then the
+cartesian product of its dimensions' runs, and the overlap of two shards is a list of
+boxes, each a plain strided copy between their local tensors.
+
+This follows ``torch.distributed.tensor._utils._compute_local_shape_and_global_offset``:
+placements are applied left to right over the mesh dimensions, ``Shard`` splits like
+``torch.chunk`` (chunks of ``ceil(n / k)``; trailing chunks may be short or empty) and
+``_StridedShard(dim, split_factor=sf)`` first chunks into ``sf`` pieces, chunks each of
+them into ``k``, and keeps piece ``i`` of every one (see ``_StridedShard._split_tensor``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+#: ``(global_start, length)`` runs of one tensor dimension, in local order.
+DimRuns = tuple[tuple[int, int], ...]
+#: One :data:`DimRuns` per tensor dimension.
+ShardRuns = tuple[DimRuns, ...]
+
+
+class Shard(NamedTuple):
+    """``Shard(dim)``; with ``split_factor`` > 0, ``_StridedShard(dim, split_factor)``."""
+
+    dim: int
+    split_factor: int = 0
+
+    def __str__(self) -> str:
+        if self.split_factor:
+            return f"_StridedShard(dim={self.dim}, sf={self.split_factor})"
+        return f"Shard(dim={self.dim})"
+
+
+class Replicate(NamedTuple):
+    """``Replicate()``: every coordinate of the mesh dimension holds the same data."""
+
+    def __str__(self) -> str:
+        return "Replicate()"
+
+
+class Partial(NamedTuple):
+    """``Partial(reduce_op)``: the global value is a reduction of the shards. Never mapped."""
+
+    reduce_op: str = "sum"
+
+    def __str__(self) -> str:
+        return f"Partial({self.reduce_op})"
+
+
+Placement = Shard | Replicate | Partial
+
+
+class Box(NamedTuple):
+    """A copy between two local tensors: ``dst[dst_start : +size] = src[src_start : +size]``
+    per dimension."""
+
+    src_start: tuple[int, ...]
+    dst_start: tuple[int, ...]
+    size: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.size:
+            n *= s
+        return n
+
+
+class LayoutError(ValueError):
+    """A placement or mesh the region math cannot map exactly."""
+
+
+def _take(runs: DimRuns, lo: int, hi: int) -> DimRuns:
+    """Local positions ``[lo, hi)`` of a run list, as a run list."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for g, n in runs:
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            out.append((g + a - pos, b - a))
+        pos += n
+        if pos >= hi:
+            break
+    return tuple(out)
+
+
+def _length(runs: DimRuns) -> int:
+    return sum(n for _g, n in runs)
+
+
+def _chunk(runs: DimRuns, k: int, i: int) -> DimRuns:
+    """Chunk ``i`` of ``k`` as ``torch.chunk`` makes it (empty past the last chunk)."""
+    n = _length(runs)
+    size = -(-n // k) if n else 0
+    lo, hi = min(n, i * size), min(n, (i + 1) * size)
+    return _take(runs, lo, hi)
+
+
+def _merge(runs: list[tuple[int, int]]) -> DimRuns:
+    out: list[tuple[int, int]] = []
+    for g, n in runs:
+        if n == 0:
+            continue
+        if out and out[-1][0] + out[-1][1] == g:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((g, n))
+    return tuple(out)
+
+
+def split_runs(runs: DimRuns, k: int, c: int, p: Shard) -> DimRuns:
+    """The part of one dimension's ``runs`` that coordinate ``c`` of a mesh dimension of
+    size ``k`` keeps under ``Shard``/``_StridedShard`` ``p``."""
+    if p.split_factor:
+        parts: list[tuple[int, int]] = []
+        for j in range(p.split_factor):
+            parts.extend(_chunk(_chunk(runs, p.split_factor, j), k, c))
+        return _merge(parts)
+    return _chunk(runs, k, c)
+
+
+def shard_runs(global_shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[Placement],
+               coordinate: Sequence[int]) -> ShardRuns:
+    """The runs of every tensor dimension held at ``coordinate`` of the mesh.
+
+    Raises:
+        LayoutError: a ``Partial`` placement, a shard dim out of range, or a coordinate
+            or placement count that does not fit the mesh.
+    """
+    if len(placements) != len(mesh_shape) or len(coordinate) != len(mesh_shape):
+        raise LayoutError(f"{len(placements)} placements and coordinate {tuple(coordinate)} "
+                          f"for a mesh of shape {tuple(mesh_shape)}")
+    dims: list[DimRuns] = [((0, n),) if n else () for n in global_shape]
+    for mesh_dim, p in enumerate(placements):
+        k, c = mesh_shape[mesh_dim], coordinate[mesh_dim]
+        if not 0 <= c < k:
+            raise LayoutError(f"coordinate {tuple(coordinate)} outside mesh {tuple(mesh_shape)}")
+        if isinstance(p, Replicate):
+            continue
+        if isinstance(p, Partial):
+            raise LayoutError(f"placement {p} on mesh dim {mesh_dim}: a partial value is not a slice "
+                              "of the global tensor")
+        if not 0 <= p.dim < len(dims):
+            raise LayoutError(f"placement {p} on mesh dim {mesh_dim} of a {len(dims)}-d tensor")
+        dims[p.dim] = split_runs(dims[p.dim], k, c, p)
+    return tuple(dims)
+
+
+def local_shape(runs: ShardRuns) -> tuple[int, ...]:
+    """The shape of the local tensor a shard's runs describe."""
+    return tuple(_length(r) for r in runs)
+
+
+def full_runs(global_shape: Sequence[int]) -> ShardRuns:
+    """Runs of an unsharded tensor: the whole of every dimension."""
+    return tuple(((0, n),) if n else () for n in global_shape)
+
+
+def _dim_overlap(src: DimRuns, dst: DimRuns) -> list[tuple[int, int, int]]:
+    """``(src_local, dst_local, length)`` of every global stretch both run lists hold."""
+    out: list[tuple[int, int, int]] = []
+    s_pos = 0
+    for sg, sn in src:
+        d_pos = 0
+        for dg, dn in dst:
+            a, b = max(sg, dg), min(sg + sn, dg + dn)
+            if a < b:
+                out.append((s_pos + a - sg, d_pos + a - dg, b - a))
+            d_pos += dn
+        s_pos += sn
+    return out
+
+
+def overlap(src: ShardRuns, dst: ShardRuns) -> list[Box]:
+    """The boxes that copy every element ``dst`` needs from ``src`` (empty: none).
+
+    A 0-d tensor (no dimensions) overlaps itself in one box of no dimensions.
+    """
+    if len(src) != len(dst):
+        raise LayoutError(f"{len(src)}-d source and {len(dst)}-d target")
+    per_dim = [_dim_overlap(s, d) for s, d in zip(src, dst)]
+    boxes = []
+    for combo in itertools.product(*per_dim):
+        boxes.append(Box(tuple(c[0] for c in combo), tuple(c[1] for c in combo), tuple(c[2] for c in combo)))
+    return boxes
+
+
+def covered(boxes: Sequence[Box], runs: ShardRuns) -> bool:
+    """Whether ``boxes`` (disjoint, as :func:`overlap` makes them from disjoint sources)
+    fill every element of the shard ``runs`` (as a target)."""
+    need = 1
+    for n in local_shape(runs):
+        need *= n
+    return sum(b.numel for b in boxes) == need
+
+
+# -- device meshes ---------------------------------------------------------------------------
+
+def _modes(shape: object, stride: object) -> list[tuple[int, int]]:
+    """Flatten a (possibly nested) CuTe-style shape/stride into ``(size, stride)`` modes."""
+    if isinstance(shape, int) and isinstance(stride, int):
+        return [(shape, stride)]
+    if isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride):
+        out: list[tuple[int, int]] = []
+        for s, d in zip(shape, stride):
+            out.extend(_modes(s, d))
+        return out
+    raise LayoutError(f"mesh layout shape {shape!r} and stride {stride!r} do not match")
+
+
+def _axis_offsets(modes: list[tuple[int, int]]) -> list[int]:
+    """Offsets of positions ``0..size-1`` of one mesh axis (lexicographic: last mode fastest)."""
+    offs = [0]
+    for size, stride in modes:
+        offs = [o + i * stride for o in offs for i in range(size)]
+    return offs
+
+
+def mesh_groups(axes: Sequence[tuple[object, object]], rank_map: Sequence[int]) -> list[list[int]]:
+    """Every copy of a (sub)mesh in its root: the global ranks of each, flattened row-major.
+
+    Args:
+        axes: ``(shape, stride)`` of each mesh dimension's layout over ``rank_map``
+            (``DeviceMesh._layout``).
+        rank_map: The root mesh's ranks, flattened (``DeviceMesh._flatten_rank_map``).
+
+    A submesh (``mesh["dp"]`` of a 2-D mesh) is one of several copies that tile the root;
+    each copy holds the same global tensors. Equivalent to ``_MeshLayout.remap_to_tensor``.
+
+    Raises:
+        LayoutError: the layout does not tile the rank map exactly.
+    """
+    per_axis = [_axis_offsets(_modes(s, d)) for s, d in axes]
+    offsets = [sum(c) for c in itertools.product(*per_axis)] if per_axis else [0]
+    world = len(rank_map)
+    if len(set(offsets)) != len(offsets) or world % len(offsets):
+        raise LayoutError(f"mesh layout {list(axes)} is not a tiling of {world} ranks")
+    taken = [False] * world
+    groups: list[list[int]] = []
+    for base in range(world):
+        if taken[base]:
+            continue
+        cells = [base + o for o in offsets]
+        if any(c >= world or taken[c] for c in cells):
+            raise LayoutError(f"mesh layout {list(axes)} is not a tiling of {world} ranks")
+        for c in cells:
+            taken[c] = True
+        groups.append([int(rank_map[c]) for c in cells])
+    return groups
+
+
+def coordinate_of(index: int, mesh_shape: Sequence[int]) -> tuple[int, ...]:
+    """The mesh coordinate of the ``index``-th rank of a group, row-major."""
+    coord = []
+    for k in reversed(mesh_shape):
+        coord.append(index % k)
+        index //= k
+    return tuple(reversed(coord))

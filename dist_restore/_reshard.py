@@ -1,0 +1,385 @@
+"""Resharding plans: which rank files, and which boxes of their records, fill each target shard.
+
+A target is a DTensor (its local tensor is filled) or a plain tensor holding the whole
+global tensor. A source is a DTensor entry of the rank files (each file holds one region,
+given by the saving mesh and placements) or a plain tensor (every file holds all of it).
+From the *home* file's entry alone (the saving mesh's rank map says which file sits at which
+coordinate), :func:`plan_job` finds the source regions that overlap the target's region,
+picks one file for each (files this rank already reads first, then its own, then spread
+over ranks), and turns each overlap into boxes of local-tensor copies. Nothing here reads
+tensor data or calls a collective; :mod:`._slices` moves the bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from dist_restore._dtensor import DLayout, DTensorRef
+from dist_restore._keypath import RawPath
+from dist_restore._regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
+    coordinate_of, full_runs, local_shape, overlap, shard_runs, split_runs
+from dist_restore._unpickle import TensorRef
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """What one source file gives one target.
+
+    Attributes:
+        file: The source rank file's rank.
+        coordinate: The saving mesh coordinate that file must hold (``None``: a plain
+            tensor, whole in every file).
+        boxes: Copies from that file's local tensor into the target's local tensor.
+    """
+
+    file: int
+    coordinate: tuple[int, ...] | None
+    boxes: tuple[Box, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ShardJob:
+    """One target to fill from slices of source records.
+
+    Attributes:
+        key: Dotted key path.
+        path: Raw path from the root.
+        target: The tensor to fill (a DTensor target's local tensor).
+        pieces: Where its bytes come from.
+        source: The home file's entry (for the checks made when other files are opened).
+    """
+
+    key: str
+    path: RawPath
+    target: torch.Tensor
+    pieces: tuple[Piece, ...]
+    source: Any
+
+    @property
+    def nbytes(self) -> int:
+        return self.target.numel() * self.target.element_size()
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (without importing torch.distributed when it is not loaded)."""
+    cls = type(t)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def placements_of(key: str, placements: Sequence[Any]) -> tuple[Placement, ...]:
+    """torch's placement objects as :mod:`._regions` placements.
+
+    Raises:
+        LayoutError: a placement that is not a slice of the global tensor (``Partial``).
+    """
+    from torch.distributed.tensor.placement_types import Partial as TPartial
+    from torch.distributed.tensor.placement_types import Replicate as TReplicate
+    from torch.distributed.tensor.placement_types import Shard as TShard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out: list[Placement] = []
+    for p in placements:
+        if isinstance(p, _StridedShard):
+            out.append(Shard(int(p.dim), int(p.split_factor)))
+        elif isinstance(p, TShard):
+            out.append(Shard(int(p.dim)))
+        elif isinstance(p, TReplicate):
+            out.append(Replicate())
+        elif isinstance(p, TPartial):
+            raise LayoutError(f"key {key!r}: target placement {p} is a partial value, not a slice; "
+                              "redistribute it to Shard or Replicate before restoring")
+        else:
+            raise LayoutError(f"key {key!r}: target placement {p!r} is not supported")
+    return tuple(out)
+
+
+def target_region(key: str, t: torch.Tensor) -> tuple[torch.Tensor, ShardRuns] | None:
+    """``(tensor to fill, its global region)``; ``None`` when this rank holds no part of a
+    DTensor target (not in its mesh).
+
+    Raises:
+        LayoutError: a placement the math cannot map, or a local tensor whose shape is not
+            the one the placements give (never guessed).
+    """
+    if not is_dtensor(t):
+        return t, full_runs(tuple(t.shape))
+    mesh = t.device_mesh
+    coord = mesh.get_coordinate()
+    if coord is None:
+        return None
+    spec = t._spec
+    order = getattr(spec, "shard_order", None)
+    if order and not getattr(spec, "use_strided_shard_as_shard_order", False):
+        for entry in order:
+            if list(entry.mesh_dims) != sorted(entry.mesh_dims):
+                raise LayoutError(f"key {key!r}: target shard_order {tuple(entry.mesh_dims)} for tensor dim "
+                                  f"{entry.tensor_dim} is not left to right: not supported")
+    runs = shard_runs(tuple(t.shape), tuple(mesh.shape), placements_of(key, t.placements), tuple(coord))
+    local = t.to_local()
+    if tuple(local.shape) != local_shape(runs):
+        raise LayoutError(f"key {key!r}: target local tensor has shape {tuple(local.shape)}, its placements "
+                          f"{tuple(t.placements)} give {local_shape(runs)}")
+    return local, runs
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+def _steps(layout: DLayout) -> tuple[tuple[tuple[int, int, Shard], ...], ...]:
+    """Per tensor dim: ``(mesh dim, mesh size, placement)`` of the mesh dims sharding it."""
+    per: list[list[tuple[int, int, Shard]]] = [[] for _ in layout.shape]
+    for md, p in enumerate(layout.placements):
+        if isinstance(p, Partial):
+            raise LayoutError(f"saved placement {p} on mesh dim {md} is a partial value, not a slice")
+        if isinstance(p, Shard):
+            if not 0 <= p.dim < len(per):
+                raise LayoutError(f"saved placement {p} on mesh dim {md} of a {len(per)}-d tensor")
+            per[p.dim].append((md, layout.mesh.shape[md], p))
+    return tuple(tuple(s) for s in per)
+
+
+@lru_cache(maxsize=4096)
+def _dim_options(n: int, steps: tuple[tuple[int, int, Shard], ...]) -> tuple[tuple[tuple[int, ...], DimRuns], ...]:
+    """Every way the mesh dims in ``steps`` can split one dimension of size ``n``:
+    ``(their coordinates, the runs held)``. Cached: many entries share a dim size."""
+    options: list[tuple[tuple[int, ...], DimRuns]] = [((), ((0, n),) if n else ())]
+    for _md, k, p in steps:
+        options = [(coords + (c,), split_runs(runs, k, c, p)) for coords, runs in options for c in range(k)]
+    return tuple(options)
+
+
+def _touches(a: DimRuns, b: DimRuns) -> bool:
+    return any(max(g, h) < min(g + n, h + m) for g, n in a for h, m in b)
+
+
+def dtensor_holders(layout: DLayout, dst: ShardRuns) -> list[tuple[ShardRuns, list[tuple[int, tuple[int, ...]]]]]:
+    """The saved regions that overlap ``dst``, each with every ``(file rank, coordinate)``
+    holding it (several: replicas).
+
+    Raises:
+        LayoutError: the saving mesh's rank map is unknown, or a placement is unmappable.
+    """
+    mesh = layout.mesh
+    if mesh.groups is None:
+        raise LayoutError("the saved DeviceMesh does not record its rank map (saved by an older torch?): "
+                          "cannot tell which file holds which shard")
+    steps = _steps(layout)
+    if any(not runs for runs in dst):
+        return []  # the target holds nothing
+    per_dim = []
+    for n, st, d in zip(layout.shape, steps, dst):
+        opts = [(coords, runs) for coords, runs in _dim_options(n, st) if _touches(runs, d)]
+        if not opts:
+            return []
+        per_dim.append(opts)
+    sharded_dims = [[md for md, _k, _p in st] for st in steps]
+    free = [md for md in range(len(mesh.shape)) if not any(md in s for s in sharded_dims)]
+    out = []
+    for combo in itertools.product(*per_dim):
+        coord = [0] * len(mesh.shape)
+        for (coords, _runs), mds in zip(combo, sharded_dims):
+            for md, c in zip(mds, coords):
+                coord[md] = c
+        region = tuple(runs for _coords, runs in combo)
+        holders = []
+        for free_vals in itertools.product(*(range(mesh.shape[md]) for md in free)):
+            for md, c in zip(free, free_vals):
+                coord[md] = c
+            flat = 0
+            for md, k in enumerate(mesh.shape):
+                flat = flat * k + coord[md]
+            for group in mesh.groups:
+                holders.append((group[flat], tuple(coord)))
+        out.append((region, holders))
+    return out
+
+
+def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: ShardRuns, *, home: int,
+             own: int | None, nfiles: int, reading: set[int], spread: int) -> ShardJob:
+    """The pieces that fill one target shard.
+
+    Args:
+        source: The home file's entry: a :class:`DTensorRef` or a plain :class:`TensorRef`.
+        target: The tensor to fill; ``dst`` its global region.
+        home: The file ``source`` comes from (plain sources are read from it).
+        own: This rank's own file, if it has one (preferred among replicas).
+        nfiles: How many rank files the checkpoint has.
+        reading: Files this rank already reads; updated with the files chosen.
+        spread: This rank's index for spreading replicas over ranks (its rank).
+
+    Raises:
+        LayoutError: unmappable layouts, a file the checkpoint does not have, or a target
+            region the files do not cover.
+    """
+    if isinstance(source, TensorRef):  # plain: whole in every file, read from home
+        boxes = overlap(full_runs(tuple(source.size)), dst)
+        reading.add(home)
+        return ShardJob(key, path, target, (Piece(home, None, tuple(boxes)),) if boxes else (), source)
+    if not isinstance(source, DTensorRef):
+        raise LayoutError(f"key {key!r}: checkpoint holds {type(source).__name__}, not a tensor")
+    layout = source.layout
+    pieces = []
+    got = 0
+    for region, holders in dtensor_holders(layout, dst):
+        if not holders:
+            continue
+        files = [f for f, _c in holders]
+        bad = [f for f in files if not 0 <= f < nfiles]
+        if bad:
+            raise LayoutError(f"key {key!r}: the saved mesh places shards on rank {bad[0]}, but the checkpoint "
+                              f"has {nfiles} rank file(s)")
+        pick = next((h for h in holders if h[0] in reading), None) \
+            or next((h for h in holders if h[0] == own), None) \
+            or holders[spread % len(holders)]
+        reading.add(pick[0])
+        boxes = overlap(region, dst)
+        got += sum(b.numel for b in boxes)
+        pieces.append(Piece(pick[0], pick[1], tuple(boxes)))
+    need = 1
+    for n in local_shape(dst):
+        need *= n
+    if got != need:
+        raise LayoutError(f"key {key!r}: the saved shards cover {got} of the {need} elements this rank needs")
+    return ShardJob(key, path, target, tuple(pieces), source)
+
+
+def check_source(key: str, job_source: Any, entry: Any, piece: Piece, file: object) -> str | None:
+    """Why ``entry`` (the same key in another rank file) cannot give ``piece``, or ``None``."""
+    if isinstance(job_source, TensorRef):
+        if not isinstance(entry, TensorRef) or tuple(entry.size) != tuple(job_source.size) \
+                or entry.dtype != job_source.dtype:
+            return f"{file} holds {entry!r} for {key!r}, not a {job_source.dtype} tensor of shape {job_source.size}"
+        return None
+    if not isinstance(entry, DTensorRef):
+        return f"{file} holds {type(entry).__name__} for {key!r}, where the home file holds a DTensor"
+    a, b = entry.layout, job_source.layout
+    if entry.dtype != job_source.dtype or a.shape != b.shape or a.placements != b.placements \
+            or a.mesh.shape != b.mesh.shape:
+        return (f"{file}: {key!r} is {entry.dtype} {a.shape} {a.describe()}, the home file says "
+                f"{job_source.dtype} {b.shape} {b.describe()}")
+    if a.mesh.coordinate is not None and piece.coordinate is not None and a.mesh.coordinate != piece.coordinate:
+        return (f"{file}: {key!r} is at mesh coordinate {a.mesh.coordinate}, the saved rank map puts "
+                f"coordinate {piece.coordinate} there")
+    want = local_shape(a.runs_at(piece.coordinate)) if piece.coordinate is not None else None
+    if want is not None and tuple(entry.local.size) != want:
+        return f"{file}: {key!r} local tensor has shape {tuple(entry.local.size)}, its placements give {want}"
+    return None
+
+
+def coordinate_index(coord: Sequence[int], mesh_shape: Sequence[int]) -> int:
+    """Row-major index of a mesh coordinate (inverse of :func:`._regions.coordinate_of`)."""
+    flat = 0
+    for c, k in zip(coord, mesh_shape):
+        flat = flat * k + c
+    return flat
+
+
+def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """Split planned leaves into ``(read as before, reshard)``.
+
+    A DTensor entry read into nothing (``None``) or into a plain tensor of its local shard's
+    shape becomes an ordinary read of its local tensor; a DTensor target, or a DTensor entry
+    read into a plain tensor of the global shape, is resharded.
+    """
+    from dist_restore._plan import PlannedLeaf
+
+    plain, reshard = [], []
+    for lf in leaves:
+        src, t = lf.source, lf.target
+        if is_dtensor(t):
+            reshard.append(lf)
+        elif isinstance(src, DTensorRef):
+            if t is None or tuple(t.shape) == tuple(src.local.size):
+                plain.append(PlannedLeaf(lf.key, lf.path, src.local, t))
+            else:
+                reshard.append(lf)
+        else:
+            plain.append(lf)
+    return plain, reshard
+
+
+def entry_at(tree: Any, path: RawPath) -> Any:
+    """The value at a raw path of an index tree; ``KeyError`` when the tree lacks it."""
+    v = tree
+    for p in path:
+        try:
+            v = v[p]
+        except (KeyError, IndexError, TypeError):
+            raise KeyError(path) from None
+    return v
+
+
+@dataclass
+class ShardPlan:
+    """A rank's resharding reads, checked: every file opened, every entry matched.
+
+    Attributes:
+        jobs: One per target.
+        indexes: ``{file rank: index}`` of every file a piece names.
+        entries: ``{(file rank, key): the local record reference}``.
+    """
+
+    jobs: list[ShardJob]
+    indexes: dict[int, Any]
+    entries: dict[tuple[int, str], TensorRef]
+
+    @property
+    def files(self) -> list[int]:
+        return sorted(self.indexes)
+
+
+def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int | None, nfiles: int,
+                open_index: Any, spread: int) -> ShardPlan:
+    """Plan every reshard leaf (see :func:`split_leaves`) and open the files they need.
+
+    Args:
+        home, home_index: The file the leaves were planned against, and its index.
+        own: This rank's own file, if it has one.
+        nfiles: How many rank files the checkpoint has.
+        open_index: ``file rank -> index`` (indexes a rank file; raises naming the file).
+        spread: This rank's index for spreading replicas.
+
+    Raises:
+        LayoutError: an unmappable layout, or files that do not match the home file's layout.
+    """
+    from dist_restore._plan import view_out_of_bounds
+
+    reading: set[int] = {own} if own is not None and own == home else set()
+    jobs = []
+    for lf in leaves:
+        got = target_region(lf.key, lf.target)
+        if got is None:
+            continue
+        target, dst = got
+        jobs.append(plan_job(lf.key, lf.path, lf.source, target, dst, home=home, own=own, nfiles=nfiles,
+                             reading=reading, spread=spread))
+    indexes: dict[int, Any] = {home: home_index}
+    entries: dict[tuple[int, str], TensorRef] = {}
+    for job in jobs:
+        for piece in job.pieces:
+            f = piece.file
+            index = indexes.get(f)
+            if index is None:
+                index = indexes[f] = open_index(f)
+            try:
+                entry = entry_at(index.tree, job.path)
+            except KeyError:
+                raise LayoutError(f"{index.file} has no entry {job.key!r}, which holds part of this rank's "
+                                  "shard") from None
+            problem = check_source(job.key, job.source, entry, piece, index.file)
+            if problem is None:
+                local = entry.local if isinstance(entry, DTensorRef) else entry
+                problem = view_out_of_bounds(local)
+            if problem:
+                raise LayoutError(problem)
+            entries[(f, job.key)] = local
+    return ShardPlan(jobs, indexes, entries)
+
+
+__all__ = ["Piece", "ShardJob", "check_source", "coordinate_of", "dtensor_holders", "is_dtensor", "plan_job",
+           "placements_of", "target_region"]
