@@ -80,10 +80,13 @@ class RestoreReport:
     Attributes:
         world_size: Number of ranks in the restore.
         issues: Sorted by kind (missing, unexpected, mismatched), then key, then detail.
+        notes: How the restore went where it is worth saying (e.g. resharded from another
+            world size, entries taken from one rank's file); not problems.
     """
 
     world_size: int
     issues: tuple[KeyIssue, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @classmethod
     def aggregate(cls, reports: Sequence[RankReport], world_size: int) -> RestoreReport:
@@ -158,6 +161,7 @@ class RestoreReport:
                 {"key": i.key, "kind": i.kind, "ranks": list(i.ranks), "detail": i.detail}
                 for i in self.issues
             ],
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -174,7 +178,7 @@ class RestoreReport:
                                  f"expected one of {_KINDS}")
             issues.append(KeyIssue(str(i["key"]), i["kind"], tuple(int(r) for r in i["ranks"]),
                                    str(i.get("detail", ""))))
-        return cls(int(d["world_size"]), tuple(issues))
+        return cls(int(d["world_size"]), tuple(issues), tuple(str(n) for n in d.get("notes", ())))
 
     def to_json(self, indent: int | None = 2) -> str:
         """Returns the report as JSON text."""
@@ -209,9 +213,10 @@ class RestoreReport:
             raise ValueError(f"max_keys_per_section must be >= 0, got {max_keys_per_section}")
         n = self.world_size
         head = f"restore report ({n} rank{'s' if n != 1 else ''}): "
+        notes = [f"note: {n}" for n in self.notes]
         if self.ok:
-            return head + "no missing, unexpected or mismatched keys"
-        lines = [head + ", ".join(f"{len(self._keys(k))} {k}" for k in _KINDS)]
+            return "\n".join([head + "no missing, unexpected or mismatched keys"] + notes)
+        lines = [head + ", ".join(f"{len(self._keys(k))} {k}" for k in _KINDS)] + notes
         for kind in _KINDS:
             if n == 1:
                 groups = [("", tuple(i for i in self.issues if i.kind == kind))]

@@ -25,6 +25,7 @@ Every collective has a timeout: a rank that died or hung makes the others raise
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,11 +42,15 @@ from dist_restore import _shm
 from dist_restore._gc import paused
 from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
 from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
+from dist_restore._dtensor import DTensorRef
 from dist_restore._exchange import BucketIO, prepare_buckets
+from dist_restore._manifest import check_checkpoint, rank_file_count
+from dist_restore._reshard import is_dtensor, plan_shards, split_leaves
+from dist_restore._slices import read_jobs
 from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_device
 from dist_restore._report import RankReport, RestoreReport
 from dist_restore._shared import SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector
-from dist_restore._types import STATE_DICT, RankInfo
+from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore._unpickle import TensorRef
 from dist_restore.errors import RestoreError
 from dist_restore.reader import CheckpointReader
@@ -64,6 +70,7 @@ class RestoreStats:
         bytes_shm: Bytes of shared tensors copied from another rank's memory file (ranks on
             one host; see ``shared_memory``).
         bytes_sent: Bytes this rank sent by collectives.
+        files_opened: Rank files this rank opened (indexed or read).
         collectives: Number of collectives issued (barriers included).
         seconds: Wall seconds per phase (``plan``, ``read``, ``exchange``, ``finish``).
     """
@@ -72,6 +79,7 @@ class RestoreStats:
     bytes_received: int = 0
     bytes_shm: int = 0
     bytes_sent: int = 0
+    files_opened: int = 0
     collectives: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -147,6 +155,7 @@ class RestoreCoordinator:
         map_location: MapLocation = None,
         timeout: float | None = None,
         verify: bool = False,
+        per_rank: SharedSpec = None,
     ) -> RestoreResult:
         """Restore ``path/checkpoint_{rank}.pt`` on every rank (call on all ranks).
 
@@ -163,6 +172,14 @@ class RestoreCoordinator:
             map_location: Device (or mapping) for allocated tensors.
             timeout: Seconds per collective for this call (default: the coordinator's).
             verify: Check each rank's whole file against the commit manifest's CRC32.
+            per_rank: When the checkpoint was written by another number of ranks: entries
+                (prefixes, globs or a predicate, as ``shared``) that rank ``r`` takes from
+                file ``r`` (missing on ranks without one). Other non-DTensor entries come
+                from rank ``src``'s file, broadcast.
+
+        DTensor targets (and DTensor entries restored into whole tensors) are resharded:
+        each rank reads the byte ranges of the rank files that overlap its shard, whatever
+        the world size and layout that saved them (see :mod:`._reshard`).
 
         Before anything is read, every rank checks the checkpoint is committed: with a
         manifest, the world size and its own file's size (and checksum with ``verify``);
@@ -178,12 +195,14 @@ class RestoreCoordinator:
             self._pg.timeout = float(timeout)
         try:
             with paused():  # tens of thousands of small objects per restore, no cycles
-                return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify)
+                return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify,
+                                     per_rank)
         finally:
             self._pg.timeout = default_timeout
 
     def _restore(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, shared_mode: SharedMode,
-                 src: int, strict: bool, map_location: MapLocation, verify: bool) -> RestoreResult:
+                 src: int, strict: bool, map_location: MapLocation, verify: bool,
+                 per_rank: SharedSpec = None) -> RestoreResult:
         pg = self._pg
         stats = RestoreStats()
         pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
@@ -193,11 +212,13 @@ class RestoreCoordinator:
         t0 = time.perf_counter()
         local: dict[str, Any] = {}
         try:
-            payload = self._plan(path, state_dict, shared, shared_mode, src, verify, local)
+            payload = self._plan(path, state_dict, shared, shared_mode, src, verify, local, per_rank)
         except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
             payload = {"ok": False, "error": _describe(e)}
         gathered = self._agree("plan", payload)
         report = RestoreReport.aggregate([p["report"] for p in gathered], world)
+        if gathered[src].get("note"):
+            report = dataclasses.replace(report, notes=(gathered[src]["note"],))
         if strict and (report.missing_keys or report.unexpected_keys):
             failures = {r: _strict_line(p["report"]) for r, p in enumerate(gathered)
                         if p["report"].missing or p["report"].unexpected}
@@ -206,7 +227,7 @@ class RestoreCoordinator:
             raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
                                         for r, p in enumerate(gathered) if p["report"].mismatched},
                                detail=report.render())
-        items, objects = self._canonical_shared(gathered, shared_mode, src, local.get("shared", []))
+        items, objects = self._canonical_shared(gathered, local["mode"], src, local.get("shared", []))
         pg.barrier_token = gathered[0]["token"]
         stats.seconds["plan"] = time.perf_counter() - t0
         self._progress("plan", stats, f"{len(local['plan'].leaves)} tensors here, {len(items)} shared")
@@ -226,6 +247,13 @@ class RestoreCoordinator:
             todo = [lf for lf in plan.leaves if lf.key not in received]
             values = produce(index, todo, map_location=map_location, verify=self._reader._verify,
                              stats=read_stats)
+            own_index, own_leaves = local["own"]
+            if own_leaves:  # per-rank entries of a rank's own file, the rest coming from src's
+                values.update(produce(own_index, own_leaves, map_location=map_location,
+                                      verify=self._reader._verify, stats=read_stats))
+            if local["shards"] is not None:  # DTensor targets: slices of the rank files
+                read_jobs(local["shards"].jobs, local["shards"].indexes, local["shards"].entries, read_stats)
+            values.update(local["overrides"])
 
             def place(lf: PlannedLeaf) -> torch.device:
                 return resolve_device(lf.source.storage.location, map_location, file=index.file, key=lf.key)
@@ -240,6 +268,7 @@ class RestoreCoordinator:
         try:  # from here on, buffers and the memory file are released however this ends
             read_status = self._agree("read", status)
             stats.bytes_read = read_stats.bytes_read
+            stats.files_opened = local["files_opened"]
             stats.seconds["read"] = time.perf_counter() - t0
             self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
 
@@ -389,43 +418,119 @@ class RestoreCoordinator:
             logger.info("%s done in %.3fs: %s", phase, stats.seconds[phase], what)
 
     def _plan(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, mode: str, src: int,
-              verify: bool, local: dict[str, Any]) -> dict[str, Any]:
+              verify: bool, local: dict[str, Any], per_rank: SharedSpec = None) -> dict[str, Any]:
         pg = self._pg
         if mode not in _MODES:
             raise ValueError(f"shared_mode must be one of {_MODES}, got {mode!r}")
         if not 0 <= src < pg.world_size:
             raise ValueError(f"src must be a rank in [0, {pg.world_size}), got {src}")
         select = make_selector(shared)
-        self._reader.check_committed(path, verify=verify, world_size=pg.world_size)
-        index = self._reader._index(self._reader.file_path(path))
+        rank, world = pg.rank, pg.world_size
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {str(path)!r}")
+        nfiles = rank_file_count(path)
+        same = nfiles == world
+        # home: the file this rank plans against (plain entries, the saved layout)
+        home, own = (rank if same else src), (rank if rank < nfiles else None)
+        if same:
+            self._reader.check_committed(path, verify=verify, world_size=world)
+        elif nfiles <= src:
+            raise FileNotFoundError(f"checkpoint at {str(path)!r} has {nfiles} rank file(s); src={src} has none")
+        index = self._open(path, home, verify, checked=same)
         plan = plan_read(state_dict, index.tree)
         for leaf in plan.leaves:
             problem = view_out_of_bounds(leaf.source)
             if problem:
                 raise RuntimeError(f"{index.file}: key {leaf.key!r}: {problem}")
+        dtensor_keys = {lf.key for lf in plan.leaves if isinstance(lf.source, DTensorRef)}
+        if not same:
+            for lf in plan.leaves:
+                if lf.key in dtensor_keys and not is_dtensor(lf.target) and (
+                        lf.target is None or tuple(lf.target.shape) != tuple(lf.source.size)):
+                    raise RuntimeError(
+                        f"{index.file}: key {lf.key!r} is a DTensor saved by {nfiles} ranks; restoring it on "
+                        f"{world} needs a target to reshard into: a DTensor, or a tensor of its global shape "
+                        f"{tuple(lf.source.size)}")
+        plain, reshard = split_leaves(plan.leaves)
+        files_opened = {home}
+        shards = None
+        if reshard:
+            shards = plan_shards(reshard, home=home, home_index=index, own=own, nfiles=nfiles,
+                                 open_index=lambda f: self._open(path, f, verify, checked=False), spread=rank)
+            files_opened |= set(shards.indexes)
+        # per-rank entries (world size changed): from this rank's own file, if it has one
+        own_index, own_leaves, overrides, missing = None, [], {}, list(plan.missing)
+        objects = list(plan.objects)
+        if not same and per_rank is not None:
+            pick = make_selector(per_rank)
+            pr_leaves = [lf for lf in plain if pick(lf.key)]
+            pr_objects = [o for o in objects if pick(o[0])]
+            plain = [lf for lf in plain if not pick(lf.key)]
+            objects = [o for o in objects if not pick(o[0])]
+            wanted = {lf.key: lf.path for lf in pr_leaves} | {k: p for k, p, _v in pr_objects}
+            if wanted and own is None:  # no file of this rank's: missing, targets kept
+                missing += sorted(wanted)
+                overrides = {lf.path: lf.target for lf in pr_leaves} | {p: None for _k, p, _v in pr_objects}
+            elif wanted:
+                own_index = index if own == home else self._open(path, own, verify, checked=False)
+                files_opened.add(own)
+                own_plan = plan_read(state_dict, own_index.tree)
+                got = {lf.key: lf for lf in own_plan.leaves if lf.key in wanted}
+                own_leaves = list(got.values())
+                overrides = {p: v for k, p, v in own_plan.objects if k in wanted}
+                lost = sorted(k for k in wanted if k not in got and k not in {o[0] for o in own_plan.objects})
+                missing += lost
+                overrides |= {wanted[k]: None for k in lost}
+        eff_mode = mode if same else "broadcast"
         shared_items: list[SharedItem] = []
         shared_objects: dict[str, Any] = {}
-        if mode != "local" and shared is not None:
-            for lf in plan.leaves:
-                if isinstance(lf.source, TensorRef) and index.native_order and select(lf.key):
+        if same and mode != "local" and shared is not None:
+            for lf in plain:
+                if isinstance(lf.source, TensorRef) and lf.key not in dtensor_keys and index.native_order \
+                        and select(lf.key):
                     ref = lf.source
                     shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size), ref.nbytes))
-            for key, _p, value in plan.objects:
+            for key, _p, value in objects:
                 if select(key):
                     shared_objects[key] = value
-        local["index"], local["plan"] = index, plan
-        local["object_paths"] = {key: p for key, p, _v in plan.objects}
+        elif not same and world > 1:  # every rank planned against src's file: src reads, all receive
+            for lf in plain:
+                if isinstance(lf.source, TensorRef) and index.native_order:
+                    ref = lf.source
+                    shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size), ref.nbytes))
+        local["index"] = index
+        local["plan"] = dataclasses.replace(plan, leaves=tuple(plain), missing=tuple(missing))
+        local["object_paths"] = {key: p for key, p, _v in objects}
         local["shared"] = shared_items
+        local["mode"] = eff_mode
+        local["shards"] = shards
+        local["own"] = (own_index, own_leaves)
+        local["overrides"] = overrides
+        local["files_opened"] = len(files_opened)
+        note = None
+        if not same and rank == src:
+            note = (f"resharded: checkpoint written by {nfiles} rank(s), restored on {world}; "
+                    f"{len(plain)} non-DTensor tensor(s) and {len(objects)} other value(s) taken from rank {src}'s "
+                    "file" + (" and broadcast" if world > 1 else ""))
+            if per_rank is not None:
+                note += "; per-rank entries from each rank's own file"
         return {
             "ok": True,
-            "report": RankReport(pg.rank, tuple(plan.missing), tuple(plan.unexpected), tuple(plan.mismatched)),
+            "report": RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched)),
             # the full list travels from src only; the others send a digest of theirs
             "shared": [tuple(i) for i in map(_astuple, shared_items)] if pg.rank == src else None,
             "digest": _digest(shared_items),
             "objects": shared_objects if pg.rank == src else None,
             "token": uuid.uuid4().hex if pg.rank == 0 else None,
             "host": _shm.host_id() if self._shm else None,
+            "note": note,
         }
+
+    def _open(self, path: Any, file_rank: int, verify: bool, *, checked: bool) -> Any:
+        """Index rank file ``file_rank`` (checked against the manifest first, unless done)."""
+        if not checked:
+            check_checkpoint(path, world_size=None, ranks=[file_rank], verify=verify)
+        return self._reader._index(Path(path) / rank_file_name(file_rank))
 
     def _agree(self, phase: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """(all ranks) Exchange status; raise the same RestoreError everywhere on any failure."""
