@@ -92,7 +92,7 @@ def placements_of(key: str, placements: Sequence[Any]) -> tuple[Placement, ...]:
         elif isinstance(p, TReplicate):
             out.append(Replicate())
         elif isinstance(p, TPartial):
-            raise LayoutError(f"key {key!r}: target placement {p} is a partial value, not a slice; "
+            raise LayoutError(f"key {key!r}: target placement {p!r} is a partial value, not a slice; "
                               "redistribute it to Shard or Replicate before restoring")
         else:
             raise LayoutError(f"key {key!r}: target placement {p!r} is not supported")
@@ -271,6 +271,19 @@ def check_source(key: str, job_source: Any, entry: Any, piece: Piece, file: obje
     return None
 
 
+def _open_for(open_index: Any, f: int, key: str) -> Any:
+    """``open_index(f)``, its error saying which key needed the file."""
+    from dist_restore.errors import CheckpointError
+
+    try:
+        return open_index(f)
+    except CheckpointError as e:
+        raise type(e)(f"{e.reason} (rank file {f} holds part of {key!r})", file=e.file, rank=e.rank,
+                      key=e.key or key) from e
+    except OSError as e:
+        raise type(e)(f"{e} (rank file {f} holds part of {key!r})") from e
+
+
 def coordinate_index(coord: Sequence[int], mesh_shape: Sequence[int]) -> int:
     """Row-major index of a mesh coordinate (inverse of :func:`._regions.coordinate_of`)."""
     flat = 0
@@ -365,7 +378,7 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
             f = piece.file
             index = indexes.get(f)
             if index is None:
-                index = indexes[f] = open_index(f)
+                index = indexes[f] = _open_for(open_index, f, job.key)
             try:
                 entry = entry_at(index.tree, job.path)
             except KeyError:
@@ -374,7 +387,8 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
             problem = check_source(job.key, job.source, entry, piece, index.file)
             if problem is None:
                 local = entry.local if isinstance(entry, DTensorRef) else entry
-                problem = view_out_of_bounds(local)
+                bounds = view_out_of_bounds(local)
+                problem = f"{index.file}: {job.key!r}: {bounds}" if bounds else None
             if problem:
                 raise LayoutError(problem)
             entries[(f, job.key)] = local

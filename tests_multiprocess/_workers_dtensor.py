@@ -132,3 +132,52 @@ def restore(rank: int, world: int, path: str, kind: str, target: str = "dtensor"
             "report": res.report.render() if res.report else None,
             "rank_value": got.get("extra.rank_value"), "step": res.state_dict["extra"]["step"]
             if isinstance(res.state_dict.get("extra"), dict) else None}
+
+
+def _snapshot(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in m.parameters()]
+
+
+def _untouched(m: torch.nn.Module, before: list[torch.Tensor]) -> bool:
+    now = _snapshot(m)
+    return all(torch.equal(a, b) for a, b in zip(before, now))
+
+
+def _expect_error(path: str, m: torch.nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    from dist_restore import RestoreCoordinator, RestoreError
+
+    before = _snapshot(m)
+    try:
+        RestoreCoordinator(timeout=60).restore(path, sd)
+    except RestoreError as e:
+        return {"error": f"{type(e).__name__}: {e}", "untouched": _untouched(m, before)}
+    return {"error": "", "untouched": _untouched(m, before)}
+
+
+def restore_expect_error(rank: int, world: int, path: str, kind: str) -> dict[str, Any]:
+    m, opt = build(kind, world, seed=99)
+    return _expect_error(path, m, _state(m, opt))
+
+
+def restore_mismatch(rank: int, world: int, path: str) -> dict[str, Any]:
+    """A target whose global shape differs from the saved one (15 rows, saved 14)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    m, opt = build("fsdp", world, seed=99)
+    sd = _state(m, opt)
+    mesh = init_device_mesh("cpu", (world,))
+    sd["model"]["up.weight"] = distribute_tensor(torch.zeros(15, DIMS[0]), mesh, [Shard(0)])
+    return _expect_error(path, m, sd)
+
+
+def restore_partial(rank: int, world: int, path: str) -> dict[str, Any]:
+    """A target placement that is not a slice of the global tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    m, opt = build("fsdp", world, seed=99)
+    sd = _state(m, opt)
+    mesh = init_device_mesh("cpu", (world,))
+    sd["model"]["norm.bias"] = DTensor.from_local(torch.zeros(DIMS[2]), mesh, [Partial()])
+    return _expect_error(path, m, sd)

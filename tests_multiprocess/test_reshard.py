@@ -1,0 +1,206 @@
+"""Resharding on real FSDP2 / FSDP2+TP / TP models (gloo, CPU meshes): save at one world
+size and layout, restore at another, compare every entry's ``full_tensor()`` bit for bit
+with the values saved."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests_multiprocess import _workers_dtensor as w
+from tests_multiprocess.harness import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+_SAVED: dict[tuple[str, int, bool], Path] = {}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory):
+    """``saved(kind, world, writer=False)``: a checkpoint directory, written once per module."""
+    root = tmp_path_factory.mktemp("reshard")
+
+    def get(kind: str, world: int, writer: bool = False) -> Path:
+        key = (kind, world, writer)
+        if key not in _SAVED:
+            path = root / f"{kind}{world}{'_w' if writer else ''}"
+            run_ranks(w.save, world, args=(str(path), kind, writer), timeout=120)
+            _SAVED[key] = path
+        return _SAVED[key]
+
+    yield get
+    _SAVED.clear()
+
+
+def _check(out: list[dict], *, exact_bytes: bool = True) -> None:
+    for r, o in enumerate(out):
+        assert o["bad"] == [], f"rank {r}: {o['bad']}"
+        assert o["step"] == 7
+        if exact_bytes:  # only the bytes of its own shard (plus the plain entries src reads)
+            assert o["bytes_read"] <= 1.1 * o["shard_bytes"] + 64, (r, o["bytes_read"], o["shard_bytes"])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("src_kind,src_world,dst_kind,dst_world", [
+    ("fsdp", 4, "fsdp", 2),        # shrink
+    ("fsdp", 4, "fsdp", 3),        # uneven: 10 and 14 rows over 3 ranks
+    ("fsdp", 2, "fsdp", 4),        # grow
+    ("fsdp_tp", 4, "fsdp", 2),     # 2-D (_StridedShard) to 1-D
+    ("fsdp", 2, "fsdp_tp", 4),     # 1-D to 2-D
+    ("tp", 2, "fsdp", 2),          # same ranks, other placements
+])
+def test_reshard_bit_exact(saved, src_kind: str, src_world: int, dst_kind: str, dst_world: int) -> None:
+    path = saved(src_kind, src_world)
+    out = run_ranks(w.restore, dst_world, args=(str(path), dst_kind), timeout=180)
+    _check(out)
+    if src_world != dst_world:
+        assert "resharded: checkpoint written by" in out[0]["report"]
+        assert f"taken from rank 0's file" in out[0]["report"]
+    for r, o in enumerate(out):  # files holding bytes it needs, plus at most the one for the layout
+        assert o["files_opened"] <= src_world
+
+
+@pytest.mark.timeout(180)
+def test_same_layout_reads_own_file_only(saved) -> None:
+    path = saved("fsdp_tp", 4)
+    out = run_ranks(w.restore, 4, args=(str(path), "fsdp_tp"), timeout=150)
+    _check(out)
+    assert [o["files_opened"] for o in out] == [1, 1, 1, 1]
+    assert [o["bytes_read"] for o in out] == [o["shard_bytes"] for o in out]
+    assert [float(o["rank_value"]) for o in out] == [0.0, 1.0, 2.0, 3.0]  # per-rank values: own file
+
+
+@pytest.mark.timeout(180)
+def test_dtensor_files_into_full_tensors_on_every_rank(saved) -> None:
+    path = saved("fsdp_tp", 4)
+    out = run_ranks(w.restore, 2, args=(str(path), "plain", "full"), timeout=150)
+    _check(out, exact_bytes=False)
+    full = torch.load(path.parent / f"{path.name}_full.pt", weights_only=True)
+    whole = sum(v.numel() * v.element_size() for k, v in full.items() if k.startswith(("model.", "optim.state"))
+                and v.dim() > 0)
+    for o in out:
+        assert whole <= o["bytes_read"] <= whole + 64
+
+
+@pytest.mark.timeout(120)
+def test_dtensor_files_into_full_tensors_in_one_process(saved) -> None:
+    """No process group: one process consolidates every shard of every file."""
+    from dist_restore import RestoreCoordinator
+
+    path = saved("fsdp_tp", 4)
+    full = torch.load(path.parent / f"{path.name}_full.pt", weights_only=True)
+    target = {"model": {k[len("model."):]: torch.zeros_like(v) for k, v in full.items() if k.startswith("model.")}}
+    res = RestoreCoordinator().restore(path, target)
+    for k, v in res.state_dict["model"].items():
+        assert torch.equal(v, full[f"model.{k}"]), k
+    assert res.stats.files_opened == 4
+
+
+@pytest.mark.timeout(180)
+def test_plain_full_files_into_dtensor_targets(saved) -> None:
+    """A DDP-style checkpoint (whole tensors in every file) into FSDP2 shards: each rank
+    reads only its slice."""
+    path = saved("plain", 2)
+    out = run_ranks(w.restore, 4, args=(str(path), "fsdp"), timeout=150)
+    _check(out)
+    assert all(o["files_opened"] == 1 for o in out)
+
+
+@pytest.mark.timeout(240)
+def test_per_rank_entries_and_our_writer(saved) -> None:
+    path = saved("fsdp", 2, True)  # CheckpointWriter: the manifest gives the world size
+    out = run_ranks(w.restore, 4, args=(str(path), "fsdp", "dtensor", ["extra.rank_value"]), timeout=180)
+    _check(out)
+    assert [float(o["rank_value"]) for o in out] == [0.0, 1.0, 2.0, 3.0]  # 2, 3: kept (missing)
+    assert [o["missing"] for o in out] == [[], [], ["extra.rank_value"], ["extra.rank_value"]]
+    assert "extra.rank_value  missing on ranks 2-3" in out[0]["report"]
+    out = run_ranks(w.restore, 2, args=(str(saved("fsdp", 4)), "fsdp", "dtensor", "extra.rank_value"), timeout=150)
+    assert [float(o["rank_value"]) for o in out] == [0.0, 1.0]
+
+
+@pytest.mark.timeout(180)
+def test_shape_mismatch_fails_every_rank_untouched(saved) -> None:
+    out = run_ranks(w.restore_mismatch, 2, args=(str(saved("fsdp", 4)),), timeout=150)
+    for o in out:
+        assert o["untouched"]
+        assert "RestoreError" in o["error"] and "model.up.weight" in o["error"]
+        assert "(14, 10) in checkpoint, (15, 10) in target" in o["error"]
+
+
+@pytest.mark.timeout(180)
+def test_partial_target_placement_is_refused(saved) -> None:
+    out = run_ranks(w.restore_partial, 2, args=(str(saved("fsdp", 4)),), timeout=150)
+    for o in out:
+        assert "'model.norm.bias'" in o["error"] and "Partial" in o["error"] and o["untouched"]
+
+
+@pytest.mark.timeout(180)
+def test_missing_and_corrupt_source_file_named_with_key(saved, tmp_path: Path) -> None:
+    src = saved("fsdp", 4, True)
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    (broken / "checkpoint_3.pt").unlink()
+    out = run_ranks(w.restore_expect_error, 2, args=(str(broken), "fsdp"), timeout=150)
+    assert "checkpoint_3.pt" in out[0]["error"] and "rank file listed in the commit manifest is missing" \
+        in out[0]["error"]
+    assert "holds part of 'model." in out[1]["error"]  # rank 1 needed file 3
+    assert all(o["untouched"] for o in out)
+    shutil.copy(src / "checkpoint_3.pt", broken / "checkpoint_3.pt")
+    (broken / "dist_restore_manifest.json").unlink()
+    data = bytearray((broken / "checkpoint_2.pt").read_bytes())
+    at = data.find(b"data.pkl") + 60
+    data[at:at + 16] = b"\xff" * 16  # inside data.pkl: its CRC32 no longer matches
+    (broken / "checkpoint_2.pt").write_bytes(bytes(data))
+    out = run_ranks(w.restore_expect_error, 2, args=(str(broken), "fsdp"), timeout=150)
+    assert "checkpoint_2.pt" in out[1]["error"] and "holds part of" in out[1]["error"]
+    assert all(o["untouched"] for o in out)
+
+
+@pytest.mark.timeout(180)
+def test_reader_indexes_dtensor_entries_like_torch_load(saved) -> None:
+    """One process: the index's layout and local reads against torch.load of the same files."""
+    import torch.distributed.tensor  # noqa: F401 - torch.load needs it to allow DTensors
+
+    from dist_restore import CheckpointReader, RankInfo
+
+    path = saved("fsdp_tp", 4)
+    for rank in range(4):
+        ref = torch.load(path / f"checkpoint_{rank}.pt", weights_only=True)
+        reader = CheckpointReader(RankInfo(rank, 4))
+        index = reader.index(path)
+        sd, missing = reader.read(path)
+        assert missing == []
+        for key, v in ref["model"].items():
+            e = index[f"model.{key}"]
+            assert e.kind == "dtensor"
+            assert e.shape == tuple(v.shape) and e.dtype == v.dtype
+            assert e.local_shape == tuple(v.to_local().shape)
+            assert e.layout.mesh.shape == tuple(v.device_mesh.shape)
+            assert e.layout.mesh.dim_names == v.device_mesh.mesh_dim_names
+            assert e.layout.mesh.coordinate == tuple(v.device_mesh.get_coordinate())
+            assert [_plain(p) for p in e.layout.placements] == [_plain(p) for p in v.placements]
+            got = sd["model"][key]
+            assert type(got) is torch.Tensor and torch.equal(got, v.to_local())
+        assert sd["optim"]["param_groups"] == ref["optim"]["param_groups"]
+        assert torch.equal(sd["optim"]["state"][0]["step"], ref["optim"]["state"][0]["step"])
+
+
+
+def _plain(p: object) -> tuple:
+    """A placement, torch's or ours, as plain values (``_StridedShard`` first: it is a Shard)."""
+    from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
+
+    from dist_restore import _regions
+
+    if isinstance(p, _StridedShard):
+        return ("shard", p.dim, p.split_factor)
+    if isinstance(p, Shard):
+        return ("shard", p.dim, 0)
+    if isinstance(p, _regions.Shard):
+        return ("shard", p.dim, p.split_factor)
+    if isinstance(p, (Replicate, _regions.Replicate)):
+        return ("replicate",)
+    return ("other", repr(p))
