@@ -1,0 +1,153 @@
+"""Region math against DTensor's own: random shapes, meshes and placements (no processes)."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed._mesh_layout import _MeshLayout
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import Replicate as TReplicate
+from torch.distributed.tensor.placement_types import Shard as TShard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from dist_restore import _regions as R
+from dist_restore._unpickle import unpickle_refs
+from dist_restore.errors import UnsafeCheckpointError
+
+
+@st.composite
+def layouts(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.integers(0, 9)) for _ in range(ndim))
+    mdim = draw(st.integers(1, 3))
+    mesh = tuple(draw(st.integers(1, 4)) for _ in range(mdim))
+    ours, theirs = [], []
+    for _ in range(mdim):
+        kind = draw(st.sampled_from(["r", "s", "ss"]))
+        d = draw(st.integers(0, ndim - 1))
+        if kind == "r":
+            ours.append(R.Replicate())
+            theirs.append(TReplicate())
+        elif kind == "s":
+            ours.append(R.Shard(d))
+            theirs.append(TShard(d))
+        else:
+            sf = draw(st.integers(1, 4))
+            ours.append(R.Shard(d, sf))
+            theirs.append(_StridedShard(d, split_factor=sf))
+    return shape, mesh, ours, theirs
+
+
+def _split_like_dtensor(full: torch.Tensor, mesh, theirs, coord) -> torch.Tensor:
+    """The local tensor ``distribute_tensor`` gives a coordinate: each placement's own
+    ``_split_tensor``, mesh dims left to right."""
+    t = full
+    for md, p in enumerate(theirs):
+        if isinstance(p, TReplicate):
+            continue
+        chunks, _ = p._split_tensor(t, mesh[md], with_padding=False)
+        t = chunks[coord[md]]
+    return t
+
+
+def _gather(full: torch.Tensor, runs: R.ShardRuns) -> torch.Tensor:
+    t = full
+    for d, r in enumerate(runs):
+        idx = torch.tensor([g + i for g, n in r for i in range(n)], dtype=torch.long)
+        t = t.index_select(d, idx)
+    return t
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(), st.data())
+def test_shard_runs_match_dtensor(layout, data) -> None:
+    shape, mesh, ours, theirs = layout
+    coord = tuple(data.draw(st.integers(0, k - 1)) for k in mesh)
+    full = torch.arange(max(1, int(torch.tensor(shape).prod()))).reshape(shape) if all(shape) \
+        else torch.empty(shape, dtype=torch.long)
+    runs = R.shard_runs(shape, mesh, ours, coord)
+    expect = _split_like_dtensor(full, mesh, theirs, coord)
+    assert R.local_shape(runs) == tuple(expect.shape)
+    assert torch.equal(_gather(full, runs), expect)
+    local, offset = _compute_local_shape_and_global_offset(shape, mesh, list(coord), theirs)
+    assert tuple(local) == R.local_shape(runs)
+    for d, r in enumerate(runs):
+        if r:
+            assert offset[d] == r[0][0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(layouts(), layouts(), st.data())
+def test_overlaps_rebuild_every_target_shard(src, dst_draw, data) -> None:
+    """Any source layout into any target layout of the same global shape: the boxes from the
+    source shards fill each target shard with exactly the target's elements."""
+    shape, smesh, sours, _ = src
+    _s2, dmesh, dours, _ = dst_draw
+    dours = [p if not isinstance(p, R.Shard) or p.dim < len(shape) else R.Replicate() for p in dours]
+    full = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
+    dcoord = tuple(data.draw(st.integers(0, k - 1)) for k in dmesh)
+    druns = R.shard_runs(shape, dmesh, dours, dcoord)
+    out = torch.full(R.local_shape(druns), -1, dtype=torch.long)
+    seen: set[R.ShardRuns] = set()
+    for scoord in itertools.product(*(range(k) for k in smesh)):
+        sruns = R.shard_runs(shape, smesh, sours, scoord)
+        if sruns in seen:  # a replica: read once
+            continue
+        seen.add(sruns)
+        local = _gather(full, sruns)
+        for b in R.overlap(sruns, druns):
+            dsl = tuple(slice(a, a + n) for a, n in zip(b.dst_start, b.size))
+            ssl = tuple(slice(a, a + n) for a, n in zip(b.src_start, b.size))
+            assert (out[dsl] == -1).all()  # every element once
+            out[dsl] = local[ssl]
+    assert torch.equal(out, _gather(full, druns))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=4), st.data())
+def test_mesh_groups_match_mesh_layout(sizes, data) -> None:
+    """Submeshes of a root mesh: the same groups as torch's ``_MeshLayout.remap_to_tensor``."""
+    root = _MeshLayout.from_sizes_strides(tuple(sizes))
+    dims = sorted(data.draw(st.sets(st.integers(0, len(sizes) - 1), min_size=1)))
+    sub = _MeshLayout([root[i] for i in dims])
+    world = 1
+    for s in sizes:
+        world *= s
+    rank_map = data.draw(st.permutations(list(range(world))))
+    expect = sub.remap_to_tensor(torch.tensor(rank_map)).reshape(-1, sub.numel()).tolist()
+    axes = [(ax.shape, ax.stride) for ax in sub]
+    got = R.mesh_groups(axes, rank_map)
+    assert sorted(map(tuple, got)) == sorted(map(tuple, expect))
+
+
+def test_partial_and_bad_layouts_are_refused() -> None:
+    with pytest.raises(R.LayoutError, match="partial"):
+        R.shard_runs((4,), (2,), [R.Partial()], (0,))
+    with pytest.raises(R.LayoutError, match="2-d tensor"):
+        R.shard_runs((4, 4), (2,), [R.Shard(2)], (0,))
+    with pytest.raises(R.LayoutError, match="tiling"):
+        R.mesh_groups([((2,), (3,))], list(range(4)))
+
+
+def test_strided_shard_leaves_several_runs() -> None:
+    # 8 rows: _StridedShard(0, sf=2) over 2, then Shard(0) over 2: (0, 1) holds rows 4-5
+    runs = R.shard_runs((8,), (2, 2), [R.Shard(0, 2), R.Shard(0)], (0, 1))
+    assert runs == (((4, 2),),)
+    # alone, sf=2 over 2 ranks interleaves: rank 0 holds rows 0-1 and 4-5
+    assert R.shard_runs((8,), (2,), [R.Shard(0, 2)], (0,)) == (((0, 2), (4, 2)),)
+
+
+def test_unpickler_stubs_run_no_torch_distributed_code() -> None:
+    """DTensor's classes resolve to inert stand-ins; anything else of torch.distributed is refused."""
+    evil = pickle.dumps(0, protocol=2)[:2] + b"ctorch.distributed.distributed_c10d\nnew_group\n)R."
+    with pytest.raises(UnsafeCheckpointError, match="new_group"):
+        unpickle_refs(evil, "x.pt")
+    # a DeviceMesh built by REDUCE with arguments: recorded, not run (a real one would need a group)
+    mesh = b"\x80\x02ctorch.distributed.device_mesh\nDeviceMesh\nX\x03\x00\x00\x00cpuK\x04\x86R."
+    obj, _ = unpickle_refs(mesh, "x.pt")
+    assert type(obj).__name__ == "_DeviceMeshStub" and obj.args == ("cpu", 4)
