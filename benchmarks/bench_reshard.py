@@ -1,0 +1,249 @@
+"""Benchmark resharding restores of FSDP2 (+TP) model and AdamW state against DCP and naive loads.
+
+Run: ``python benchmarks/bench_reshard.py [--mb 500] [--repeats 3] [--cold] [--markdown]``.
+
+Workload: an MLP of ``--layers`` square ``Linear`` layers (no bias) sized so that model +
+AdamW state (3 floats per parameter) is about ``--mb`` MB, trained one step, its
+``{"model": model.state_dict(), "optim": opt.state_dict()}`` saved
+
+* with ``torch.save`` per rank (``checkpoint_{rank}.pt``: our format), and
+* with ``dcp.save`` (DCP's format), from the same ranks,
+
+then restored on another world size into a freshly built model's and optimizer's own state
+dicts (DTensor targets), in three ways:
+
+* ``dist_restore``: ``RestoreCoordinator.restore``;
+* ``dcp``: ``torch.distributed.checkpoint.load`` (DCP reshards its own format);
+* ``naive``: ``torch.load`` (whole, ``weights_only=True``) of every file the rank needs (the
+  files dist_restore's plan names), then each shard's slices copied out.
+
+Scenarios: FSDP2 on 4 ranks -> 2, FSDP2+TP (2-D mesh dp=2 x tp=2, ``_StridedShard``) on 4 -> FSDP2
+on 2, FSDP2 on 2 -> 4. Per method: one untimed warm-up (checked bit-exact against the values
+saved), then ``--repeats`` rounds in rotated order, each after a barrier; ``--cold`` drops the page
+cache of every checkpoint file (``posix_fadvise(DONTNEED)``, no root needed) before each round.
+
+Reported per (scenario, method): ``wall`` = the slowest rank's time, median over rounds;
+``read/shard`` = the largest over ranks of bytes read from files (``bytes_read``; for naive the
+sizes of the files loaded; for DCP not measured) over the rank's shard bytes;
+``x dcp`` = wall over DCP's wall (goal: <= 0.5x); ``x naive`` likewise.
+1 MB = 1e6 bytes. The machine is shared: read the load averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from tests_multiprocess.harness import run_ranks  # noqa: E402
+
+METHODS = ("dist_restore", "dcp", "naive")
+
+
+def build(kind: str, world: int, layers: int, width: int, seed: int) -> tuple[Any, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        m = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    if kind == "fsdp_tp":
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(m, mesh["tp"], {str(i): ColwiseParallel() if i % 2 == 0 else RowwiseParallel()
+                                           for i in range(layers)})
+        dp = mesh["dp"]
+    else:
+        dp = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    for layer in m:
+        fully_shard(layer, mesh=dp)
+    fully_shard(m, mesh=dp)
+    m.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            local = p.to_local()
+            local.copy_(torch.randn(local.shape, generator=g))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for p in m.parameters():  # a step's state without a forward pass: grads of ones
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad()
+    return m, opt
+
+
+def _sd(m: Any, opt: Any) -> dict[str, Any]:
+    return {"model": m.state_dict(), "optim": opt.state_dict()}
+
+
+def _leaves(sd: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(sd, dict):
+        return [kv for k, v in sd.items() for kv in _leaves(v, f"{prefix}{k}.")]
+    return [(prefix, sd)]
+
+
+def save_worker(rank: int, world: int, root: str, kind: str, layers: int, width: int) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    m, opt = build(kind, world, layers, width, seed=1)
+    sd = _sd(m, opt)
+    ours = Path(root) / "ours"
+    ours.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, ours / f"checkpoint_{rank}.pt")
+    dcp.save(sd, checkpoint_id=str(Path(root) / "dcp"))
+    full = {k: v.full_tensor() for k, v in _leaves(sd) if hasattr(v, "full_tensor")}
+    if rank == 0:
+        torch.save(full, Path(root) / "full.pt")
+    dist.barrier()
+    return {}
+
+
+def _drop_cache(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, width: int, repeats: int,
+                   cold: bool) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    from dist_restore import RestoreCoordinator
+    from dist_restore._reshard import plan_shards, split_leaves  # noqa: F401 - the naive path's files
+    from dist_restore._slices import copy_boxes
+
+    m, opt = build(kind, world, layers, width, seed=2)
+    sd = _sd(m, opt)
+    shard_bytes = sum(v.to_local().numel() * v.element_size() for _k, v in _leaves(sd) if hasattr(v, "to_local"))
+    coord = RestoreCoordinator(timeout=600)
+    ours = Path(root) / "ours"
+
+    def run_ours() -> int:
+        return coord.restore(ours, sd).stats.bytes_read
+
+    plan_files: list[int] = []
+
+    def run_dcp() -> int:
+        dcp.load(sd, checkpoint_id=str(Path(root) / "dcp"))
+        return 0
+
+    def run_naive() -> int:
+        loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu")
+                  for f in plan_files}
+        nbytes = sum(os.path.getsize(ours / f"checkpoint_{f}.pt") for f in plan_files)
+        with torch.no_grad():
+            for job in naive_jobs:
+                for piece in job.pieces:
+                    v: Any = loaded[piece.file]
+                    for p in job.path:
+                        v = v[p]
+                    copy_boxes(v.to_local() if hasattr(v, "to_local") else v, job.target, piece.boxes)
+        return nbytes
+
+    # the files and boxes dist_restore's plan picks; the naive way loads those files whole
+    from dist_restore._index import read_index
+    from dist_restore._plan import plan_read
+
+    nfiles = len(list(ours.glob("checkpoint_*.pt")))
+    home = rank if nfiles == world else 0
+    index = read_index(ours / f"checkpoint_{home}.pt")
+    _plain, reshard = split_leaves(plan_read(sd, index.tree).leaves)
+    shards = plan_shards(reshard, home=home, home_index=index, own=rank if rank < nfiles else None,
+                         nfiles=nfiles, open_index=lambda f: read_index(ours / f"checkpoint_{f}.pt"), spread=rank)
+    naive_jobs = shards.jobs
+    plan_files.extend(sorted({p.file for j in naive_jobs for p in j.pieces}))
+
+    import torch.distributed.tensor  # noqa: F401 - torch.load of DTensors needs it
+
+    full = torch.load(Path(root) / "full.pt", weights_only=True)
+    runs = {"dist_restore": run_ours, "dcp": run_dcp, "naive": run_naive}
+    out: dict[str, Any] = {"shard_bytes": shard_bytes}
+    for name, fn in runs.items():  # warm-up, checked
+        with torch.no_grad():
+            for _k, v in _leaves(sd):
+                if hasattr(v, "to_local"):
+                    v.to_local().zero_()
+        fn()
+        for k, v in _leaves(sd):
+            if hasattr(v, "full_tensor") and not torch.equal(v.full_tensor(), full[k]):
+                raise AssertionError(f"{name}: {k} differs from the values saved")
+        out[name] = []
+    for r in range(repeats):
+        order = METHODS[r % 3:] + METHODS[:r % 3]
+        for name in order:
+            if cold and rank == 0:
+                _drop_cache(Path(root))
+            dist.barrier()
+            t0 = time.perf_counter()
+            nbytes = runs[name]()
+            out[name].append((time.perf_counter() - t0, nbytes))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=500.0, help="model + AdamW state, MB (default 500)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every timed run")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    width = int((args.mb * 1e6 / (3 * 4 * args.layers)) ** 0.5) // 4 * 4
+    scenarios = [("fsdp", 4, "fsdp", 2), ("fsdp_tp", 4, "fsdp", 2), ("fsdp", 2, "fsdp", 4)]
+    print(f"# bench_reshard: {args.layers} x Linear({width}, {width}) + AdamW = "
+          f"{3 * 4 * args.layers * width * width / 1e6:.0f} MB; {'cold' if args.cold else 'warm'}; "
+          f"repeats {args.repeats}; {platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"load avg {os.getloadavg()[0]:.2f}")
+    rows = []
+    for skind, sworld, dkind, dworld in scenarios:
+        root = Path(tempfile.mkdtemp(prefix="bench_reshard_"))
+        try:
+            run_ranks(save_worker, sworld, args=(str(root), skind, args.layers, width), timeout=1200,
+                      pg_timeout=600)
+            out = run_ranks(restore_worker, dworld, args=(str(root), dkind, args.layers, width, args.repeats,
+                                                           args.cold), timeout=3000, pg_timeout=600)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        walls = {name: statistics.median(max(o[name][i][0] for o in out) for i in range(args.repeats))
+                 for name in METHODS}
+        for name in METHODS:
+            ratio = max(max(b for _t, b in o[name]) / o["shard_bytes"] for o in out)
+            rows.append((f"{skind}@{sworld} -> {dkind}@{dworld}", name, walls[name],
+                         ratio if name != "dcp" else None, walls[name] / walls["dcp"], walls[name] / walls["naive"]))
+    head = ("scenario", "method", "wall s", "read/shard", "x dcp", "x naive")
+    fmt = [lambda v: v, lambda v: v, lambda v: f"{v:.3f}", lambda v: "-" if v is None else f"{v:.2f}",
+           lambda v: f"{v:.2f}", lambda v: f"{v:.2f}"]
+    table = [[f(v) for f, v in zip(fmt, r)] for r in rows]
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in table:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
+        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        for r in table:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"load avg after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
