@@ -111,6 +111,21 @@ class ProcessGroupWrapper:
         """Every rank's picklable ``obj``, in rank order."""
         return [pickle.loads(b) for b in self.all_gather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))]
 
+    def broadcast_object(self, obj: Any, src: int) -> Any:
+        """``obj`` of group rank ``src`` on every rank (two broadcasts: size, then bytes). Unlike
+        a gather, the others' padding does not grow with the world size."""
+        if not self.distributed:
+            return obj
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else b""
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        self.broadcast_(n, src)
+        buf = torch.empty(int(n.item()), dtype=torch.uint8)
+        if self.rank == src:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        buf = buf.to(self.device)
+        self.broadcast_(buf, src)
+        return obj if self.rank == src else pickle.loads(buf.cpu().numpy().tobytes())
+
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         """Broadcast ``tensor`` (contiguous, on :attr:`device`) in place from group rank ``src``."""
         if not self.distributed:

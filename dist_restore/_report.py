@@ -155,14 +155,16 @@ class RestoreReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the report as a JSON-safe dict (inverse of :meth:`from_dict`)."""
-        return {
+        out: dict[str, Any] = {
             "world_size": self.world_size,
             "issues": [
                 {"key": i.key, "kind": i.kind, "ranks": list(i.ranks), "detail": i.detail}
                 for i in self.issues
             ],
-            "notes": list(self.notes),
         }
+        if self.notes:  # only when there are some: older readers of the JSON see no change
+            out["notes"] = list(self.notes)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RestoreReport:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from dist_restore._dtensor import DLayout, DTensorRef
@@ -153,6 +154,19 @@ def _dim_options(n: int, steps: tuple[tuple[int, int, Shard], ...]) -> tuple[tup
     return tuple(options)
 
 
+@lru_cache(maxsize=4096)
+def _dim_spans(n: int, steps: tuple[tuple[int, int, Shard], ...]) -> tuple[Any, np.ndarray, np.ndarray]:
+    """:func:`_dim_options` with each option's bounding ``[lo, hi)`` as arrays: the options
+    that may touch a target are found with one vectorised test, not a loop over all ranks."""
+    options = _dim_options(n, steps)
+    lo = np.array([r[0][0] if r else 0 for _c, r in options], dtype=np.int64)
+    hi = np.array([r[-1][0] + r[-1][1] if r else 0 for _c, r in options], dtype=np.int64)
+    if any(len(r) > 1 for _c, r in options):  # interleaved runs: bound by the min/max instead
+        lo = np.array([min(g for g, _n in r) if r else 0 for _c, r in options], dtype=np.int64)
+        hi = np.array([max(g + m for g, m in r) if r else 0 for _c, r in options], dtype=np.int64)
+    return options, lo, hi
+
+
 def _touches(a: DimRuns, b: DimRuns) -> bool:
     return any(max(g, h) < min(g + n, h + m) for g, n in a for h, m in b)
 
@@ -173,7 +187,10 @@ def dtensor_holders(layout: DLayout, dst: ShardRuns) -> list[tuple[ShardRuns, li
         return []  # the target holds nothing
     per_dim = []
     for n, st, d in zip(layout.shape, steps, dst):
-        opts = [(coords, runs) for coords, runs in _dim_options(n, st) if _touches(runs, d)]
+        options, lo, hi = _dim_spans(n, st)
+        dlo, dhi = min(g for g, _m in d), max(g + m for g, m in d)
+        near = np.flatnonzero((lo < dhi) & (hi > dlo)).tolist() if len(options) > 8 else range(len(options))
+        opts = [options[i] for i in near if _touches(options[i][1], d)]
         if not opts:
             return []
         per_dim.append(opts)

@@ -227,7 +227,11 @@ class RestoreCoordinator:
             raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
                                         for r, p in enumerate(gathered) if p["report"].mismatched},
                                detail=report.render())
-        items, objects = self._canonical_shared(gathered, local["mode"], src, local.get("shared", []))
+        try:
+            items, objects = self._canonical_shared(gathered, local["mode"], src, local.get("shared", []),
+                                                    local.get("shared_objects", {}))
+        except CollectiveError as e:
+            raise RestoreError("plan", {rank: str(e)}) from e
         pg.barrier_token = gathered[0]["token"]
         stats.seconds["plan"] = time.perf_counter() - t0
         self._progress("plan", stats, f"{len(local['plan'].leaves)} tensors here, {len(items)} shared")
@@ -502,6 +506,7 @@ class RestoreCoordinator:
         local["plan"] = dataclasses.replace(plan, leaves=tuple(plain), missing=tuple(missing))
         local["object_paths"] = {key: p for key, p, _v in objects}
         local["shared"] = shared_items
+        local["shared_objects"] = shared_objects
         local["mode"] = eff_mode
         local["shards"] = shards
         local["own"] = (own_index, own_leaves)
@@ -517,10 +522,9 @@ class RestoreCoordinator:
         return {
             "ok": True,
             "report": RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched)),
-            # the full list travels from src only; the others send a digest of theirs
-            "shared": [tuple(i) for i in map(_astuple, shared_items)] if pg.rank == src else None,
+            # the others send a digest of theirs; src's list follows by broadcast (_canonical_shared)
+            "n_shared": len(shared_items) + len(shared_objects),
             "digest": _digest(shared_items),
-            "objects": shared_objects if pg.rank == src else None,
             "token": uuid.uuid4().hex if pg.rank == 0 else None,
             "host": _shm.host_id() if self._shm else None,
             "note": note,
@@ -545,19 +549,25 @@ class RestoreCoordinator:
             raise RestoreError(phase, failures)
         return gathered
 
-    def _canonical_shared(self, gathered: list[dict[str, Any]], mode: str, src: int, mine: list[SharedItem]
-                          ) -> tuple[list[SharedItem], dict[str, Any] | None]:
-        """The shared list every rank follows: src's, checked against every rank's."""
+    def _canonical_shared(self, gathered: list[dict[str, Any]], mode: str, src: int, mine: list[SharedItem],
+                          my_objects: dict[str, Any]) -> tuple[list[SharedItem], dict[str, Any] | None]:
+        """The shared list every rank follows: src's (one broadcast), checked against every rank's."""
         if mode == "local":
             return [], None
         if self._pg.world_size == 1:
-            return [], gathered[src]["objects"]
+            return [], my_objects
+        if not gathered[src]["n_shared"]:
+            src_list, objects = [], {}
+        else:  # (src -> all) one broadcast: its list never rides in the padded all-gather
+            mine_t = ([tuple(i) for i in map(_astuple, mine)], my_objects) if self._pg.rank == src else None
+            src_list, objects = self._pg.broadcast_object(mine_t, src)
+        gathered[src]["shared"] = src_list
         same = len({p["digest"] for p in gathered}) == 1  # the common case: one list everywhere
         if same and mode == "broadcast":
-            return [SharedItem(*t, src) for t in gathered[src]["shared"]], gathered[src]["objects"]
+            return [SharedItem(*t, src) for t in gathered[src]["shared"]], objects
         canon = [SharedItem(*t) for t in gathered[src]["shared"]]
         if same:
-            return assign_owners(canon, mode, self._pg.world_size, src), gathered[src]["objects"]
+            return assign_owners(canon, mode, self._pg.world_size, src), objects
         # (all ranks, since all see the digests differ) gather the full lists to compare them
         try:
             lists = self._pg.all_gather_object(mine)
@@ -578,7 +588,7 @@ class RestoreCoordinator:
         if mode == "spread":  # every owner must hold a replica: entries all ranks have
             canon = [i for i in canon if all(i.key in m for m in meta)]
         items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
-        return items, gathered[src]["objects"]
+        return items, objects
 
 
 def _offer_tuple(file: _shm.OwnerFile | None) -> tuple[Any, ...] | None:
