@@ -25,7 +25,9 @@ cache of every checkpoint file (``posix_fadvise(DONTNEED)``, no root needed) bef
 Reported per (scenario, method): ``wall`` = the slowest rank's time, median over rounds;
 ``read/shard`` = the largest over ranks of bytes read from files (``bytes_read``; for naive the
 sizes of the files loaded; for DCP not measured) over the rank's shard bytes;
-``x dcp`` = wall over DCP's wall (goal: <= 0.5x); ``x naive`` likewise.
+``x dcp`` = wall over DCP's wall (goal: <= 0.5x); ``x naive`` likewise; ``peak RSS MiB`` = the
+largest over ranks of the peak RSS growth during the (untimed, first) restore, beyond the
+preallocated targets (``VmHWM`` after resetting it through ``/proc/self/clear_refs``).
 1 MB = 1e6 bytes. The machine is shared: read the load averages.
 """
 
@@ -122,6 +124,22 @@ def _drop_cache(root: Path) -> None:
                 os.close(fd)
 
 
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` size field, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> int:
+    """Reset the peak RSS (``VmHWM``) to the current RSS; return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
 def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, width: int, repeats: int,
                    cold: bool) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
@@ -176,12 +194,15 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
     full = torch.load(Path(root) / "full.pt", weights_only=True)
     runs = {"dist_restore": run_ours, "dcp": run_dcp, "naive": run_naive}
     out: dict[str, Any] = {"shard_bytes": shard_bytes}
-    for name, fn in runs.items():  # warm-up, checked
+    out["dcp_peak"] = out["naive_peak"] = out["dist_restore_peak"] = 0
+    for name, fn in runs.items():  # warm-up, checked; its peak RSS beyond the targets
         with torch.no_grad():
             for _k, v in _leaves(sd):
                 if hasattr(v, "to_local"):
                     v.to_local().zero_()
+        base = _reset_peak()
         fn()
+        out[f"{name}_peak"] = _status("VmHWM") - base
         for k, v in _leaves(sd):
             if hasattr(v, "full_tensor") and not torch.equal(v.full_tensor(), full[k]):
                 raise AssertionError(f"{name}: {k} differs from the values saved")
@@ -226,11 +247,13 @@ def main() -> None:
                  for name in METHODS}
         for name in METHODS:
             ratio = max(max(b for _t, b in o[name]) / o["shard_bytes"] for o in out)
+            peak = max(o[f"{name}_peak"] for o in out) / 2**20
             rows.append((f"{skind}@{sworld} -> {dkind}@{dworld}", name, walls[name],
-                         ratio if name != "dcp" else None, walls[name] / walls["dcp"], walls[name] / walls["naive"]))
-    head = ("scenario", "method", "wall s", "read/shard", "x dcp", "x naive")
+                         ratio if name != "dcp" else None, walls[name] / walls["dcp"], walls[name] / walls["naive"],
+                         peak))
+    head = ("scenario", "method", "wall s", "read/shard", "x dcp", "x naive", "peak RSS MiB")
     fmt = [lambda v: v, lambda v: v, lambda v: f"{v:.3f}", lambda v: "-" if v is None else f"{v:.2f}",
-           lambda v: f"{v:.2f}", lambda v: f"{v:.2f}"]
+           lambda v: f"{v:.2f}", lambda v: f"{v:.2f}", lambda v: f"{v:.0f}"]
     table = [[f(v) for f, v in zip(fmt, r)] for r in rows]
     if args.markdown:
         print("| " + " | ".join(head) + " |")
