@@ -10,6 +10,7 @@ bytes read. Nothing here plans or talks to other ranks.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 from collections import defaultdict
@@ -18,11 +19,13 @@ from typing import Any
 
 import torch
 
+from dist_restore._crc import crc32 as _crc32
 from dist_restore._index import CheckpointIndex
 from dist_restore._read import ReadStats, _file_view, _RankFile
 from dist_restore._regions import Box
 from dist_restore._reshard import ShardJob
 from dist_restore._unpickle import TensorRef
+from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def _prefetch(mm: mmap.mmap, spans: Sequence[tuple[int, int]]) -> None:
 
 
 def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
-              entries: Mapping[tuple[int, str], Any], stats: ReadStats) -> None:
+              entries: Mapping[tuple[int, str], Any], stats: ReadStats, *, verify: bool = True) -> None:
     """Fill every job's target from its pieces.
 
     Args:
@@ -90,6 +93,8 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
         indexes: ``{file rank: index}`` of every file a piece names (opened in the plan).
         entries: ``{(file rank, key): local TensorRef}`` checked in the plan.
         stats: ``bytes_read`` grows by the bytes copied.
+        verify: Check the zip CRC32 of every record a piece copies whole (a slice of a
+            record cannot be checked: the CRC covers the record).
     """
     by_file: dict[int, list[tuple[ShardJob, Any]]] = defaultdict(list)
     for job in jobs:
@@ -111,6 +116,13 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     src = _file_view(rf.whole, off, ref, lo, hi)
                     n = copy_boxes(src, job.target, piece.boxes)
                     stats.bytes_read += n
+                    rec = index.records[ref.storage.key]
+                    if verify and n and n == rec.size:  # the whole record was copied: check it
+                        if _crc32((ctypes.c_char * n).from_address(rf.whole.data_ptr() + off)) != rec.crc32:
+                            raise CorruptCheckpointError(
+                                f"CRC32 mismatch in storage record data/{ref.storage.key}: tensor data is corrupt",
+                                file=index.file, key=job.key)
+                        stats.bytes_verified += n
                     since_drop += n
                     if n >= _PIECE_DROP:  # a large piece: its pages go at once
                         blo, bhi = _span_bytes(ref, piece.boxes)

@@ -256,7 +256,8 @@ class RestoreCoordinator:
                 values.update(produce(own_index, own_leaves, map_location=map_location,
                                       verify=self._reader._verify, stats=read_stats))
             if local["shards"] is not None:  # DTensor targets: slices of the rank files
-                read_jobs(local["shards"].jobs, local["shards"].indexes, local["shards"].entries, read_stats)
+                read_jobs(local["shards"].jobs, local["shards"].indexes, local["shards"].entries, read_stats,
+                          verify=self._reader._verify == "crc32")
             values.update(local["overrides"])
 
             def place(lf: PlannedLeaf) -> torch.device:

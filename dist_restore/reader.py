@@ -213,7 +213,8 @@ class CheckpointReader:
             shards = self.plan_shards(index, reshard) if reshard else None
             produced = produce(index, leaves, map_location=map_location, verify=self._verify, stats=stats)
             if shards is not None:
-                read_jobs(shards.jobs, shards.indexes, shards.entries, stats if stats is not None else ReadStats())
+                read_jobs(shards.jobs, shards.indexes, shards.entries, stats if stats is not None else ReadStats(),
+                          verify=self._verify == "crc32")
         except CheckpointError as e:
             if e.rank is None:
                 raise type(e)(e.reason, file=e.file, rank=self._rank_info.global_rank, key=e.key) from e

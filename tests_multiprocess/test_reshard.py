@@ -204,3 +204,37 @@ def _plain(p: object) -> tuple:
     if isinstance(p, (Replicate, _regions.Replicate)):
         return ("replicate",)
     return ("other", repr(p))
+
+
+@pytest.mark.timeout(120)
+def test_reader_fills_whole_tensors_from_every_file_and_checks_crc(saved, tmp_path: Path) -> None:
+    """One process, no group: plain targets of the global shape are filled from all rank files;
+    a record copied whole is CRC-checked, and a flipped byte names the file and the key."""
+    import struct
+    import zipfile
+
+    from dist_restore import CheckpointReader, RankInfo
+    from dist_restore.errors import CorruptCheckpointError
+
+    path = saved("fsdp_tp", 4)
+    full = torch.load(path.parent / f"{path.name}_full.pt", weights_only=True)
+    target = {"model": {k[len("model."):]: torch.zeros_like(v) for k, v in full.items() if k.startswith("model.")}}
+    res = CheckpointReader(RankInfo(1, 4)).load(path, target)
+    for k, v in res.state_dict["model"].items():
+        assert torch.equal(v, full[f"model.{k}"]), k
+    assert res.bytes_read == sum(v.numel() * v.element_size() for v in target["model"].values())
+    assert 0 < res.bytes_verified <= res.bytes_read  # records copied whole (FSDP pads some: not those)
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    f = broken / "checkpoint_2.pt"
+    with zipfile.ZipFile(f) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(f.read_bytes())
+    h = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[h + 26:h + 30])
+    data[h + 30 + name_len + extra_len + 5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    target = {"model": {k[len("model."):]: torch.zeros_like(v) for k, v in full.items() if k.startswith("model.")}}
+    with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch") as e:
+        CheckpointReader(RankInfo(1, 4)).load(broken, target)
+    assert "checkpoint_2.pt" in str(e.value) and e.value.key is not None
