@@ -227,8 +227,12 @@ def test_reader_fills_whole_tensors_from_every_file_and_checks_crc(saved, tmp_pa
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     f = broken / "checkpoint_2.pt"
+    from dist_restore._index import read_index
+
+    index = read_index(f)  # a model entry whose record holds exactly its local shard
+    entry = next(e for e in index if e.key.startswith("model.") and e.nbytes == index.records[e.storage_key].size)
     with zipfile.ZipFile(f) as z:
-        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+        info = next(i for i in z.infolist() if i.filename.endswith(f"/data/{entry.storage_key}"))
     data = bytearray(f.read_bytes())
     h = info.header_offset
     name_len, extra_len = struct.unpack("<HH", data[h + 26:h + 30])
@@ -237,4 +241,4 @@ def test_reader_fills_whole_tensors_from_every_file_and_checks_crc(saved, tmp_pa
     target = {"model": {k[len("model."):]: torch.zeros_like(v) for k, v in full.items() if k.startswith("model.")}}
     with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch") as e:
         CheckpointReader(RankInfo(1, 4)).load(broken, target)
-    assert "checkpoint_2.pt" in str(e.value) and e.value.key is not None
+    assert "checkpoint_2.pt" in str(e.value) and e.value.key == entry.key
