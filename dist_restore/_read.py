@@ -120,6 +120,7 @@ _PIECE = 1 << 20  # copy + CRC granularity: a piece is still in cache when its C
 _PER_THREAD = 16 << 20  # a record gets one more copy thread per this many bytes...
 _MAX_THREADS = 8  # ...up to torch.get_num_threads() and this
 _DROP = 32 << 20  # copied file pages are unmapped again in windows of this size
+_DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
 
 
 class _RankFile:
@@ -176,6 +177,11 @@ class _RankFile:
         (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
         index, stats = self.index, self.stats
         offsets = self._data_offsets(skeys)
+        # parsing the local headers faulted in a page (and its neighbours) of every record:
+        # unmap them all, then the copied pages every _DROP_SMALL bytes, so that the mapped
+        # file does not stay resident next to the tensors it fills (RSS ~2x the payload)
+        dropped = index.records[skeys[0]].header_offset  # records come in file order
+        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
         base = self.whole.data_ptr()
         memmove, values, check = ctypes.memmove, self.values, self.check
         with memoryview(self.mm) as mv:
@@ -193,6 +199,10 @@ class _RankFile:
                 stats.bytes_read += n
                 if check:
                     stats.bytes_verified += n
+                if off + n - dropped >= _DROP_SMALL:
+                    self._drop(dropped, off + n)
+                    dropped = off + n
+        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
 
     def _data_offsets(self, skeys: list[str]) -> list[int]:
         """Data offsets of many records: their local headers parsed at once with numpy."""
