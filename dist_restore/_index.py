@@ -164,7 +164,8 @@ class CheckpointIndex:
 def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[str, RawPath, Any]]:
     """Yield ``(dotted key, raw path, leaf)`` for every leaf below ``tree``, in order.
 
-    Dicts, lists and tuples are descended into; everything else is a leaf.
+    Dicts, lists and tuples are descended into; everything else is a leaf, ``torch.Size``
+    included (a value, as ``torch.load`` returns it, not a container of ints).
     """
     stack: list[tuple[str, RawPath, Any]] = [(key, path, tree)]
     pop, push = stack.pop, stack.append
@@ -174,7 +175,7 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
             items = list(v.items())
             for sub, child in reversed(items):
                 push((f"{k}.{sub}" if k else str(sub), p + (sub,), child))
-        elif isinstance(v, (list, tuple)):
+        elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
             for i in range(len(v) - 1, -1, -1):
                 push((f"{k}[{i}]", p + (i,), v[i]))
         else:

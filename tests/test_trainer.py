@@ -148,6 +148,22 @@ def test_extra_is_updated_in_place(tmp_path: Path) -> None:
     assert torch.equal(extra["t"], torch.arange(4))
 
 
+def test_extra_values_keep_their_types(tmp_path: Path) -> None:
+    """torch.Size, OrderedDict, dtype, device, complex, bytes, nested tuples in ``extra`` come
+    back as torch.load gives them, type for type, with the models shared or not."""
+    from _util import assert_same, value_types_sample
+
+    for shared in (False, True):
+        src = _make(0)
+        src.extra.update(value_types_sample())
+        save_training_state(tmp_path / f"ck{shared}", src)
+        expected = torch.load(tmp_path / f"ck{shared}" / "checkpoint_0.pt", weights_only=True)["extra"]
+        dst = _make(1)
+        restore_training_state(tmp_path / f"ck{shared}", dst, shared_models=shared)
+        assert_same(dst.extra, expected, "extra")
+        assert dst.extra["shape"].numel() == 12
+
+
 def test_strict_missing_model_key_raises_and_leaves_model_untouched(tmp_path: Path) -> None:
     save_training_state(tmp_path / "ck", _make(0))
     dst = _make(1, extra_layer=True)

@@ -246,3 +246,35 @@ def test_local_exchange_failure_fails_every_rank_promptly(tmp_path: Path, victim
         assert o["error"]["phase"] == phase and o["error"]["ranks"] == [victim], o["error"]
         assert f"injected {what} failure" in o["error"]["text"]
         assert o["seconds"] < 30  # agreed on, not a 60 s collective timeout
+
+
+def _assert_same_types(got: object, want: object, where: str = "") -> None:
+    assert type(got) is type(want), f"{where}: {type(got).__name__} vs {type(want).__name__}"
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for k in want:
+            _assert_same_types(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, x) in enumerate(zip(got, want)):
+            _assert_same_types(g, x, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got, want), where
+    else:
+        assert got == want, f"{where}: {got!r} vs {want!r}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", [None, {"shared": {"meta": None, "w": None}, "own": None}],
+                         ids=["no-target", "target"])
+def test_shared_values_keep_their_types(tmp_path: Path, target: object) -> None:
+    """torch.Size, OrderedDict, dtype, device, complex, bytes and nested tuples among the shared
+    values travel from src with their types (a torch.Size came back a tuple)."""
+    world = 2
+    w.write_value_types(tmp_path, world)
+    out = run_ranks(w.restore_value_types, world, args=(str(tmp_path), "broadcast", target), timeout=90)
+    src = torch.load(tmp_path / "checkpoint_0.pt", weights_only=True)
+    for r, o in enumerate(out):
+        _assert_same_types(o["sd"]["shared"], src["shared"], f"rank {r}: shared")
+        own = torch.load(tmp_path / f"checkpoint_{r}.pt", weights_only=True)["own"]
+        assert torch.equal(o["sd"]["own"], own)
