@@ -85,9 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument("dir", metavar="DIR", type=Path, help="the checkpoint directory")
     pi.add_argument("--rank", metavar="R", type=_rank_arg, help="only this rank's file "
                     "(skips the replicated section, which needs every rank file)")
-    pi.add_argument("--keys", metavar="PATTERN", help="only keys matching this glob (fnmatch, "
-                    "on dotted keys like model.layers[0].w; write a literal [ as [[]); "
-                    "without *?[ a key prefix, as in shared=")
+    pi.add_argument("--keys", metavar="PATTERN", type=_keys_arg, help="only keys matching this glob "
+                    "(fnmatch, on dotted keys like model.layers[0].w; write a literal [ as [[]); "
+                    "without *?[ a key prefix, as in shared= ('model.' is 'model')")
     pi.add_argument("--json", action="store_true", help="print one JSON document instead")
     pi.set_defaults(func=_inspect)
     pv = sub.add_parser("verify", help="check completeness, sizes, checksums and that files parse",
@@ -99,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
                     "(fast; then damaged tensor bytes go unnoticed)")
     pv.set_defaults(func=_verify)
     return p
+
+
+def _keys_arg(text: str) -> str:
+    if text:
+        try:
+            make_selector(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _rank_arg(text: str) -> int:

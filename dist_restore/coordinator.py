@@ -43,7 +43,8 @@ from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bou
 from dist_restore._exchange import BucketIO, prepare_buckets
 from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_device
 from dist_restore._report import RankReport, RestoreReport
-from dist_restore._shared import SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector
+from dist_restore._shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
+                                  unmatched_patterns)
 from dist_restore._types import STATE_DICT, RankInfo
 from dist_restore._unpickle import TensorRef
 from dist_restore.errors import RestoreError
@@ -198,9 +199,9 @@ class RestoreCoordinator:
             payload = {"ok": False, "error": _describe(e)}
         gathered = self._agree("plan", payload)
         report = RestoreReport.aggregate([p["report"] for p in gathered], world)
-        if strict and (report.missing_keys or report.unexpected_keys):
-            failures = {r: _strict_line(p["report"]) for r, p in enumerate(gathered)
-                        if p["report"].missing or p["report"].unexpected}
+        if strict and (report.missing_keys or report.unexpected_keys or report.unmatched_shared):
+            failures = {r: _strict_line(p["report"], report.unmatched_shared) for r, p in enumerate(gathered)
+                        if p["report"].missing or p["report"].unexpected or report.unmatched_shared}
             raise RestoreError("strict", failures, detail=report.render())
         if report.mismatched_keys:
             raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
@@ -405,20 +406,28 @@ class RestoreCoordinator:
                 raise RuntimeError(f"{index.file}: key {leaf.key!r}: {problem}")
         shared_items: list[SharedItem] = []
         shared_objects: dict[str, Any] = {}
+        unmatched: list[str] = []
         if mode != "local" and shared is not None:
+            chosen: list[str] = []  # every selected key, to name the patterns that select nothing
             for lf in plan.leaves:
-                if isinstance(lf.source, TensorRef) and index.native_order and select(lf.key):
-                    ref = lf.source
-                    shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size), ref.nbytes))
+                if select(lf.key):
+                    chosen.append(lf.key)
+                    if isinstance(lf.source, TensorRef) and index.native_order:
+                        ref = lf.source
+                        shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size),
+                                                       ref.nbytes))
             for key, _p, value in plan.objects:
                 if select(key):
+                    chosen.append(key)
                     shared_objects[key] = value
+            unmatched = unmatched_patterns(shared, chosen)
         local["index"], local["plan"] = index, plan
         local["object_paths"] = {key: p for key, p, _v in plan.objects}
         local["shared"] = shared_items
         return {
             "ok": True,
-            "report": RankReport(pg.rank, tuple(plan.missing), tuple(plan.unexpected), tuple(plan.mismatched)),
+            "report": RankReport(pg.rank, tuple(plan.missing), tuple(plan.unexpected), tuple(plan.mismatched),
+                                 tuple(unmatched)),
             # the full list travels from src only; the others send a digest of theirs
             "shared": [tuple(i) for i in map(_astuple, shared_items)] if pg.rank == src else None,
             "digest": _digest(shared_items),
@@ -526,12 +535,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def _strict_line(r: RankReport) -> str:
+def _strict_line(r: RankReport, unmatched_shared: tuple[str, ...] = ()) -> str:
     parts = []
     if r.missing:
         parts.append(f"{len(r.missing)} missing (e.g. {r.missing[0]!r})")
     if r.unexpected:
         parts.append(f"{len(r.unexpected)} unexpected (e.g. {r.unexpected[0]!r})")
+    if unmatched_shared:
+        parts.append(f"shared pattern(s) {', '.join(map(repr, unmatched_shared))} select nothing on any rank")
     return "strict: " + ", ".join(parts)
 
 

@@ -260,6 +260,8 @@ def _shared_spec(state: TrainingState, shared_models: bool | Iterable[str]) -> l
     if shared_models is False or shared_models is None:
         return None
     names = [shared_models] if isinstance(shared_models, str) else list(shared_models)
+    # a name may end with the separator, as prefixes do everywhere ("net." is "net")
+    names = [n.rstrip(".") if isinstance(n, str) else n for n in names]
     unknown = sorted(n for n in names if n not in state.models)
     if unknown:
         raise ValueError(f"shared_models names unknown model(s) {unknown}; the models are "

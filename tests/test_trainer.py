@@ -215,6 +215,18 @@ def test_resume_latest_picks_newest_or_none(tmp_path: Path) -> None:
     _assert_same_tensors(want, fresh.models["net"].state_dict())
 
 
+def test_shared_model_names_take_the_prefix_rule(tmp_path: Path) -> None:
+    """``shared_models=["net."]`` is ``["net"]``, as a prefix with its separator is everywhere."""
+    state = _make(0)
+    _train(state, 1)
+    save_training_state(tmp_path / "ck", state)
+    want = {k: v.clone() for k, v in state.models["net"].state_dict().items()}
+    fresh = _make(1)
+    res = restore_training_state(tmp_path / "ck", fresh, shared_models=["net."])
+    _assert_same_tensors(want, fresh.models["net"].state_dict())
+    assert res.report is not None and res.report.ok
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         restore_training_state("x", _make(0), shared_models=["nope"])

@@ -220,3 +220,13 @@ def write_value_types(path: Path, world: int) -> None:
 def restore_value_types(rank: int, world: int, path: str, mode: str, target: Any) -> dict[str, Any]:
     res = RestoreCoordinator(timeout=60).restore(path, target, shared="shared", shared_mode=mode)
     return {"sd": res.state_dict}
+
+
+def restore_with_patterns(rank: int, world: int, path: str, shared: Any, strict: bool) -> dict[str, Any]:
+    """Restore everything with ``shared`` patterns; the report (rank 0) or the error."""
+    try:
+        res = RestoreCoordinator(timeout=60).restore(path, None, shared=shared, strict=strict)
+    except RestoreError as e:
+        return {"error": {"phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}}
+    return {"error": None, "report": None if res.report is None else res.report.to_dict(),
+            "bytes_read": res.stats.bytes_read}

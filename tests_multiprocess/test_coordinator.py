@@ -278,3 +278,27 @@ def test_shared_values_keep_their_types(tmp_path: Path, target: object) -> None:
         _assert_same_types(o["sd"]["shared"], src["shared"], f"rank {r}: shared")
         own = torch.load(tmp_path / f"checkpoint_{r}.pt", weights_only=True)["own"]
         assert torch.equal(o["sd"]["own"], own)
+
+
+@pytest.mark.timeout(120)
+def test_prefix_with_separator_shares_and_unmatched_patterns_named(tmp_path: Path) -> None:
+    """shared="shared." reads the shared entries once (it selected nothing, so every rank read
+    them itself); a pattern that selects nothing on every rank is named in rank 0's report and
+    fails strict on every rank; one that selects something on some rank is not named."""
+    world = 2
+    w.write_checkpoint(tmp_path, world)
+    sd1 = torch.load(tmp_path / "checkpoint_1.pt", weights_only=True)
+    sd1["only_on_1"] = torch.ones(3)
+    torch.save(sd1, tmp_path / "checkpoint_1.pt")
+    own = [sum(v.numel() * v.element_size() for v in torch.load(
+        tmp_path / f"checkpoint_{r}.pt", weights_only=True)["model"].values()) for r in range(world)]
+    patterns = ["shared.", "only_on_1", "nowhere."]
+    out = run_ranks(w.restore_with_patterns, world, args=(str(tmp_path), patterns, False), timeout=90)
+    assert [o["error"] for o in out] == [None, None]
+    assert out[0]["bytes_read"] == own[0] + _shared_bytes(tmp_path) and out[1]["bytes_read"] == own[1] + 12
+    assert out[0]["report"]["unmatched_shared"] == ["nowhere."] and out[1]["report"] is None
+
+    out = run_ranks(w.restore_with_patterns, world, args=(str(tmp_path), patterns, True), timeout=90)
+    for o in out:
+        assert o["error"]["phase"] == "strict" and o["error"]["ranks"] == [0, 1]
+        assert "'nowhere.'" in o["error"]["text"] and "only_on_1" not in o["error"]["text"]
