@@ -45,6 +45,7 @@ from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_
 from dist_restore._report import RankReport, RestoreReport
 from dist_restore._shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
                                   unmatched_patterns)
+from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo
 from dist_restore._unpickle import TensorRef
 from dist_restore.errors import RestoreError
@@ -106,23 +107,27 @@ class RestoreCoordinator:
         barrier: Closing barrier: ``"process_group"``, ``"store"`` (a TCPStore counter,
             as torch's experimental ``TCPStoreBarrier``) or ``"none"``.
         store: Store for ``barrier="store"`` (default: the default group's store).
-        timeout: Seconds any one collective may wait before every rank gives up.
+        timeout: How long any one collective may wait before every rank gives up: seconds
+            or a ``datetime.timedelta`` (as ``init_process_group`` takes it).
         bucket_bytes: Upper size of a flat bucket of shared tensors.
         verify: CRC32 checking of whole storage records (see :class:`CheckpointReader`).
         shared_memory: When every rank runs on one host (and the group is on the CPU),
             move shared buckets through the owner's memory file instead of broadcasts.
         shared_memory_bytes: The most bytes of buckets one owner packs into its memory
             file at once; an owner with more broadcasts them.
+
+    Raises:
+        TypeError, ValueError: a bad argument (e.g. a timeout that is neither positive
+            seconds nor a ``timedelta``), here, before any collective.
     """
 
     def __init__(self, process_group: Any = None, *, barrier: BarrierKind = "process_group",
-                 store: Any = None, timeout: float = 300.0, bucket_bytes: int = 16 << 20,
+                 store: Any = None, timeout: Timeout = 300.0, bucket_bytes: int = 16 << 20,
                  verify: Verify = "crc32", shared_memory: bool = True,
                  shared_memory_bytes: int = 1 << 30) -> None:
         if barrier not in ("process_group", "store", "none"):
             raise ValueError(f"barrier must be 'process_group', 'store' or 'none', got {barrier!r}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        timeout = to_seconds(timeout)
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self._pg = ProcessGroupWrapper(process_group, timeout=timeout, barrier=barrier, store=store)
@@ -146,7 +151,7 @@ class RestoreCoordinator:
         src: int = 0,
         strict: bool = False,
         map_location: MapLocation = None,
-        timeout: float | None = None,
+        timeout: Timeout | None = None,
         verify: bool = False,
     ) -> RestoreResult:
         """Restore ``path/checkpoint_{rank}.pt`` on every rank (call on all ranks).
@@ -162,7 +167,8 @@ class RestoreCoordinator:
                 non-tensor values in every mode but ``local``).
             strict: Fail on every rank if any rank misses or has unexpected keys.
             map_location: Device (or mapping) for allocated tensors.
-            timeout: Seconds per collective for this call (default: the coordinator's).
+            timeout: Per collective for this call, seconds or a ``timedelta`` (default: the
+                coordinator's).
             verify: Check each rank's whole file against the commit manifest's CRC32.
 
         Before anything is read, every rank checks the checkpoint is committed: with a
@@ -172,11 +178,10 @@ class RestoreCoordinator:
         Raises:
             RestoreError: on every rank, if any rank failed (names ranks, phase, messages).
         """
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        seconds = None if timeout is None else to_seconds(timeout)
         default_timeout = self._pg.timeout
-        if timeout is not None:
-            self._pg.timeout = float(timeout)
+        if seconds is not None:
+            self._pg.timeout = seconds
         try:
             with paused():  # tens of thousands of small objects per restore, no cycles
                 return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify)

@@ -230,3 +230,17 @@ def restore_with_patterns(rank: int, world: int, path: str, shared: Any, strict:
         return {"error": {"phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}}
     return {"error": None, "report": None if res.report is None else res.report.to_dict(),
             "bytes_read": res.stats.bytes_read}
+
+
+def write_and_restore_with_timedeltas(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Writer, coordinator (store barrier) and a per-call override, all given timedeltas."""
+    from datetime import timedelta
+
+    from dist_restore import CheckpointWriter
+
+    sd = {"own": torch.full((4,), float(rank)), "shared": torch.arange(6.0)}
+    CheckpointWriter(timeout=timedelta(seconds=30)).write(path, sd, metadata={"step": 1})
+    coord = RestoreCoordinator(timeout=timedelta(seconds=30), barrier="store")
+    res = coord.restore(path, None, shared="shared", timeout=timedelta(seconds=20))
+    return {"own": res.state_dict["own"].tolist(), "shared": res.state_dict["shared"].tolist(),
+            "bytes_read": res.stats.bytes_read, "timeout": coord._pg.timeout}

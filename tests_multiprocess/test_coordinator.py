@@ -302,3 +302,13 @@ def test_prefix_with_separator_shares_and_unmatched_patterns_named(tmp_path: Pat
     for o in out:
         assert o["error"]["phase"] == "strict" and o["error"]["ranks"] == [0, 1]
         assert "'nowhere.'" in o["error"]["text"] and "only_on_1" not in o["error"]["text"]
+
+
+@pytest.mark.timeout(120)
+def test_timedelta_timeouts_on_real_ranks(tmp_path: Path) -> None:
+    """timeout=timedelta(...) as torch takes it: writer, coordinator with a store barrier, and
+    restore's per-call override (each raised TypeError before)."""
+    out = run_ranks(w.write_and_restore_with_timedeltas, 2, args=(str(tmp_path),), timeout=90)
+    assert [o["own"] for o in out] == [[0.0] * 4, [1.0] * 4]
+    assert all(o["shared"] == list(map(float, range(6))) and o["timeout"] == 30.0 for o in out)
+    assert out[0]["bytes_read"] == 16 + 24 and out[1]["bytes_read"] == 16
