@@ -21,6 +21,7 @@ import torch
 
 from dist_restore._gc import gc_paused, paused
 from dist_restore._keypath import RawPath
+from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
 from dist_restore._zip import ZipRecord, data_offset, is_zip, read_zip_records
 from dist_restore.errors import CorruptCheckpointError
@@ -108,9 +109,12 @@ class CheckpointIndex:
         """Every leaf, in pickle order, keyed by dotted key path."""
         if self._entries is None:
             if self.records and len(self._data_offsets) < len(self.records):
-                with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    for key in self.records:
-                        self.data_offset(key, mm)
+                try:
+                    with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        for key in self.records:
+                            self.data_offset(key, mm)
+                except OSError as e:
+                    raise_with_path(e, self.file)
             with paused():  # many small objects: avoid full collections over all of torch
                 self._entries = {e.key: e for e in self._iter_entries()}
         return self._entries
@@ -191,15 +195,14 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError, PermissionError, OSError: not a readable regular file (each
+            names the path).
         CorruptCheckpointError: truncated or corrupt.
         UnsafeCheckpointError: the pickle asks for a non-allowlisted global.
     """
     path = Path(file)
     t0 = time.perf_counter()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}") from None
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if size == 0:
@@ -213,6 +216,8 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
             return _legacy_index(path, size, t0)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             return _zip_index(path, mm, size, t0)
+    except OSError as e:  # pread, mmap: errors that name no file
+        raise_with_path(e, path)
     finally:
         os.close(fd)
 

@@ -30,6 +30,7 @@ from dist_restore._crc import crc32 as _crc32
 from dist_restore._crc import crc32_combine
 from dist_restore._index import CheckpointIndex, full_load
 from dist_restore._keypath import RawPath
+from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._plan import PlannedLeaf
 from dist_restore._unpickle import TensorRef
 from dist_restore.errors import CorruptCheckpointError
@@ -104,15 +105,18 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
     for lf in leaves:
         by_storage[lf.source.storage.key].append(lf)
     order = sorted(by_storage, key=lambda k: index.records[k].header_offset)
-    with _RankFile(index, values, map_location, verify == "crc32", stats) as rf:
-        with torch.no_grad():  # filling Parameters that require grad is not an autograd op
-            small = [k for k in order if rf.is_small_whole(k, by_storage[k])]
-            if small:
-                rf.small_whole(small, [by_storage[k][0] for k in small])
-                done = set(small)
-                order = [k for k in order if k not in done]
-            for skey in order:
-                rf.storage(skey, by_storage[skey])
+    try:
+        with _RankFile(index, values, map_location, verify == "crc32", stats) as rf:
+            with torch.no_grad():  # filling Parameters that require grad is not an autograd op
+                small = [k for k in order if rf.is_small_whole(k, by_storage[k])]
+                if small:
+                    rf.small_whole(small, [by_storage[k][0] for k in small])
+                    done = set(small)
+                    order = [k for k in order if k not in done]
+                for skey in order:
+                    rf.storage(skey, by_storage[skey])
+    except OSError as e:  # fstat, mmap, madvise: errors that name no file
+        raise_with_path(e, index.file)
 
 
 _SMALL = 256 << 10  # below this: one memmove, no pieces, no unmapping
@@ -134,7 +138,7 @@ class _RankFile:
                  check: bool, stats: ReadStats) -> None:
         self.index, self.values, self.map_location, self.check, self.stats = (
             index, values, map_location, check, stats)
-        self.fd = os.open(index.file, os.O_RDONLY)
+        self.fd = open_regular(index.file)
         try:
             size = os.fstat(self.fd).st_size
             if size != index.file_size:

@@ -61,6 +61,7 @@ from dist_restore._manifest import (  # noqa: I001
     temp_path,
     write_manifest,
 )
+from dist_restore._paths import raise_with_path
 from dist_restore._pg import CollectiveError, ProcessGroupWrapper
 from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
@@ -185,15 +186,18 @@ class CheckpointWriter:
         final = d / rank_file_name(rank)
         tmp = temp_path(final)
         try:
-            # a file object, not the path: given a path, torch names the archive inside after
-            # it (the temp name); given a file, "archive", as for any buffer
-            with open(tmp, "wb") as f:
-                torch.save(state_dict, f)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
-                size, checksum = checksum_fileobj(f)
-            os.replace(tmp, final)
+            try:
+                # a file object, not the path: given a path, torch names the archive inside
+                # after it (the temp name); given a file, "archive", as for any buffer
+                with open(tmp, "wb") as f:
+                    torch.save(state_dict, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
+                    size, checksum = checksum_fileobj(f)
+                os.replace(tmp, final)
+            except OSError as e:  # write, fsync, read: errors that name no file (a full disk)
+                raise_with_path(e, tmp)
         except BaseException:
             _unlink_quietly(tmp)
             raise
