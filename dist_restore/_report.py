@@ -162,15 +162,18 @@ class RestoreReport:
         return tuple(i for i in self.issues if not self._everywhere(i) and kind in (None, i.kind))
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the report as a JSON-safe dict (inverse of :meth:`from_dict`)."""
-        return {
+        """Returns the report as a JSON-safe dict (inverse of :meth:`from_dict`);
+        ``unmatched_shared`` appears only when a pattern selected nothing."""
+        d: dict[str, Any] = {
             "world_size": self.world_size,
             "issues": [
                 {"key": i.key, "kind": i.kind, "ranks": list(i.ranks), "detail": i.detail}
                 for i in self.issues
             ],
-            "unmatched_shared": list(self.unmatched_shared),
         }
+        if self.unmatched_shared:
+            d["unmatched_shared"] = list(self.unmatched_shared)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RestoreReport:

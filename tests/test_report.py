@@ -255,4 +255,6 @@ def test_shared_patterns_selecting_nothing_on_every_rank_are_named() -> None:
         "shared patterns that select nothing on any rank (1): '*.bais' (every rank reads those entries itself)",
     ]
     assert RestoreReport.from_dict(json.loads(rep.to_json())) == rep
+    assert rep.to_dict()["unmatched_shared"] == ["*.bais"]
+    assert "unmatched_shared" not in RestoreReport(3).to_dict()  # the JSON of a clean report is unchanged
     assert RestoreReport.aggregate(reports[:2], 3).unmatched_shared == ()  # rank 2 did not report
