@@ -51,6 +51,20 @@ def _manifest_line(m: dict[str, Any] | None) -> str:
             f"created {m.get('created')}, checksums {m.get('checksum_algorithm')})")
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` (not a regular file) is no rank file: a directory, a dangling link, absent."""
+    if path.is_symlink() and not path.exists():
+        try:
+            return f"a symbolic link to {os.readlink(path)!r}, which does not exist"
+        except OSError:
+            return "a dangling symbolic link"
+    if path.is_dir():
+        return "a directory, not a rank file"
+    if path.exists():
+        return "not a regular file"
+    return "rank file not found"
+
+
 def _name(rank: int) -> str:
     return f"checkpoint_{rank}.pt"
 

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
-from dist_restore._cli_util import (_human, _manifest_dict, _manifest_line, _msg, _name, _scan,
-                                    _table, _try_manifest)
+from dist_restore._cli_util import (_human, _manifest_dict, _manifest_line, _msg, _name, _not_a_file,
+                                    _scan, _table, _try_manifest)
 from dist_restore._index import read_index
 from dist_restore._manifest import MANIFEST_NAME, Manifest, RankFileInfo, check_checkpoint
 from dist_restore.errors import CheckpointError
@@ -104,9 +104,13 @@ def _verify(args: argparse.Namespace) -> int:
     statuses = {r: _RankStatus(r, f.name, f.is_file()) for r, f in files.items()}
     for st in statuses.values():
         if st.exists:
-            st.size = files[st.rank].stat().st_size
+            try:
+                st.size = files[st.rank].stat().st_size
+            except OSError as e:  # gone or unreadable since the listing
+                st.exists = False
+                problems.append(Problem(st.rank, st.file, "missing", _msg(e)))
         else:
-            problems.append(Problem(st.rank, st.file, "missing", "rank file not found" + (
+            problems.append(Problem(st.rank, st.file, "missing", _not_a_file(files[st.rank]) + (
                 " (listed in the manifest)" if manifest else "")))
     present = [st for st in statuses.values() if st.exists]
     progress = _Progress(sys.stderr, sum(st.size or 0 for st in present), len(present))

@@ -22,6 +22,7 @@ import torch
 from dist_restore._dtensor import DLayout, DTensorRef
 from dist_restore._gc import gc_paused, paused
 from dist_restore._keypath import RawPath
+from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
 from dist_restore._zip import ZipRecord, data_offset, is_zip, read_zip_records
 from dist_restore.errors import CorruptCheckpointError
@@ -128,9 +129,12 @@ class CheckpointIndex:
         """Every leaf, in pickle order, keyed by dotted key path."""
         if self._entries is None:
             if self.records and len(self._data_offsets) < len(self.records):
-                with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    for key in self.records:
-                        self.data_offset(key, mm)
+                try:
+                    with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        for key in self.records:
+                            self.data_offset(key, mm)
+                except OSError as e:
+                    raise_with_path(e, self.file)
             with paused():  # many small objects: avoid full collections over all of torch
                 self._entries = {e.key: e for e in self._iter_entries()}
         return self._entries
@@ -194,7 +198,8 @@ class CheckpointIndex:
 def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[str, RawPath, Any]]:
     """Yield ``(dotted key, raw path, leaf)`` for every leaf below ``tree``, in order.
 
-    Dicts, lists and tuples are descended into; everything else is a leaf.
+    Dicts, lists and tuples are descended into; everything else is a leaf, ``torch.Size``
+    included (a value, as ``torch.load`` returns it, not a container of ints).
     """
     stack: list[tuple[str, RawPath, Any]] = [(key, path, tree)]
     pop, push = stack.pop, stack.append
@@ -204,7 +209,7 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
             items = list(v.items())
             for sub, child in reversed(items):
                 push((f"{k}.{sub}" if k else str(sub), p + (sub,), child))
-        elif isinstance(v, (list, tuple)):
+        elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
             for i in range(len(v) - 1, -1, -1):
                 push((f"{k}[{i}]", p + (i,), v[i]))
         else:
@@ -220,15 +225,14 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError, PermissionError, OSError: not a readable regular file (each
+            names the path).
         CorruptCheckpointError: truncated or corrupt.
         UnsafeCheckpointError: the pickle asks for a non-allowlisted global.
     """
     path = Path(file)
     t0 = time.perf_counter()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}") from None
+    fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
         if size == 0:
@@ -242,6 +246,8 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
             return _legacy_index(path, size, t0)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             return _zip_index(path, mm, size, t0)
+    except OSError as e:  # pread, mmap: errors that name no file
+        raise_with_path(e, path)
     finally:
         os.close(fd)
 

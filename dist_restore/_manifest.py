@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_restore._crc import crc32 as _crc32
+from dist_restore._paths import raise_with_path
 from dist_restore._report import format_ranks
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
@@ -212,6 +213,8 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        raise_with_path(e, directory, "fsync of the directory")
     finally:
         os.close(fd)
 
@@ -233,7 +236,10 @@ def checksum_fileobj(f: Any) -> tuple[int, str]:
 def file_checksum(path: str | os.PathLike[str]) -> str:
     """``"crc32:%08x"`` of the whole file, streamed in 4 MiB chunks (see module docstring)."""
     with open(path, "rb", buffering=0) as f:
-        return checksum_fileobj(f)[1]
+        try:
+            return checksum_fileobj(f)[1]
+        except OSError as e:
+            raise_with_path(e, path, "reading it for its checksum")
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None) -> None:
@@ -244,11 +250,14 @@ def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None) -> N
     """
     tmp = temp_path(path) if tmp is None else tmp
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # write, flush, fsync: errors that name no file (a full disk)
+            raise_with_path(e, tmp)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -288,6 +297,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise_with_path(e, path)
     return Manifest.from_json(data, file=path)
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from dist_restore._timeout import Timeout, to_seconds
+
 logger = logging.getLogger(__name__)
 
 BarrierKind = Literal["process_group", "store", "none"]
@@ -42,16 +44,18 @@ class ProcessGroupWrapper:
     Args:
         group: The process group; ``None`` means the default group when one is
             initialised, else a single process.
-        timeout: Seconds any one collective may take.
+        timeout: How long any one collective (or store barrier) may take: seconds or a
+            ``datetime.timedelta``.
         barrier: ``"process_group"`` (``dist.barrier`` style, via a tiny all_reduce),
             ``"store"`` (a counter in the group's TCPStore, like torch's experimental
             ``TCPStoreBarrier``), or ``"none"``.
         store: The store for ``barrier="store"``; default: the default group's store.
     """
 
-    def __init__(self, group: Any = None, *, timeout: float = 300.0, barrier: BarrierKind = "process_group",
+    def __init__(self, group: Any = None, *, timeout: Timeout = 300.0, barrier: BarrierKind = "process_group",
                  store: Any = None) -> None:
-        self.timeout = float(timeout)
+        #: Seconds; assign seconds only (the coordinator's per-call override checks its own).
+        self.timeout = to_seconds(timeout)
         self.stats = CollectiveStats()
         self._barrier_kind = barrier
         self._barrier_gen = 0

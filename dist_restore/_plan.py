@@ -167,7 +167,7 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
                 else:
                     missing.append(sub)
             unexpected.extend(join_key(key, k) for k in s if k not in t)
-        elif isinstance(t, (list, tuple)):
+        elif _is_sequence(t) and not isinstance(s, torch.Size):
             if not isinstance(s, (list, tuple)):
                 mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a {type(t).__name__}"))
                 return
@@ -206,7 +206,7 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
             return out
         if isinstance(src, list):
             return [build(v, path + (i,)) for i, v in enumerate(src)]
-        if isinstance(src, tuple):
+        if _is_sequence(src):
             return _rebuild_tuple(src, [build(v, path + (i,)) for i, v in enumerate(src)])
         if isinstance(src, SOURCE_TENSOR_TYPES):
             return values[path]
@@ -224,7 +224,7 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
                         t[k] = walk(t[k], s[k], path + (k,))
                 return t
             return {k: (walk(v, s[k], path + (k,)) if k in s else v) for k, v in t.items()}
-        if isinstance(t, (list, tuple)):
+        if _is_sequence(t) and not isinstance(s, torch.Size):
             items = [walk(v, s[i], path + (i,)) if i < len(s) else v for i, v in enumerate(t)]
             if isinstance(t, MutableSequence):
                 t[:] = items
@@ -238,9 +238,16 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
 _PLAIN_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)  # what the unpickler makes
 
 
+def _is_sequence(v: Any) -> bool:
+    """A list or tuple whose items are walked; a ``torch.Size`` is a value, as an int is."""
+    return isinstance(v, (list, tuple)) and not isinstance(v, torch.Size)
+
+
 def _rebuild_tuple(like: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
     if type(like) is tuple:
         return tuple(items)
+    if isinstance(like, torch.Size):  # takes one iterable, not the items
+        return torch.Size(items)
     try:
         return type(like)(*items)  # namedtuple
     except TypeError:

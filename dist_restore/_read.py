@@ -30,6 +30,7 @@ from dist_restore._crc import crc32 as _crc32
 from dist_restore._crc import crc32_combine
 from dist_restore._index import CheckpointIndex, full_load
 from dist_restore._keypath import RawPath
+from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._plan import PlannedLeaf
 from dist_restore._unpickle import TensorRef
 from dist_restore.errors import CorruptCheckpointError
@@ -104,15 +105,18 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
     for lf in leaves:
         by_storage[lf.source.storage.key].append(lf)
     order = sorted(by_storage, key=lambda k: index.records[k].header_offset)
-    with _RankFile(index, values, map_location, verify == "crc32", stats) as rf:
-        with torch.no_grad():  # filling Parameters that require grad is not an autograd op
-            small = [k for k in order if rf.is_small_whole(k, by_storage[k])]
-            if small:
-                rf.small_whole(small, [by_storage[k][0] for k in small])
-                done = set(small)
-                order = [k for k in order if k not in done]
-            for skey in order:
-                rf.storage(skey, by_storage[skey])
+    try:
+        with _RankFile(index, values, map_location, verify == "crc32", stats) as rf:
+            with torch.no_grad():  # filling Parameters that require grad is not an autograd op
+                small = [k for k in order if rf.is_small_whole(k, by_storage[k])]
+                if small:
+                    rf.small_whole(small, [by_storage[k][0] for k in small])
+                    done = set(small)
+                    order = [k for k in order if k not in done]
+                for skey in order:
+                    rf.storage(skey, by_storage[skey])
+    except OSError as e:  # fstat, mmap, madvise: errors that name no file
+        raise_with_path(e, index.file)
 
 
 _SMALL = 256 << 10  # below this: one memmove, no pieces, no unmapping
@@ -120,6 +124,7 @@ _PIECE = 1 << 20  # copy + CRC granularity: a piece is still in cache when its C
 _PER_THREAD = 16 << 20  # a record gets one more copy thread per this many bytes...
 _MAX_THREADS = 8  # ...up to torch.get_num_threads() and this
 _DROP = 32 << 20  # copied file pages are unmapped again in windows of this size
+_DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
 
 
 class _RankFile:
@@ -133,7 +138,7 @@ class _RankFile:
                  check: bool, stats: ReadStats) -> None:
         self.index, self.values, self.map_location, self.check, self.stats = (
             index, values, map_location, check, stats)
-        self.fd = os.open(index.file, os.O_RDONLY)
+        self.fd = open_regular(index.file)
         try:
             size = os.fstat(self.fd).st_size
             if size != index.file_size:
@@ -176,6 +181,11 @@ class _RankFile:
         (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
         index, stats = self.index, self.stats
         offsets = self._data_offsets(skeys)
+        # parsing the local headers faulted in a page (and its neighbours) of every record:
+        # unmap them all, then the copied pages every _DROP_SMALL bytes, so that the mapped
+        # file does not stay resident next to the tensors it fills (RSS ~2x the payload)
+        dropped = index.records[skeys[0]].header_offset  # records come in file order
+        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
         base = self.whole.data_ptr()
         memmove, values, check = ctypes.memmove, self.values, self.check
         with memoryview(self.mm) as mv:
@@ -193,6 +203,10 @@ class _RankFile:
                 stats.bytes_read += n
                 if check:
                     stats.bytes_verified += n
+                if off + n - dropped >= _DROP_SMALL:
+                    self._drop(dropped, off + n)
+                    dropped = off + n
+        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
 
     def _data_offsets(self, skeys: list[str]) -> list[int]:
         """Data offsets of many records: their local headers parsed at once with numpy."""

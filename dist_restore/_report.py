@@ -47,12 +47,14 @@ class RankReport:
         missing: Keys its target asked for that its file lacks.
         unexpected: Keys in its file under a level the target named, not asked for.
         mismatched: ``(key, message)`` for shape/dtype/structure conflicts.
+        unmatched_shared: The ``shared=`` patterns that selected none of its entries.
     """
 
     rank: int
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     mismatched: tuple[tuple[str, str], ...] = ()
+    unmatched_shared: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,15 @@ class RestoreReport:
     Attributes:
         world_size: Number of ranks in the restore.
         issues: Sorted by kind (missing, unexpected, mismatched), then key, then detail.
+        unmatched_shared: The ``shared=`` patterns that selected nothing on every rank (so
+            every rank read those entries itself, if they exist at all).
         notes: How the restore went where it is worth saying (e.g. resharded from another
             world size, entries taken from one rank's file); not problems.
     """
 
     world_size: int
     issues: tuple[KeyIssue, ...] = ()
+    unmatched_shared: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
     @classmethod
@@ -117,7 +122,12 @@ class RestoreReport:
                 acc.setdefault(("mismatched", k, msg), set()).add(r.rank)
         issues = [KeyIssue(k, kind, tuple(sorted(rs)), d) for (kind, k, d), rs in acc.items()]
         issues.sort(key=lambda i: (_KINDS.index(i.kind), i.key, i.detail))
-        return cls(world_size, tuple(issues))
+        unmatched: dict[str, set[int]] = {}
+        for r in reports:
+            for p in r.unmatched_shared:
+                unmatched.setdefault(p, set()).add(r.rank)
+        everywhere = tuple(p for p, rs in unmatched.items() if len(rs) == world_size)
+        return cls(world_size, tuple(issues), everywhere)
 
     def _keys(self, kind: IssueKind) -> tuple[str, ...]:
         return tuple(sorted({i.key for i in self.issues if i.kind == kind}))
@@ -139,8 +149,9 @@ class RestoreReport:
 
     @property
     def ok(self) -> bool:
-        """True when no rank has a missing, unexpected or mismatched key."""
-        return not self.issues
+        """True when no rank has a missing, unexpected or mismatched key, and every
+        ``shared=`` pattern selected something."""
+        return not self.issues and not self.unmatched_shared
 
     def _everywhere(self, issue: KeyIssue) -> bool:
         return set(issue.ranks) == set(range(self.world_size))
@@ -154,17 +165,20 @@ class RestoreReport:
         return tuple(i for i in self.issues if not self._everywhere(i) and kind in (None, i.kind))
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the report as a JSON-safe dict (inverse of :meth:`from_dict`)."""
-        out: dict[str, Any] = {
+        """Returns the report as a JSON-safe dict (inverse of :meth:`from_dict`);
+        ``unmatched_shared`` appears only when a pattern selected nothing."""
+        d: dict[str, Any] = {
             "world_size": self.world_size,
             "issues": [
                 {"key": i.key, "kind": i.kind, "ranks": list(i.ranks), "detail": i.detail}
                 for i in self.issues
             ],
         }
+        if self.unmatched_shared:
+            d["unmatched_shared"] = list(self.unmatched_shared)
         if self.notes:  # only when there are some: older readers of the JSON see no change
-            out["notes"] = list(self.notes)
-        return out
+            d["notes"] = list(self.notes)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RestoreReport:
@@ -180,7 +194,8 @@ class RestoreReport:
                                  f"expected one of {_KINDS}")
             issues.append(KeyIssue(str(i["key"]), i["kind"], tuple(int(r) for r in i["ranks"]),
                                    str(i.get("detail", ""))))
-        return cls(int(d["world_size"]), tuple(issues), tuple(str(n) for n in d.get("notes", ())))
+        return cls(int(d["world_size"]), tuple(issues), tuple(str(p) for p in d.get("unmatched_shared", ())),
+                   tuple(str(n) for n in d.get("notes", ())))
 
     def to_json(self, indent: int | None = 2) -> str:
         """Returns the report as JSON text."""
@@ -219,6 +234,10 @@ class RestoreReport:
         if self.ok:
             return "\n".join([head + "no missing, unexpected or mismatched keys"] + notes)
         lines = [head + ", ".join(f"{len(self._keys(k))} {k}" for k in _KINDS)] + notes
+        if self.unmatched_shared:
+            lines.append(f"shared patterns that select nothing on any rank ({len(self.unmatched_shared)}): "
+                         + ", ".join(repr(p) for p in self.unmatched_shared)
+                         + " (every rank reads those entries itself)")
         for kind in _KINDS:
             if n == 1:
                 groups = [("", tuple(i for i in self.issues if i.kind == kind))]

@@ -8,7 +8,7 @@ derives the same owners and bucket layout and so issues the same collectives.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -22,18 +22,22 @@ def make_selector(shared: SharedSpec) -> Callable[[str], bool]:
     ``shared`` is ``None`` (nothing is shared), a predicate, or one or more patterns: a
     pattern with ``*``, ``?`` or ``[`` is a glob (``fnmatch``) on the whole key; any other
     string is a key-path prefix (``"model"`` selects ``model``, ``model.w``, ``model[0]``,
-    not ``model2``).
+    not ``model2``). A prefix may end with the separator, as torch writes prefixes
+    (``consume_prefix_in_state_dict_if_present(sd, "module.")``): ``"model."`` selects
+    what ``"model"`` does. The rules of every key pattern the project takes (``shared=``,
+    the CLI's ``--keys``, the trainer hooks).
+
+    Raises:
+        TypeError: a pattern is not a string.
+        ValueError: a pattern is empty (or only separators).
     """
     if shared is None:
         return lambda key: False
     if callable(shared):
         return shared
-    patterns = [shared] if isinstance(shared, str) else list(shared)
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"shared patterns must be strings, got {type(p).__name__}: {p!r}")
-    globs = [p for p in patterns if any(c in p for c in "*?[")]
-    prefixes = tuple(p for p in patterns if p not in globs)
+    patterns = _patterns(shared)
+    globs = [p for p in patterns if _is_glob(p)]
+    prefixes = tuple(_prefix(p) for p in patterns if not _is_glob(p))
     dotted = tuple(p + "." for p in prefixes) + tuple(p + "[" for p in prefixes)
 
     def select(key: str) -> bool:
@@ -42,6 +46,40 @@ def make_selector(shared: SharedSpec) -> Callable[[str], bool]:
         return any(fnmatch.fnmatchcase(key, g) for g in globs)
 
     return select
+
+
+def unmatched_patterns(shared: SharedSpec, selected: Iterable[str]) -> list[str]:
+    """The patterns of ``shared`` that select none of the keys ``selected`` (the keys the
+    whole spec selected); a predicate counts as one pattern, named by its ``__qualname__``.
+
+    Cheap: each pattern is tried on the selected keys until one matches.
+    """
+    if shared is None:
+        return []
+    keys = list(selected)
+    if callable(shared):
+        return [] if keys else [getattr(shared, "__qualname__", repr(shared))]
+    return [p for p in _patterns(shared) if not any(map(make_selector(p), keys))]
+
+
+def _patterns(shared: str | Sequence[str]) -> list[str]:
+    patterns = [shared] if isinstance(shared, str) else list(shared)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"shared patterns must be strings, got {type(p).__name__}: {p!r}")
+        if not _is_glob(p) and not _prefix(p):
+            raise ValueError(f"shared pattern {p!r} is empty: give a key prefix ('model', 'model.') "
+                             "or a glob ('*.bias')")
+    return patterns
+
+
+def _is_glob(p: str) -> bool:
+    return any(c in p for c in "*?[")
+
+
+def _prefix(p: str) -> str:
+    """``"model."`` -> ``"model"``: a trailing separator adds nothing to a key-path prefix."""
+    return p.rstrip(".")
 
 
 class SharedItem(NamedTuple):

@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `dist-restore inspect ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # an unreadable directory or file: the message names it; no traceback
+        print(f"dist-restore: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
@@ -85,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument("dir", metavar="DIR", type=Path, help="the checkpoint directory")
     pi.add_argument("--rank", metavar="R", type=_rank_arg, help="only this rank's file "
                     "(skips the replicated section, which needs every rank file)")
-    pi.add_argument("--keys", metavar="PATTERN", help="only keys matching this glob (fnmatch, "
-                    "on dotted keys like model.layers[0].w; write a literal [ as [[]); "
-                    "without *?[ a key prefix, as in shared=")
+    pi.add_argument("--keys", metavar="PATTERN", type=_keys_arg, help="only keys matching this glob "
+                    "(fnmatch, on dotted keys like model.layers[0].w; write a literal [ as [[]); "
+                    "without *?[ a key prefix, as in shared= ('model.' is 'model')")
     pi.add_argument("--json", action="store_true", help="print one JSON document instead")
     pi.set_defaults(func=_inspect)
     pv = sub.add_parser("verify", help="check completeness, sizes, checksums and that files parse",
@@ -99,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
                     "(fast; then damaged tensor bytes go unnoticed)")
     pv.set_defaults(func=_verify)
     return p
+
+
+def _keys_arg(text: str) -> str:
+    if text:
+        try:
+            make_selector(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _rank_arg(text: str) -> int:

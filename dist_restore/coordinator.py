@@ -49,7 +49,9 @@ from dist_restore._reshard import is_dtensor, plan_shards, split_leaves
 from dist_restore._slices import read_jobs
 from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_device
 from dist_restore._report import RankReport, RestoreReport
-from dist_restore._shared import SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector
+from dist_restore._shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
+                                  unmatched_patterns)
+from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore._unpickle import TensorRef
 from dist_restore.errors import RestoreError
@@ -113,23 +115,27 @@ class RestoreCoordinator:
         barrier: Closing barrier: ``"process_group"``, ``"store"`` (a TCPStore counter,
             as torch's experimental ``TCPStoreBarrier``) or ``"none"``.
         store: Store for ``barrier="store"`` (default: the default group's store).
-        timeout: Seconds any one collective may wait before every rank gives up.
+        timeout: How long any one collective may wait before every rank gives up: seconds
+            or a ``datetime.timedelta`` (as ``init_process_group`` takes it).
         bucket_bytes: Upper size of a flat bucket of shared tensors.
         verify: CRC32 checking of whole storage records (see :class:`CheckpointReader`).
         shared_memory: When every rank runs on one host (and the group is on the CPU),
             move shared buckets through the owner's memory file instead of broadcasts.
         shared_memory_bytes: The most bytes of buckets one owner packs into its memory
             file at once; an owner with more broadcasts them.
+
+    Raises:
+        TypeError, ValueError: a bad argument (e.g. a timeout that is neither positive
+            seconds nor a ``timedelta``), here, before any collective.
     """
 
     def __init__(self, process_group: Any = None, *, barrier: BarrierKind = "process_group",
-                 store: Any = None, timeout: float = 300.0, bucket_bytes: int = 16 << 20,
+                 store: Any = None, timeout: Timeout = 300.0, bucket_bytes: int = 16 << 20,
                  verify: Verify = "crc32", shared_memory: bool = True,
                  shared_memory_bytes: int = 1 << 30) -> None:
         if barrier not in ("process_group", "store", "none"):
             raise ValueError(f"barrier must be 'process_group', 'store' or 'none', got {barrier!r}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        timeout = to_seconds(timeout)
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self._pg = ProcessGroupWrapper(process_group, timeout=timeout, barrier=barrier, store=store)
@@ -153,7 +159,7 @@ class RestoreCoordinator:
         src: int = 0,
         strict: bool = False,
         map_location: MapLocation = None,
-        timeout: float | None = None,
+        timeout: Timeout | None = None,
         verify: bool = False,
         per_rank: SharedSpec = None,
     ) -> RestoreResult:
@@ -170,7 +176,8 @@ class RestoreCoordinator:
                 non-tensor values in every mode but ``local``).
             strict: Fail on every rank if any rank misses or has unexpected keys.
             map_location: Device (or mapping) for allocated tensors.
-            timeout: Seconds per collective for this call (default: the coordinator's).
+            timeout: Per collective for this call, seconds or a ``timedelta`` (default: the
+                coordinator's).
             verify: Check each rank's whole file against the commit manifest's CRC32.
             per_rank: When the checkpoint was written by another number of ranks: entries
                 (prefixes, globs or a predicate, as ``shared``) that rank ``r`` takes from
@@ -188,11 +195,10 @@ class RestoreCoordinator:
         Raises:
             RestoreError: on every rank, if any rank failed (names ranks, phase, messages).
         """
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        seconds = None if timeout is None else to_seconds(timeout)
         default_timeout = self._pg.timeout
-        if timeout is not None:
-            self._pg.timeout = float(timeout)
+        if seconds is not None:
+            self._pg.timeout = seconds
         try:
             with paused():  # tens of thousands of small objects per restore, no cycles
                 return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify,
@@ -219,9 +225,9 @@ class RestoreCoordinator:
         report = RestoreReport.aggregate([p["report"] for p in gathered], world)
         if gathered[src].get("note"):
             report = dataclasses.replace(report, notes=(gathered[src]["note"],))
-        if strict and (report.missing_keys or report.unexpected_keys):
-            failures = {r: _strict_line(p["report"]) for r, p in enumerate(gathered)
-                        if p["report"].missing or p["report"].unexpected}
+        if strict and (report.missing_keys or report.unexpected_keys or report.unmatched_shared):
+            failures = {r: _strict_line(p["report"], report.unmatched_shared) for r, p in enumerate(gathered)
+                        if p["report"].missing or p["report"].unexpected or report.unmatched_shared}
             raise RestoreError("strict", failures, detail=report.render())
         if report.mismatched_keys:
             raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
@@ -489,15 +495,21 @@ class RestoreCoordinator:
         eff_mode = mode if same else "broadcast"
         shared_items: list[SharedItem] = []
         shared_objects: dict[str, Any] = {}
+        unmatched: list[str] = []
         if same and mode != "local" and shared is not None:
+            chosen: list[str] = []  # every selected key, to name the patterns that select nothing
             for lf in plain:
-                if isinstance(lf.source, TensorRef) and lf.key not in dtensor_keys and index.native_order \
-                        and select(lf.key):
-                    ref = lf.source
-                    shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size), ref.nbytes))
+                if select(lf.key):
+                    chosen.append(lf.key)
+                    if isinstance(lf.source, TensorRef) and lf.key not in dtensor_keys and index.native_order:
+                        ref = lf.source
+                        shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size),
+                                                       ref.nbytes))
             for key, _p, value in objects:
                 if select(key):
+                    chosen.append(key)
                     shared_objects[key] = value
+            unmatched = unmatched_patterns(shared, chosen)
         elif not same and world > 1:  # every rank planned against src's file: src reads, all receive
             for lf in plain:
                 if isinstance(lf.source, TensorRef) and index.native_order:
@@ -522,7 +534,8 @@ class RestoreCoordinator:
                 note += "; per-rank entries from each rank's own file"
         return {
             "ok": True,
-            "report": RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched)),
+            "report": RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched),
+                                 tuple(unmatched)),
             # the others send a digest of theirs; src's list follows by broadcast (_canonical_shared)
             "n_shared": len(shared_items) + len(shared_objects),
             "digest": _digest(shared_items),
@@ -642,12 +655,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def _strict_line(r: RankReport) -> str:
+def _strict_line(r: RankReport, unmatched_shared: tuple[str, ...] = ()) -> str:
     parts = []
     if r.missing:
         parts.append(f"{len(r.missing)} missing (e.g. {r.missing[0]!r})")
     if r.unexpected:
         parts.append(f"{len(r.unexpected)} unexpected (e.g. {r.unexpected[0]!r})")
+    if unmatched_shared:
+        parts.append(f"shared pattern(s) {', '.join(map(repr, unmatched_shared))} select nothing on any rank")
     return "strict: " + ", ".join(parts)
 
 

@@ -32,6 +32,7 @@ except ImportError as e:  # pragma: no cover - exercised only where lightning is
         "install it with `pip install dist_restore[lightning]` (or `pip install lightning`)"
     ) from e
 
+from dist_restore._timeout import Timeout, to_seconds
 from dist_restore.trainer import TrainingState, resume_latest, save_training_state
 
 logger = logging.getLogger(__name__)
@@ -52,13 +53,16 @@ class DistRestoreCallback(pl.Callback):
         shared_models: The module is replicated on every rank (DDP): read on rank 0 and
             broadcast. ``False`` for sharded modules, where each rank reads its own file.
         strict: Fail on every rank if a checkpoint misses or has extra keys.
+        timeout: Per collective of a save or a resume: seconds or a ``datetime.timedelta``
+            (default: the writer's and the coordinator's own).
 
     Raises:
         ValueError: ``save_every_n_steps`` is not a positive int.
+        TypeError, ValueError: ``timeout`` is neither positive seconds nor a ``timedelta``.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, save_every_n_steps: int,
-                 shared_models: bool = True, strict: bool = True) -> None:
+                 shared_models: bool = True, strict: bool = True, timeout: Timeout | None = None) -> None:
         if isinstance(save_every_n_steps, bool) or not isinstance(save_every_n_steps, int) \
                 or save_every_n_steps < 1:
             raise ValueError(f"save_every_n_steps must be a positive int, got {save_every_n_steps!r}")
@@ -66,6 +70,7 @@ class DistRestoreCallback(pl.Callback):
         self.save_every_n_steps = save_every_n_steps
         self.shared_models = shared_models
         self.strict = strict
+        self.timeout = None if timeout is None else to_seconds(timeout)
         self._last_saved_step: int | None = None
 
     def _state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainingState:
@@ -82,7 +87,8 @@ class DistRestoreCallback(pl.Callback):
         # on_fit_start, not on_train_start: the latter runs inside the fit loop after it
         # has reset its progress and built the data iterator, too late to move its counters.
         state = self._state(trainer, pl_module)
-        res = resume_latest(self.root, state, shared_models=self.shared_models, strict=self.strict)
+        res = resume_latest(self.root, state, shared_models=self.shared_models, strict=self.strict,
+                            timeout=self.timeout)
         if res is None:
             return
         fit_loop = state.extra.get("fit_loop")
@@ -108,5 +114,5 @@ class DistRestoreCallback(pl.Callback):
         if step <= 0 or step % self.save_every_n_steps or step == self._last_saved_step:
             return
         save_training_state(f"{self.root}/step_{step}", self._state(trainer, pl_module),
-                            metadata={"step": step})
+                            metadata={"step": step}, timeout=self.timeout)
         self._last_saved_step = step

@@ -163,6 +163,8 @@ class CheckpointReader:
         rank = self._rank_info.global_rank
         d = Path(path)
         if not d.is_dir():
+            if d.exists():
+                raise NotADirectoryError(f"checkpoint path is not a directory: {str(d)!r}")
             raise FileNotFoundError(f"checkpoint directory not found: {str(d)!r}")
         if read_manifest(d) is not None or world_size is not None:
             check_checkpoint(d, world_size=world_size, ranks=[rank], verify=verify)

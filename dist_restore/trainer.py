@@ -34,14 +34,15 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from dist_restore._read import MapLocation
+from dist_restore._timeout import Timeout, to_seconds
 from dist_restore.coordinator import RestoreCoordinator, RestoreResult
 from dist_restore.discovery import find_latest_checkpoint
 from dist_restore.errors import RestoreError
@@ -53,6 +54,8 @@ except ImportError:  # pragma: no cover - numpy is installed with dist_restore
     np = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["TrainingState", "get_rng_state", "restore_training_state", "resume_latest", "save_training_state",
            "set_rng_state", "training_state_dict"]
@@ -113,7 +116,7 @@ def training_state_dict(state: TrainingState) -> dict[str, Any]:
 
 def save_training_state(path: str | os.PathLike[str], state: TrainingState, *,
                         writer: CheckpointWriter | None = None,
-                        metadata: Mapping[str, Any] | None = None) -> Any:
+                        metadata: Mapping[str, Any] | None = None, timeout: Timeout | None = None) -> Any:
     """Write ``state`` to the checkpoint directory ``path`` (call on every rank): on_save.
 
     Args:
@@ -123,19 +126,23 @@ def save_training_state(path: str | os.PathLike[str], state: TrainingState, *,
             or a single process).
         metadata: JSON values for the commit manifest; default ``{"step": extra["step"]}``
             when ``state.extra["step"]`` is an int (``find_latest_checkpoint`` orders by it).
+        timeout: Per collective, seconds or a ``timedelta``, for the default writer (a
+            given ``writer`` has its own).
 
     Returns:
         The committed :class:`~dist_restore.Manifest` (``None`` where the writer cannot
         coordinate the ranks).
 
     Raises:
+        TypeError, ValueError: a bad ``timeout``, or both ``writer`` and ``timeout``.
         RestoreError: on every rank, phase ``"write"``, if any rank failed to write.
     """
+    writer = _given_or_default(writer, timeout, "writer", CheckpointWriter)
     if metadata is None:
         step = state.extra.get("step")
         if isinstance(step, int) and not isinstance(step, bool):
             metadata = {"step": step}
-    return (writer or CheckpointWriter()).write(path, training_state_dict(state), metadata=metadata)
+    return writer.write(path, training_state_dict(state), metadata=metadata)
 
 
 # -- restoring ------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ def save_training_state(path: str | os.PathLike[str], state: TrainingState, *,
 def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *,
                            coordinator: RestoreCoordinator | None = None,
                            shared_models: bool | Iterable[str] = False, strict: bool = True,
-                           map_location: MapLocation = None) -> RestoreResult:
+                           map_location: MapLocation = None, timeout: Timeout | None = None) -> RestoreResult:
     """Restore ``state`` in place from the checkpoint directory ``path`` (every rank): on_resume.
 
     Steps: (all ranks) build the target from the live objects: model tensors are the
@@ -166,17 +173,21 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
             (of a model, or a whole optimizer/scheduler/RNG section).
         map_location: Device for allocated tensors (default: where they were saved);
             models are filled where they live.
+        timeout: Per collective, seconds or a ``timedelta``, for the default coordinator
+            (a given ``coordinator`` has its own).
 
     Returns:
         The coordinator's result (``report`` on rank 0).
 
     Raises:
         ValueError: ``shared_models`` names an unknown model.
+        TypeError, ValueError: a bad ``timeout``, or both ``coordinator`` and ``timeout``.
         RestoreError: on every rank, if any rank failed (missing or corrupt file, a shape
             mismatch, ``strict`` and a missing or unexpected key; phase ``"load"``: a
             ``load_state_dict`` refused what was read; the model tensors were already
             filled in place by then).
     """
+    coord = _given_or_default(coordinator, timeout, "coordinator", RestoreCoordinator)
     shared = _shared_spec(state, shared_models)
     target: dict[str, Any] = {
         "models": {name: m.state_dict() for name, m in state.models.items()},
@@ -186,7 +197,6 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
     }
     if state.rng:
         target["rng"] = None
-    coord = coordinator if coordinator is not None else RestoreCoordinator()
     res = coord.restore(path, target, shared=shared, shared_mode="broadcast", strict=strict,
                         map_location=map_location)
     pg = coord._pg  # the coordinator's group wrapper: collectives with its timeout
@@ -211,7 +221,7 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
 
 def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
                   coordinator: RestoreCoordinator | None = None, verify: bool = False,
-                  **kwargs: Any) -> RestoreResult | None:
+                  timeout: Timeout | None = None, **kwargs: Any) -> RestoreResult | None:
     """Restore the newest complete checkpoint under ``root`` (call on every rank).
 
     Steps: (rank 0) :func:`find_latest_checkpoint` with this world size; (all ranks)
@@ -223,6 +233,7 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
         state: The live training objects.
         coordinator: As for :func:`restore_training_state`.
         verify: Let rank 0 check every candidate's CRC32s against its manifest.
+        timeout: As for :func:`restore_training_state`.
         **kwargs: Passed to :func:`restore_training_state` (``shared_models``, ``strict``, ...).
 
     Returns:
@@ -231,7 +242,7 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
     Raises:
         RestoreError: on every rank, phase ``"discover"``, if rank 0 could not look.
     """
-    coord = coordinator if coordinator is not None else RestoreCoordinator()
+    coord = _given_or_default(coordinator, timeout, "coordinator", RestoreCoordinator)
     pg = coord._pg  # the coordinator's group wrapper: collectives with its timeout
     choice: dict[str, Any] = {"ok": True, "path": None}
     if pg.rank == 0:
@@ -254,12 +265,25 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
     return restore_training_state(choice["path"], state, coordinator=coord, **kwargs)
 
 
+def _given_or_default(given: T | None, timeout: Timeout | None, what: str, make: Callable[..., T]) -> T:
+    """``given``, or a default one built with ``timeout``; a bad ``timeout`` raises here,
+    before any collective."""
+    if timeout is None:
+        return given if given is not None else make()
+    seconds = to_seconds(timeout)
+    if given is not None:
+        raise ValueError(f"pass timeout= to the {what} you give, not to this hook as well")
+    return make(timeout=seconds)
+
+
 def _shared_spec(state: TrainingState, shared_models: bool | Iterable[str]) -> list[str] | None:
     if shared_models is True:
         return ["models"] if state.models else None
     if shared_models is False or shared_models is None:
         return None
     names = [shared_models] if isinstance(shared_models, str) else list(shared_models)
+    # a name may end with the separator, as prefixes do everywhere ("net." is "net")
+    names = [n.rstrip(".") if isinstance(n, str) else n for n in names]
     unknown = sorted(n for n in names if n not in state.models)
     if unknown:
         raise ValueError(f"shared_models names unknown model(s) {unknown}; the models are "

@@ -61,7 +61,9 @@ from dist_restore._manifest import (  # noqa: I001
     temp_path,
     write_manifest,
 )
+from dist_restore._paths import raise_with_path
 from dist_restore._pg import CollectiveError, ProcessGroupWrapper
+from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import RestoreError
 
@@ -83,17 +85,18 @@ class CheckpointWriter:
             the checkpoint directory instead of the process group. Must wait for all
             ``rank_info.global_world_size`` ranks and time out on its own.
         process_group: The group to exchange statuses on; default: the default group.
-        timeout: Seconds each process-group collective may take.
+        timeout: How long each process-group collective may take: seconds or a
+            ``datetime.timedelta``.
 
     Raises:
+        TypeError, ValueError: ``timeout`` is neither positive seconds nor a ``timedelta``.
         ValueError: ``rank_info`` disagrees with the process group, or ``process_group``
             is given while ``torch.distributed`` is not initialised.
     """
 
     def __init__(self, rank_info: Any | None = None, barrier: Callable[[], None] | Any | None = None, *,
-                 process_group: Any = None, timeout: float = 600.0) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+                 process_group: Any = None, timeout: Timeout = 600.0) -> None:
+        timeout = to_seconds(timeout)
         if barrier is not None and process_group is not None:
             raise ValueError("pass a barrier or a process_group, not both: with a barrier the ranks "
                              "exchange statuses through files, never through a group")
@@ -183,15 +186,18 @@ class CheckpointWriter:
         final = d / rank_file_name(rank)
         tmp = temp_path(final)
         try:
-            # a file object, not the path: given a path, torch names the archive inside after
-            # it (the temp name); given a file, "archive", as for any buffer
-            with open(tmp, "wb") as f:
-                torch.save(state_dict, f)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
-                size, checksum = checksum_fileobj(f)
-            os.replace(tmp, final)
+            try:
+                # a file object, not the path: given a path, torch names the archive inside
+                # after it (the temp name); given a file, "archive", as for any buffer
+                with open(tmp, "wb") as f:
+                    torch.save(state_dict, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
+                    size, checksum = checksum_fileobj(f)
+                os.replace(tmp, final)
+            except OSError as e:  # write, fsync, read: errors that name no file (a full disk)
+                raise_with_path(e, tmp)
         except BaseException:
             _unlink_quietly(tmp)
             raise

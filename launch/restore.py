@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from dist_restore import RestoreCoordinator, RestoreError  # noqa: E402
+from dist_restore._timeout import to_seconds  # noqa: E402
 
 log = logging.getLogger("dist_restore.launch")
 
@@ -38,21 +39,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail if any rank misses or has unexpected keys")
     p.add_argument("--map-location", default="cpu", help="device for restored tensors (default: cpu)")
     p.add_argument("--report-json", metavar="FILE", help="write the aggregated report as JSON (rank 0)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per collective (default: 300)")
+    p.add_argument("--timeout", type=seconds_arg, default=300.0,
+                   help="seconds per collective, > 0 (default: 300)")
     p.add_argument("--no-shared-memory", action="store_true",
                    help="broadcast shared entries even when every rank runs on one host")
     p.add_argument("--demo-mib", type=float, default=64.0, help="demo checkpoint size per rank, MiB")
     return p.parse_args(argv)
 
 
-def init_distributed(timeout: float) -> None:
-    """Initialise the default group when launched by torchrun (gloo on CPU, NCCL with CUDA)."""
+def seconds_arg(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds (checked as the library checks it)."""
+    try:
+        return to_seconds(float(text), "--timeout")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}") from None
+
+
+def init_distributed(timeout: float | timedelta) -> None:
+    """Initialise the default group when launched by torchrun (gloo on CPU, NCCL with CUDA).
+
+    ``timeout``: seconds or a ``timedelta``, as every timeout of dist_restore."""
+    seconds = to_seconds(timeout)
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
 
 
 def write_demo(path: Path, rank: int, world: int, mib: float) -> None:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from dist_restore import RestoreError  # noqa: E402
+from dist_restore._timeout import to_seconds  # noqa: E402
 from dist_restore.trainer import TrainingState, resume_latest, save_training_state  # noqa: E402
 
 log = logging.getLogger("dist_restore.train")
@@ -50,11 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after global step T (simulates a crash)")
     p.add_argument("--out", type=Path, default=None, help="rank 0 writes losses and final state here")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per collective")
+    p.add_argument("--timeout", type=seconds_arg, default=120.0, help="seconds per collective, > 0")
     args = p.parse_args(argv)
     if args.steps < 1 or args.save_every < 0:
         p.error("--steps must be >= 1 and --save-every >= 0")
     return args
+
+
+def seconds_arg(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds (checked as the library checks it)."""
+    try:
+        return to_seconds(float(text), "--timeout")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}") from None
 
 
 def batch(seed: int, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +113,7 @@ def train(args: argparse.Namespace, rank: int, world: int, distributed: bool) ->
                           extra={"step": 0})
     first = 1
     if args.resume:
-        res = resume_latest(args.ckpt_root, state, shared_models=True)
+        res = resume_latest(args.ckpt_root, state, shared_models=True, timeout=args.timeout)
         if res is not None:
             first = int(state.extra["step"]) + 1
             log.info("resumed at step %d", first - 1)
@@ -121,7 +130,7 @@ def train(args: argparse.Namespace, rank: int, world: int, distributed: bool) ->
         losses[step] = loss.item()
         state.extra["step"] = step
         if args.save_every and step % args.save_every == 0:
-            save_training_state(args.ckpt_root / f"step_{step}", state)
+            save_training_state(args.ckpt_root / f"step_{step}", state, timeout=args.timeout)
             log.info("saved step %d", step)
     if args.stop_after is not None and last < args.steps:
         log.info("stopping after step %d (--stop-after)", last)

@@ -117,11 +117,18 @@ def test_inspect_rank_and_keys_filters(ckpt: Path, capsys: pytest.CaptureFixture
     assert _keys(out) == ["shared.ln.w", "shared.ln.b"] * WORLD + ["shared.ln.w", "shared.ln.b"]
     assert "2 shown" in out
 
+    # a prefix written as torch writes them, with the separator: the same entries
+    rc, out2, _ = _run(capsys, "inspect", str(ckpt), "--keys", "shared.ln.")
+    assert rc == 0 and out2 == out
+
     rc, out, _ = _run(capsys, "inspect", str(ckpt), "--keys", "*.w", "--rank", "1")  # a glob
     assert rc == 0 and _keys(out) == ["shared.ln.w", "local.w"]
 
     rc, _, err = _run(capsys, "inspect", str(ckpt), "--rank", "7")
     assert rc == 1 and "checkpoint_7.pt" in err and "0-2" in err
+
+    rc, _, err = _run(capsys, "inspect", str(ckpt), "--keys", ".")  # a usage error, not a traceback
+    assert rc == 2 and "empty" in err
 
 
 def test_inspect_json(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -93,3 +93,14 @@ def test_no_checkpoint_starts_fresh(tmp_path: Path) -> None:
 def test_save_every_n_steps_must_be_a_positive_int(n: object) -> None:
     with pytest.raises(ValueError, match="save_every_n_steps"):
         DistRestoreCallback("ckpt", save_every_n_steps=n)  # type: ignore[arg-type]
+
+
+def test_timeout_takes_timedelta_and_is_checked_in_the_constructor() -> None:
+    from datetime import timedelta
+
+    assert DistRestoreCallback("ckpt", save_every_n_steps=1, timeout=timedelta(seconds=45)).timeout == 45.0
+    assert DistRestoreCallback("ckpt", save_every_n_steps=1).timeout is None
+    with pytest.raises(ValueError, match="timeout"):
+        DistRestoreCallback("ckpt", save_every_n_steps=1, timeout=0)
+    with pytest.raises(TypeError, match="timeout"):
+        DistRestoreCallback("ckpt", save_every_n_steps=1, timeout="45")  # type: ignore[arg-type]

@@ -573,3 +573,41 @@ def test_other_byte_order_keeps_ties(tmp_path: Path) -> None:
     path = _big_endian(tmp_path)
     res = READER.load(tmp_path)
     assert_same_ties(res.state_dict, oracle(path))
+
+
+# -- value types ------------------------------------------------------------------------------
+
+
+def test_value_types_come_back_as_torch_load_gives_them(tmp_path: Path) -> None:
+    """torch.Size, OrderedDict, dtype, device, complex, bytes, nested tuples/lists: the same
+    type and value as torch.load, with and without a target (assert_same compares types)."""
+    from _util import value_types_sample
+
+    path = save({"v": value_types_sample(), "w": torch.arange(4.0)}, tmp_path)
+    expected = oracle(path)
+    assert_same(READER.load(tmp_path).state_dict, expected)
+    assert_same(READER.read(tmp_path, {"v": None})[0]["v"], expected["v"])
+    # a target that names the values: placeholders (a Size among them) are replaced whole
+    target = {"v": {k: None for k in expected["v"]}}
+    target["v"]["shape"] = torch.Size([9])
+    target["v"]["scalar_shape"] = (None, None)  # a tuple target over a Size: the Size replaces it
+    target["v"]["nested"] = (None, [None, None], None)
+    target["v"]["od"] = {"a": None, "b": 0}
+    res = READER.load(tmp_path, target)
+    assert res.missing_keys == [] and res.unexpected_keys == ["w"]
+    v = res.state_dict["v"]
+    for k in ("shape", "scalar_shape", "dtype", "device", "cpu", "z", "raw", "lists", "plain"):
+        assert_same(v[k], expected["v"][k], k)
+    assert type(v["nested"]) is tuple and type(v["nested"][1][0]) is torch.Size
+    assert_same(v["nested"], expected["v"]["nested"], "nested")
+    assert v["od"] is target["v"]["od"] and v["od"]["b"] == 1  # a target container is filled in place
+    assert_tensor_same(v["od"]["a"], expected["v"]["od"]["a"], "od.a")
+    assert v["shape"].numel() == 12
+
+
+def test_torch_size_is_one_entry_of_the_index(tmp_path: Path) -> None:
+    """A torch.Size is a value (one ``object`` entry), not a container of int entries."""
+    path = save({"shape": torch.Size([3, 4]), "pair": (1, 2)}, tmp_path)
+    entries = read_index(path).entries
+    assert list(entries) == ["shape", "pair[0]", "pair[1]"]
+    assert type(entries["shape"].value) is torch.Size and entries["shape"].kind == "object"

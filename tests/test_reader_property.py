@@ -11,6 +11,7 @@ missing and unexpected keys must be exactly the ones the structures imply.
 
 from __future__ import annotations
 
+import collections
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,11 +110,17 @@ def _tensor_leaf(draw: Any, pool: _Pool) -> torch.Tensor:
 _OBJECTS = st.one_of(
     st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=5),
     st.binary(min_size=1, max_size=5), st.none(), st.booleans(), st.lists(st.integers(-5, 5), max_size=3),
+    # value types torch.load gives back as themselves (compared by type, not just value)
+    st.lists(st.integers(0, 9), max_size=3).map(torch.Size),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.complex64]),
+    st.sampled_from([torch.device("cpu"), torch.device("cuda", 1), torch.device("meta")]),
+    st.complex_numbers(allow_nan=False, allow_infinity=False, max_magnitude=1e6),
+    st.tuples(st.integers(-5, 5), st.tuples(st.booleans(), st.lists(st.text(max_size=2), max_size=2))),
 )
 
 
 def _node(draw: Any, pool: _Pool, depth: int) -> Any:
-    kinds = ["tensor"] * 4 + ["object"] + (["dict", "dict", "list", "tuple"] if depth < 3 else [])
+    kinds = ["tensor"] * 4 + ["object"] + (["dict", "dict", "odict", "list", "tuple"] if depth < 3 else [])
     kind = draw(st.sampled_from(kinds))
     if kind == "tensor":
         return _tensor_leaf(draw, pool)
@@ -121,6 +128,8 @@ def _node(draw: Any, pool: _Pool, depth: int) -> Any:
         return draw(_OBJECTS)
     if kind == "dict":
         return _dict(draw, pool, depth + 1)
+    if kind == "odict":
+        return collections.OrderedDict(_dict(draw, pool, depth + 1))
     items = [_node(draw, pool, depth + 1) for _ in range(draw(st.sampled_from([0, 1, 2, 2, 3])))]
     return items if kind == "list" else tuple(items)
 
@@ -165,7 +174,10 @@ def _target(draw: Any, src: Any, key: str, missing: list[str], unexpected: list[
     if isinstance(src, torch.Tensor):
         t = _prealloc(draw, src)
         return t, _Spec("tensor", t)
-    if choice == "other" or not isinstance(src, (Mapping, list, tuple)):
+    if isinstance(src, torch.Size) and choice == "recurse":
+        # a torch.Size is a value, not a container: a tuple target is replaced by it whole
+        return tuple(None for _ in src), _Spec("other")
+    if choice == "other" or not isinstance(src, (Mapping, list, tuple)) or isinstance(src, torch.Size):
         # a plain value in the target (not a tensor: that would be a structure mismatch)
         # is replaced by the file's value, whatever that is
         return "placeholder", _Spec("other")

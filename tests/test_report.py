@@ -242,3 +242,19 @@ def test_reports_are_frozen() -> None:
         RankReport(0).rank = 1  # type: ignore[misc]
     with pytest.raises(AttributeError):
         RestoreReport(1).world_size = 2  # type: ignore[misc]
+
+
+def test_shared_patterns_selecting_nothing_on_every_rank_are_named() -> None:
+    """Only a pattern that selects nothing on *every* rank is named; the report is not ok then."""
+    reports = [RankReport(0, unmatched_shared=("emb", "*.bais")), RankReport(1, unmatched_shared=("*.bais",)),
+               RankReport(2, unmatched_shared=("*.bais", "emb"))]
+    rep = RestoreReport.aggregate(reports, 3)
+    assert rep.unmatched_shared == ("*.bais",) and rep.issues == () and not rep.ok
+    assert rep.render().splitlines() == [
+        "restore report (3 ranks): 0 missing, 0 unexpected, 0 mismatched",
+        "shared patterns that select nothing on any rank (1): '*.bais' (every rank reads those entries itself)",
+    ]
+    assert RestoreReport.from_dict(json.loads(rep.to_json())) == rep
+    assert rep.to_dict()["unmatched_shared"] == ["*.bais"]
+    assert "unmatched_shared" not in RestoreReport(3).to_dict()  # the JSON of a clean report is unchanged
+    assert RestoreReport.aggregate(reports[:2], 3).unmatched_shared == ()  # rank 2 did not report

@@ -13,6 +13,37 @@ def test_prefix_selects_subtree_not_siblings() -> None:
     assert not sel("model2.w") and not sel("opt.model")
 
 
+@pytest.mark.parametrize("prefix", ["model.", "model..", "model"])
+def test_prefix_with_trailing_separator_selects_the_same(prefix: str) -> None:
+    """As torch writes prefixes (consume_prefix_in_state_dict_if_present(sd, "module.")):
+    "model." selects what "model" does."""
+    keys = ["model", "model.w", "model[0]", "model.layers.3.w", "model2.w", "opt.model", "modelx"]
+    assert [k for k in keys if make_selector([prefix])(k)] == ["model", "model.w", "model[0]",
+                                                               "model.layers.3.w"]
+    assert make_selector("module.")("module.encoder.w") and not make_selector("module.")("modules.w")
+
+
+@pytest.mark.parametrize("bad", ["", ".", ".."])
+def test_empty_prefix_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        make_selector(["model", bad])
+
+
+def test_unmatched_patterns_named() -> None:
+    from dist_restore._shared import unmatched_patterns
+
+    keys = ["model.w", "opt.lr"]
+    assert unmatched_patterns(["model.", "emb", "*.bias", "opt"], keys) == ["emb", "*.bias"]
+    assert unmatched_patterns("model.", keys) == []
+    assert unmatched_patterns(None, []) == []
+
+    def never(key: str) -> bool:
+        return False
+
+    assert unmatched_patterns(never, []) == ["test_unmatched_patterns_named.<locals>.never"]
+    assert unmatched_patterns(never, ["x"]) == []
+
+
 def test_globs_and_lists() -> None:
     sel = make_selector(["*.bias", "emb"])
     assert sel("a.b.bias") and sel("emb.weight") and not sel("a.weight")

@@ -148,6 +148,22 @@ def test_extra_is_updated_in_place(tmp_path: Path) -> None:
     assert torch.equal(extra["t"], torch.arange(4))
 
 
+def test_extra_values_keep_their_types(tmp_path: Path) -> None:
+    """torch.Size, OrderedDict, dtype, device, complex, bytes, nested tuples in ``extra`` come
+    back as torch.load gives them, type for type, with the models shared or not."""
+    from _util import assert_same, value_types_sample
+
+    for shared in (False, True):
+        src = _make(0)
+        src.extra.update(value_types_sample())
+        save_training_state(tmp_path / f"ck{shared}", src)
+        expected = torch.load(tmp_path / f"ck{shared}" / "checkpoint_0.pt", weights_only=True)["extra"]
+        dst = _make(1)
+        restore_training_state(tmp_path / f"ck{shared}", dst, shared_models=shared)
+        assert_same(dst.extra, expected, "extra")
+        assert dst.extra["shape"].numel() == 12
+
+
 def test_strict_missing_model_key_raises_and_leaves_model_untouched(tmp_path: Path) -> None:
     save_training_state(tmp_path / "ck", _make(0))
     dst = _make(1, extra_layer=True)
@@ -197,6 +213,18 @@ def test_resume_latest_picks_newest_or_none(tmp_path: Path) -> None:
     res = resume_latest(tmp_path, fresh, shared_models=True)
     assert res is not None and fresh.extra["step"] == 4
     _assert_same_tensors(want, fresh.models["net"].state_dict())
+
+
+def test_shared_model_names_take_the_prefix_rule(tmp_path: Path) -> None:
+    """``shared_models=["net."]`` is ``["net"]``, as a prefix with its separator is everywhere."""
+    state = _make(0)
+    _train(state, 1)
+    save_training_state(tmp_path / "ck", state)
+    want = {k: v.clone() for k, v in state.models["net"].state_dict().items()}
+    fresh = _make(1)
+    res = restore_training_state(tmp_path / "ck", fresh, shared_models=["net."])
+    _assert_same_tensors(want, fresh.models["net"].state_dict())
+    assert res.report is not None and res.report.ok
 
 
 def test_bad_arguments() -> None:

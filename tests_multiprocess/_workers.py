@@ -189,3 +189,58 @@ def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int,
         setattr(_exchange.BucketIO, what, boom)
         _exchange.BucketIO.stage = lambda self: None  # so that the first buffer() is in the exchange
     return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 60, "shared_memory": shm})
+
+
+def value_types() -> dict[str, Any]:
+    """The values of tests/_util.value_types_sample (kept in step by hand: workers cannot import it)."""
+    import collections
+
+    return {
+        "shape": torch.Size([3, 4]), "scalar_shape": torch.Size([]),
+        "od": collections.OrderedDict([("b", 1), ("a", torch.arange(3))]), "plain": {"x": 1.5},
+        "dtype": torch.bfloat16, "device": torch.device("cuda", 1), "cpu": torch.device("cpu"),
+        "z": 1 - 2j, "raw": b"\x00\xff",
+        "nested": (1, [torch.Size([2]), (torch.float16, [b"x", 2j])], ()), "lists": [[1, (2,)], []],
+    }
+
+
+def write_value_types(path: Path, world: int) -> None:
+    """Rank files whose shared values are value_types(); rank r > 0 holds other values of the
+    same types, so that values from src are told apart from each rank's own."""
+    path.mkdir(parents=True, exist_ok=True)
+    for r in range(world):
+        meta = value_types()
+        if r:
+            meta["shape"] = torch.Size([r])
+            meta["nested"] = (r, [torch.Size([r, r]), (torch.int8, [b"y", 3j])], ())
+        torch.save({"shared": {"meta": meta, "w": torch.arange(6.0)}, "own": torch.full((2,), float(r))},
+                   path / f"checkpoint_{r}.pt")
+
+
+def restore_value_types(rank: int, world: int, path: str, mode: str, target: Any) -> dict[str, Any]:
+    res = RestoreCoordinator(timeout=60).restore(path, target, shared="shared", shared_mode=mode)
+    return {"sd": res.state_dict}
+
+
+def restore_with_patterns(rank: int, world: int, path: str, shared: Any, strict: bool) -> dict[str, Any]:
+    """Restore everything with ``shared`` patterns; the report (rank 0) or the error."""
+    try:
+        res = RestoreCoordinator(timeout=60).restore(path, None, shared=shared, strict=strict)
+    except RestoreError as e:
+        return {"error": {"phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}}
+    return {"error": None, "report": None if res.report is None else res.report.to_dict(),
+            "bytes_read": res.stats.bytes_read}
+
+
+def write_and_restore_with_timedeltas(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Writer, coordinator (store barrier) and a per-call override, all given timedeltas."""
+    from datetime import timedelta
+
+    from dist_restore import CheckpointWriter
+
+    sd = {"own": torch.full((4,), float(rank)), "shared": torch.arange(6.0)}
+    CheckpointWriter(timeout=timedelta(seconds=30)).write(path, sd, metadata={"step": 1})
+    coord = RestoreCoordinator(timeout=timedelta(seconds=30), barrier="store")
+    res = coord.restore(path, None, shared="shared", timeout=timedelta(seconds=20))
+    return {"own": res.state_dict["own"].tolist(), "shared": res.state_dict["shared"].tolist(),
+            "bytes_read": res.stats.bytes_read, "timeout": coord._pg.timeout}

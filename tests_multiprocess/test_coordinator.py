@@ -246,3 +246,69 @@ def test_local_exchange_failure_fails_every_rank_promptly(tmp_path: Path, victim
         assert o["error"]["phase"] == phase and o["error"]["ranks"] == [victim], o["error"]
         assert f"injected {what} failure" in o["error"]["text"]
         assert o["seconds"] < 30  # agreed on, not a 60 s collective timeout
+
+
+def _assert_same_types(got: object, want: object, where: str = "") -> None:
+    assert type(got) is type(want), f"{where}: {type(got).__name__} vs {type(want).__name__}"
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for k in want:
+            _assert_same_types(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, x) in enumerate(zip(got, want)):
+            _assert_same_types(g, x, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got, want), where
+    else:
+        assert got == want, f"{where}: {got!r} vs {want!r}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", [None, {"shared": {"meta": None, "w": None}, "own": None}],
+                         ids=["no-target", "target"])
+def test_shared_values_keep_their_types(tmp_path: Path, target: object) -> None:
+    """torch.Size, OrderedDict, dtype, device, complex, bytes and nested tuples among the shared
+    values travel from src with their types (a torch.Size came back a tuple)."""
+    world = 2
+    w.write_value_types(tmp_path, world)
+    out = run_ranks(w.restore_value_types, world, args=(str(tmp_path), "broadcast", target), timeout=90)
+    src = torch.load(tmp_path / "checkpoint_0.pt", weights_only=True)
+    for r, o in enumerate(out):
+        _assert_same_types(o["sd"]["shared"], src["shared"], f"rank {r}: shared")
+        own = torch.load(tmp_path / f"checkpoint_{r}.pt", weights_only=True)["own"]
+        assert torch.equal(o["sd"]["own"], own)
+
+
+@pytest.mark.timeout(120)
+def test_prefix_with_separator_shares_and_unmatched_patterns_named(tmp_path: Path) -> None:
+    """shared="shared." reads the shared entries once (it selected nothing, so every rank read
+    them itself); a pattern that selects nothing on every rank is named in rank 0's report and
+    fails strict on every rank; one that selects something on some rank is not named."""
+    world = 2
+    w.write_checkpoint(tmp_path, world)
+    sd1 = torch.load(tmp_path / "checkpoint_1.pt", weights_only=True)
+    sd1["only_on_1"] = torch.ones(3)
+    torch.save(sd1, tmp_path / "checkpoint_1.pt")
+    own = [sum(v.numel() * v.element_size() for v in torch.load(
+        tmp_path / f"checkpoint_{r}.pt", weights_only=True)["model"].values()) for r in range(world)]
+    patterns = ["shared.", "only_on_1", "nowhere."]
+    out = run_ranks(w.restore_with_patterns, world, args=(str(tmp_path), patterns, False), timeout=90)
+    assert [o["error"] for o in out] == [None, None]
+    assert out[0]["bytes_read"] == own[0] + _shared_bytes(tmp_path) and out[1]["bytes_read"] == own[1] + 12
+    assert out[0]["report"]["unmatched_shared"] == ["nowhere."] and out[1]["report"] is None
+
+    out = run_ranks(w.restore_with_patterns, world, args=(str(tmp_path), patterns, True), timeout=90)
+    for o in out:
+        assert o["error"]["phase"] == "strict" and o["error"]["ranks"] == [0, 1]
+        assert "'nowhere.'" in o["error"]["text"] and "only_on_1" not in o["error"]["text"]
+
+
+@pytest.mark.timeout(120)
+def test_timedelta_timeouts_on_real_ranks(tmp_path: Path) -> None:
+    """timeout=timedelta(...) as torch takes it: writer, coordinator with a store barrier, and
+    restore's per-call override (each raised TypeError before)."""
+    out = run_ranks(w.write_and_restore_with_timedeltas, 2, args=(str(tmp_path),), timeout=90)
+    assert [o["own"] for o in out] == [[0.0] * 4, [1.0] * 4]
+    assert all(o["shared"] == list(map(float, range(6))) and o["timeout"] == 30.0 for o in out)
+    assert out[0]["bytes_read"] == 16 + 24 and out[1]["bytes_read"] == 16
