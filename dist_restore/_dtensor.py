@@ -112,6 +112,11 @@ class MeshInfo:
     rank: int | None
     groups: tuple[tuple[int, ...], ...] | None
 
+    @property
+    def root_size(self) -> int | None:
+        """How many ranks the root mesh (the saving job's mesh) spans, where recorded."""
+        return None if self.groups is None else sum(len(g) for g in self.groups)
+
     def __str__(self) -> str:
         names = self.dim_names or tuple(f"d{i}" for i in range(len(self.shape)))
         return "(" + ", ".join(f"{n}={s}" for n, s in zip(names, self.shape)) + ")"

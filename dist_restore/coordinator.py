@@ -44,11 +44,11 @@ from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
 from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
 from dist_restore._dtensor import DTensorRef
 from dist_restore._exchange import BucketIO, prepare_buckets
-from dist_restore._manifest import check_checkpoint, rank_file_count
+from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
 from dist_restore._reshard import is_dtensor, plan_shards, split_leaves
 from dist_restore._slices import read_jobs
 from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_device
-from dist_restore._report import RankReport, RestoreReport
+from dist_restore._report import RankReport, RestoreReport, format_ranks
 from dist_restore._shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
                                   unmatched_patterns)
 from dist_restore._timeout import Timeout, to_seconds
@@ -448,6 +448,8 @@ class RestoreCoordinator:
         elif nfiles <= src:
             raise FileNotFoundError(f"checkpoint at {str(path)!r} has {nfiles} rank file(s); src={src} has none")
         index = self._open(path, home, verify, checked=same)
+        if not same and read_manifest(path) is None:
+            _check_saved_world(index, nfiles, world)
         plan = plan_read(state_dict, index.tree)
         for leaf in plan.leaves:
             problem = view_out_of_bounds(leaf.source)
@@ -603,6 +605,29 @@ class RestoreCoordinator:
             canon = [i for i in canon if all(i.key in m for m in meta)]
         items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
         return items, objects
+
+
+def _check_saved_world(index: Any, nfiles: int, world: int) -> None:
+    """Without a manifest, a world-size change is believed only where the files say how many
+    ranks saved them: the DeviceMesh of a DTensor entry records its root's ranks. Otherwise a
+    lost last rank file would look like a smaller world and restore silently."""
+    sizes = {e.layout.mesh.root_size for e in index if e.kind == "dtensor"} - {None}
+    if not sizes:
+        why = (f"with no manifest and no DTensor entry (whose mesh records the ranks that saved it), a lost rank "
+               f"file cannot be told from a checkpoint of fewer ranks; write checkpoints with CheckpointWriter to "
+               f"restore them on another world size")
+        if nfiles < world:
+            missing = f"rank {nfiles} has no file" if world - nfiles == 1 else \
+                f"ranks {format_ranks(range(nfiles, world))} have no file"
+            raise IncompleteCheckpointError(f"incomplete checkpoint: no commit manifest; {missing} ({why})",
+                                            file=index.file.parent)
+        raise IncompleteCheckpointError(
+            f"world size mismatch: checkpoint has {nfiles} rank file(s) and no commit manifest, this job has "
+            f"{world}; {why}", file=index.file.parent)
+    if max(sizes) != nfiles:
+        raise IncompleteCheckpointError(
+            f"the saved DeviceMesh spans {max(sizes)} ranks, but the checkpoint has {nfiles} rank file(s) and no "
+            "commit manifest: rank files are missing", file=index.file.parent)
 
 
 def _offer_tuple(file: _shm.OwnerFile | None) -> tuple[Any, ...] | None:

@@ -70,13 +70,32 @@ def test_flipped_bit_caught_by_manifest_checksum_with_verify(tmp_path: Path) -> 
         RestoreCoordinator().restore(tmp_path, {"b": None}, verify=True)
 
 
+def test_world_size_mismatch_without_manifest_or_mesh_is_named(tmp_path: Path) -> None:
+    """Plain files, no manifest: a lost last file would look like a smaller world; refused."""
+    sd = {"w": torch.ones(2)}
+    for r in range(2):
+        torch.save(sd, tmp_path / f"checkpoint_{r}.pt")
+    with pytest.raises(RestoreError, match="world size mismatch.*no commit manifest"):
+        RestoreCoordinator().restore(tmp_path)  # a 1-rank job, a 2-rank checkpoint
+
+
 def test_world_size_change_takes_plain_entries_from_src_and_says_so(tmp_path: Path) -> None:
-    """A 1-rank job, a 2-rank checkpoint: no longer refused; non-DTensor entries come from
-    rank src's file, and the report says they were taken from one rank."""
+    """A 1-rank job, a committed 2-rank checkpoint: non-DTensor entries come from rank src's
+    file, and the report says they were taken from one rank."""
     for r in range(2):
         torch.save({"w": torch.full((2,), float(r)), "step": r}, tmp_path / f"checkpoint_{r}.pt")
+    _commit(tmp_path, 2)
     res = RestoreCoordinator().restore(tmp_path)
     assert torch.equal(res.state_dict["w"], torch.zeros(2)) and res.state_dict["step"] == 0
     assert res.report is not None and res.report.ok
     assert any("written by 2 rank(s), restored on 1" in n and "rank 0's file" in n for n in res.report.notes)
     assert "note: resharded" in res.report.render()
+
+
+def _commit(d: Path, world: int) -> None:
+    """A commit manifest for the rank files already in ``d`` (as CheckpointWriter writes it)."""
+    from dist_restore._manifest import Manifest, RankFileInfo, file_checksum, write_manifest
+
+    ranks = [RankFileInfo(r, f"checkpoint_{r}.pt", os.path.getsize(d / f"checkpoint_{r}.pt"),
+                          file_checksum(d / f"checkpoint_{r}.pt")) for r in range(world)]
+    write_manifest(d, Manifest.create(ranks))

@@ -103,7 +103,7 @@ def test_dtensor_files_into_full_tensors_in_one_process(saved) -> None:
 def test_plain_full_files_into_dtensor_targets(saved) -> None:
     """A DDP-style checkpoint (whole tensors in every file) into FSDP2 shards: each rank
     reads only its slice."""
-    path = saved("plain", 2)
+    path = saved("plain", 2, True)  # plain files: the manifest says how many ranks wrote them
     out = run_ranks(w.restore, 4, args=(str(path), "fsdp"), timeout=150)
     _check(out)
     assert all(o["files_opened"] == 1 for o in out)
@@ -242,3 +242,15 @@ def test_reader_fills_whole_tensors_from_every_file_and_checks_crc(saved, tmp_pa
     with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch") as e:
         CheckpointReader(RankInfo(1, 4)).load(broken, target)
     assert "checkpoint_2.pt" in str(e.value) and e.value.key == entry.key
+
+
+@pytest.mark.timeout(180)
+def test_lost_last_file_without_manifest_is_not_a_smaller_world(saved, tmp_path: Path) -> None:
+    """No manifest: the saved mesh's rank map says 4 ranks saved; 3 files are not a 3-rank checkpoint."""
+    broken = tmp_path / "broken"
+    shutil.copytree(saved("fsdp", 4), broken)
+    (broken / "checkpoint_3.pt").unlink()
+    out = run_ranks(w.restore_expect_error, 2, args=(str(broken), "fsdp"), timeout=150)
+    for o in out:
+        assert "the saved DeviceMesh spans 4 ranks, but the checkpoint has 3 rank file(s)" in o["error"]
+        assert o["untouched"]
