@@ -17,6 +17,7 @@ them into ``k``, and keeps piece ``i`` of every one (see ``_StridedShard._split_
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -67,10 +68,7 @@ class Box(NamedTuple):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.size:
-            n *= s
-        return n
+        return math.prod(self.size)
 
 
 class LayoutError(ValueError):
@@ -192,15 +190,6 @@ def overlap(src: ShardRuns, dst: ShardRuns) -> list[Box]:
     return boxes
 
 
-def covered(boxes: Sequence[Box], runs: ShardRuns) -> bool:
-    """Whether ``boxes`` (disjoint, as :func:`overlap` makes them from disjoint sources)
-    fill every element of the shard ``runs`` (as a target)."""
-    need = 1
-    for n in local_shape(runs):
-        need *= n
-    return sum(b.numel for b in boxes) == need
-
-
 # -- device meshes ---------------------------------------------------------------------------
 
 def _modes(shape: object, stride: object) -> list[tuple[int, int]]:
@@ -254,12 +243,3 @@ def mesh_groups(axes: Sequence[tuple[object, object]], rank_map: Sequence[int]) 
             taken[c] = True
         groups.append([int(rank_map[c]) for c in cells])
     return groups
-
-
-def coordinate_of(index: int, mesh_shape: Sequence[int]) -> tuple[int, ...]:
-    """The mesh coordinate of the ``index``-th rank of a group, row-major."""
-    coord = []
-    for k in reversed(mesh_shape):
-        coord.append(index % k)
-        index //= k
-    return tuple(reversed(coord))

@@ -13,6 +13,7 @@ tensor data or calls a collective; :mod:`._slices` moves the bytes.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,7 +25,7 @@ import torch
 from dist_restore._dtensor import DLayout, DTensorRef
 from dist_restore._keypath import RawPath
 from dist_restore._regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
-    coordinate_of, full_runs, local_shape, overlap, shard_runs, split_runs
+    full_runs, local_shape, overlap, shard_runs, split_runs
 from dist_restore._unpickle import TensorRef
 
 
@@ -257,9 +258,7 @@ def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: Sh
         boxes = overlap(region, dst)
         got += sum(b.numel for b in boxes)
         pieces.append(Piece(pick[0], pick[1], tuple(boxes)))
-    need = 1
-    for n in local_shape(dst):
-        need *= n
+    need = math.prod(local_shape(dst))
     if got != need:
         raise LayoutError(f"key {key!r}: the saved shards cover {got} of the {need} elements this rank needs")
     return ShardJob(key, path, target, tuple(pieces), source)
@@ -299,14 +298,6 @@ def _open_for(open_index: Any, f: int, key: str) -> Any:
                       key=e.key or key) from e
     except OSError as e:
         raise type(e)(f"{e} (rank file {f} holds part of {key!r})") from e
-
-
-def coordinate_index(coord: Sequence[int], mesh_shape: Sequence[int]) -> int:
-    """Row-major index of a mesh coordinate (inverse of :func:`._regions.coordinate_of`)."""
-    flat = 0
-    for c, k in zip(coord, mesh_shape):
-        flat = flat * k + c
-    return flat
 
 
 def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -412,5 +403,5 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
     return ShardPlan(jobs, indexes, entries)
 
 
-__all__ = ["Piece", "ShardJob", "check_source", "coordinate_of", "dtensor_holders", "is_dtensor", "plan_job",
+__all__ = ["Piece", "ShardJob", "check_source", "dtensor_holders", "is_dtensor", "plan_job",
            "placements_of", "target_region"]

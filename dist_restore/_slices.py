@@ -18,8 +18,10 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from dist_restore import _iovec
 from dist_restore._crc import crc32 as _crc32
 from dist_restore._index import CheckpointIndex
 from dist_restore._read import ReadStats, _file_view, _RankFile
@@ -33,28 +35,40 @@ logger = logging.getLogger(__name__)
 _DROP = 32 << 20  # unmap a source's pages once this many bytes have been copied from it
 _PIECE_DROP = 1 << 20  # a piece this large is unmapped right after its copy
 _GAP = 1 << 20  # spans closer than this are read ahead as one
+_MIN_ROW = 256  # target rows shorter than this are not worth an iovec each: copy_ instead
 
 
 def _slices(start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a, a + n) for a, n in zip(start, size))
 
 
-def copy_boxes(src: torch.Tensor, dst: torch.Tensor, boxes: Sequence[Box], fd: int | None = None) -> int:
+def copy_boxes(src: torch.Tensor, dst: torch.Tensor, boxes: Sequence[Box], fd: int | None = None,
+               file_size: int = 0) -> int:
     """``dst[box] = src[box]`` for every box; returns the bytes copied.
 
-    With ``fd`` (the file ``src`` maps, from offset 0), a box contiguous on both sides with a
-    plain CPU target is read by ``preadv`` straight into the target: one system call, no page
-    faults on the mapping (which only ``copy_`` touches, page by page)."""
+    With ``fd`` (the ``file_size``-byte file ``src`` maps, from offset 0) and a plain CPU
+    target, a box whose source bytes are one contiguous range of the file is read by
+    ``preadv`` straight into the target: into one buffer when the target slice is contiguous
+    too, else into each of its rows (a column slice of a row-major target: one iovec per
+    row). No page faults on the mapping, which only the ``copy_`` fallback touches."""
     n = 0
+    isz = src.element_size()
     for b in boxes:
         if b.numel == 0:
             continue
         d = dst[_slices(b.dst_start, b.size)]
         s = src[_slices(b.src_start, b.size)]
-        nbytes = b.numel * src.element_size()
-        if fd is not None and d.is_contiguous() and s.is_contiguous() and d.device.type == "cpu" \
-                and not (d.is_conj() or d.is_neg() or s.is_conj() or s.is_neg()):
-            _pread_exact(fd, d.data_ptr(), nbytes, s.storage_offset() * s.element_size())
+        nbytes = b.numel * isz
+        plain = fd is not None and s.is_contiguous() and d.device.type == "cpu" \
+            and not (d.is_conj() or d.is_neg() or s.is_conj() or s.is_neg())
+        if plain and d.is_contiguous():
+            _pread_exact(fd, d.data_ptr(), nbytes, s.storage_offset() * isz)
+        elif plain and d.dim() >= 2 and d.stride(-1) == 1 and d.shape[-1] * isz >= _MIN_ROW and _iovec.available():
+            lead = d.shape[:-1]
+            steps = np.asarray(d.stride()[:-1], dtype=np.int64) * isz
+            starts = np.indices(lead, dtype=np.int64).reshape(len(lead), -1).T @ steps + d.data_ptr()
+            iov = _iovec.iovecs(starts.tolist(), [d.shape[-1] * isz] * len(starts))
+            _iovec.vectored(fd, 0, iov, s.storage_offset() * isz, file_size)
         else:
             d.copy_(s)
         n += nbytes
@@ -146,7 +160,9 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     ref: TensorRef = entries[(f, job.key)]
                     lo, hi = ref.element_span()
                     src = _file_view(rf.whole, off, ref, lo, hi)
-                    n = copy_boxes(src, job.target, piece.boxes, rf.fd)
+                    # (a record not aligned for its dtype is a copy, not the mapping: no preadv then)
+                    direct = rf.fd if src.untyped_storage().data_ptr() == rf.whole.data_ptr() else None
+                    n = copy_boxes(src, job.target, piece.boxes, direct, index.file_size)
                     stats.bytes_read += n
                     rec = index.records[ref.storage.key]
                     if verify and n and n == rec.size:  # the whole record was copied: check it

@@ -1,0 +1,75 @@
+"""The byte mover of resharding: every copy path against plain tensor slicing."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dist_restore._regions import Box
+from dist_restore._slices import copy_boxes
+
+
+def _mapped(path: Path, t: torch.Tensor, pad: int = 0) -> tuple[int, torch.Tensor]:
+    """``t`` written at byte ``pad`` of a file; (fd, a view of it over the mapping)."""
+    path.write_bytes(b"\0" * pad + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    whole = torch.frombuffer(mm, dtype=torch.uint8)
+    view = whole[pad:].view(t.dtype).view(t.shape)
+    return fd, view
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_every_path_matches_slicing(tmp_path_factory, data) -> None:
+    rows, cols = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 200))
+    src = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+    path = tmp_path_factory.mktemp("slices") / "src.bin"
+    fd, view = _mapped(path, src, pad=64)
+    try:
+        r0 = data.draw(st.integers(0, rows - 1))
+        nr = data.draw(st.integers(1, rows - r0))
+        full_cols = data.draw(st.booleans())  # contiguous source range, or a column slice
+        c0 = 0 if full_cols else data.draw(st.integers(0, cols - 1))
+        nc = cols if full_cols else data.draw(st.integers(1, cols - c0))
+        extra = data.draw(st.integers(0, 80))  # a wider target: its rows are strided
+        dst = torch.full((nr + 3, nc + extra), -1.0)
+        box = Box((r0, c0), (2, extra // 2), (nr, nc))
+        for use_fd in (fd, None):
+            dst.fill_(-1.0)
+            n = copy_boxes(view, dst, [box], use_fd, path.stat().st_size)
+            expect = torch.full_like(dst, -1.0)
+            expect[2:2 + nr, extra // 2:extra // 2 + nc] = src[r0:r0 + nr, c0:c0 + nc]
+            assert n == nr * nc * 4
+            assert torch.equal(dst, expect)
+    finally:
+        os.close(fd)
+
+
+def test_zero_d_and_empty_boxes(tmp_path: Path) -> None:
+    fd, view = _mapped(tmp_path / "s.bin", torch.tensor(3.5))
+    try:
+        dst = torch.zeros(())
+        assert copy_boxes(view, dst, [Box((), (), ())], fd, 4) == 4
+        assert dst.item() == 3.5
+        assert copy_boxes(view.reshape(1), torch.zeros(1), [Box((0,), (0,), (0,))], fd, 4) == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8, torch.float64, torch.bool])
+def test_dtypes_by_preadv(tmp_path: Path, dtype: torch.dtype) -> None:
+    src = (torch.arange(64 * 70) % 7).to(dtype).reshape(64, 70)
+    fd, view = _mapped(tmp_path / "s.bin", src)
+    try:
+        dst = torch.zeros(70, 300, dtype=dtype)
+        copy_boxes(view, dst, [Box((0, 0), (3, 5), (64, 70))], fd, src.numel() * src.element_size())
+        assert torch.equal(dst[3:67, 5:75], src)
+    finally:
+        os.close(fd)
