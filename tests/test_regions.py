@@ -151,3 +151,41 @@ def test_unpickler_stubs_run_no_torch_distributed_code() -> None:
     mesh = b"\x80\x02ctorch.distributed.device_mesh\nDeviceMesh\nX\x03\x00\x00\x00cpuK\x04\x86R."
     obj, _ = unpickle_refs(mesh, "x.pt")
     assert type(obj).__name__ == "_DeviceMeshStub" and obj.args == ("cpu", 4)
+
+
+def _ref(layout):
+    from dist_restore._dtensor import DTensorRef
+
+    ref = DTensorRef(torch.float32, layout.shape, (1,), False)
+    ref.__dict__["layout"] = layout  # the parsed layout, as the unpickler's spec would give
+    return ref
+
+
+def test_replicas_are_read_once_and_spread_over_ranks() -> None:
+    """A tensor replicated on 4 saving ranks, wanted whole by 2 restoring ranks: each reads it
+    from one file, and the two pick different files."""
+    from dist_restore._dtensor import DLayout, MeshInfo
+    from dist_restore._reshard import plan_job
+
+    layout = DLayout((8,), (R.Replicate(),), MeshInfo((4,), None, (0,), 0, ((0, 1, 2, 3),)))
+    picks = []
+    for rank in range(2):
+        job = plan_job("w", ("w",), _ref(layout), torch.zeros(8), R.full_runs((8,)), home=0, own=None, nfiles=4,
+                       reading=set(), spread=rank)
+        assert len(job.pieces) == 1 and job.pieces[0].boxes == (R.Box((0,), (0,), (8,)),)
+        picks.append(job.pieces[0].file)
+    assert picks[0] != picks[1]
+    # a file this rank already reads is preferred to a new one
+    job = plan_job("w", ("w",), _ref(layout), torch.zeros(8), R.full_runs((8,)), home=0, own=None, nfiles=4,
+                   reading={3}, spread=0)
+    assert job.pieces[0].file == 3
+
+
+def test_mesh_ranks_beyond_the_files_are_named() -> None:
+    from dist_restore._dtensor import DLayout, MeshInfo
+    from dist_restore._reshard import plan_job
+
+    layout = DLayout((8,), (R.Shard(0),), MeshInfo((4,), None, (0,), 0, ((0, 1, 2, 3),)))
+    with pytest.raises(R.LayoutError, match="places shards on rank 3, but the checkpoint has 3"):
+        plan_job("w", ("w",), _ref(layout), torch.zeros(8), R.full_runs((8,)), home=0, own=0, nfiles=3,
+                 reading=set(), spread=0)
