@@ -471,29 +471,18 @@ class RestoreCoordinator:
             shards = plan_shards(reshard, home=home, home_index=index, own=own, nfiles=nfiles,
                                  open_index=lambda f: self._open(path, f, verify, checked=False), spread=rank)
             files_opened |= set(shards.indexes)
-        # per-rank entries (world size changed): from this rank's own file, if it has one
         own_index, own_leaves, overrides, missing = None, [], {}, list(plan.missing)
         objects = list(plan.objects)
         if not same and per_rank is not None:
             pick = make_selector(per_rank)
-            pr_leaves = [lf for lf in plain if pick(lf.key)]
-            pr_objects = [o for o in objects if pick(o[0])]
+            mine = self._per_rank(path, verify, state_dict, [lf for lf in plain if pick(lf.key)],
+                                  [o for o in objects if pick(o[0])], home, own, index)
+            own_index, own_leaves, overrides, lost = mine
+            missing += lost
             plain = [lf for lf in plain if not pick(lf.key)]
             objects = [o for o in objects if not pick(o[0])]
-            wanted = {lf.key: lf.path for lf in pr_leaves} | {k: p for k, p, _v in pr_objects}
-            if wanted and own is None:  # no file of this rank's: missing, targets kept
-                missing += sorted(wanted)
-                overrides = {lf.path: lf.target for lf in pr_leaves} | {p: None for _k, p, _v in pr_objects}
-            elif wanted:
-                own_index = index if own == home else self._open(path, own, verify, checked=False)
+            if own_index is not None:
                 files_opened.add(own)
-                own_plan = plan_read(state_dict, own_index.tree)
-                got = {lf.key: lf for lf in own_plan.leaves if lf.key in wanted}
-                own_leaves = list(got.values())
-                overrides = {p: v for k, p, v in own_plan.objects if k in wanted}
-                lost = sorted(k for k in wanted if k not in got and k not in {o[0] for o in own_plan.objects})
-                missing += lost
-                overrides |= {wanted[k]: None for k in lost}
         eff_mode = mode if same else "broadcast"
         shared_items: list[SharedItem] = []
         shared_objects: dict[str, Any] = {}
@@ -545,6 +534,27 @@ class RestoreCoordinator:
             "host": _shm.host_id() if self._shm else None,
             "note": note,
         }
+
+    def _per_rank(self, path: Any, verify: bool, state_dict: STATE_DICT | None, leaves: list[PlannedLeaf],
+                  objects: list[tuple[str, Any, Any]], home: int, own: int | None, index: Any
+                  ) -> tuple[Any, list[PlannedLeaf], dict[Any, Any], list[str]]:
+        """Per-rank entries when the world size changed: from this rank's own file, if it has
+        one; else missing, their targets kept. Returns ``(own index or None, leaves to read
+        from it, values replacing the home file's, keys missing)``."""
+        wanted = {lf.key: lf.path for lf in leaves} | {k: p for k, p, _v in objects}
+        if not wanted:
+            return None, [], {}, []
+        if own is None:
+            return None, [], {lf.path: lf.target for lf in leaves} | {p: None for _k, p, _v in objects}, \
+                sorted(wanted)
+        own_index = index if own == home else self._open(path, own, verify, checked=False)
+        own_plan = plan_read(state_dict, own_index.tree)
+        got = [lf for lf in own_plan.leaves if lf.key in wanted]
+        overrides = {p: v for k, p, v in own_plan.objects if k in wanted}
+        found = {lf.key for lf in got} | {k for k, _p, _v in own_plan.objects}
+        lost = sorted(k for k in wanted if k not in found)
+        overrides |= {wanted[k]: None for k in lost}
+        return own_index, got, overrides, lost
 
     def _open(self, path: Any, file_rank: int, verify: bool, *, checked: bool) -> Any:
         """Index rank file ``file_rank`` (checked against the manifest first, unless done)."""
