@@ -117,8 +117,10 @@ def test_per_rank_entries_and_our_writer(saved) -> None:
     assert [float(o["rank_value"]) for o in out] == [0.0, 1.0, 2.0, 3.0]  # 2, 3: kept (missing)
     assert [o["missing"] for o in out] == [[], [], ["extra.rank_value"], ["extra.rank_value"]]
     assert "extra.rank_value  missing on ranks 2-3" in out[0]["report"]
-    out = run_ranks(w.restore, 2, args=(str(saved("fsdp", 4)), "fsdp", "dtensor", "extra.rank_value"), timeout=150)
+    # a prefix written torch's way, with its separator: the same rules as shared=
+    out = run_ranks(w.restore, 2, args=(str(saved("fsdp", 4)), "fsdp", "dtensor", "extra."), timeout=150)
     assert [float(o["rank_value"]) for o in out] == [0.0, 1.0]
+    assert all(o["step"] == 7 and o["missing"] == [] for o in out)
 
 
 @pytest.mark.timeout(180)
