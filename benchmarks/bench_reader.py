@@ -1,6 +1,7 @@
 """Benchmark ``dist_restore.CheckpointReader`` against torch's reference reader and ``torch.load``.
 
-Run: ``python benchmarks/bench_reader.py [--quick] [--size-gib 1.0] [--repeats 5] [--markdown]``.
+Run: ``python benchmarks/bench_reader.py [--quick] [--size-gib 1.0] [--repeats 5] [--markdown]``,
+or ``python benchmarks/bench_reader.py --cold [--size-gib 1.0] [--repeats 3]`` for scenario D only.
 
 Every file is written to a temporary directory (removed at the end) and read once before timing
 so that all readers start from a warm page cache. Each number is the MEDIAN of ``--repeats``
@@ -28,6 +29,18 @@ C. Peak memory of B's restores, one fresh SUBPROCESS per variant: targets are al
    pages included) is shown too: ``VmHWM`` after resetting it through ``/proc/self/clear_refs``.
    (``ru_maxrss`` is useless here: Linux carries the parent's peak over fork+exec into the child.)
    Target: ours' anonymous peak beyond the targets (allocate mode: beyond the result) <= 64 MiB.
+D. ``--cold`` (run instead of A-C): a restore after a failure reads files that are not in the page
+   cache. One file of ``--size-gib`` (default 1.0) in 200 float32 tensors, restored into
+   preallocated targets, once COLD (the file's pages dropped from the page cache with
+   ``posix_fadvise(POSIX_FADV_DONTNEED)`` right before every timed run: no root needed) and once
+   WARM (the same call again right after). Cases: ours (CRC32 on), ``torch.load(mmap=True)`` +
+   ``copy_``, a plain ``read()`` of the whole file in 64 MiB blocks into one reused buffer (the
+   file-system limit), the same with CRC32 of every block, a 10% partial restore (every 10th key)
+   by ours and by ``torch.load(mmap=True)`` + ``copy_``, and a memcpy of the file's size (the
+   memory limit). Medians of ``--repeats`` rounds (default 3) in rotated order. Targets: cold full
+   <= 1.0x torch.load(mmap) + copy_ and <= 1.0x the plain read(); cold 10% <= 0.8x
+   torch.load(mmap) + copy_ of the same 10%; warm full <= 1.5x the plain read() with CRC32.
+   Cold numbers on a shared VM disk are noisy: read the spread column.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ from torch.distributed.checkpoint._experimental.checkpoint_reader import Checkpo
 from torch.distributed.checkpoint._experimental.types import RankInfo as RefRankInfo
 
 from dist_restore import CheckpointReader, RankInfo, read_index
+from dist_restore._crc import crc32
 
 MIB, GIB, N_BIG = 1 << 20, 1 << 30, 16  # N_BIG: tensors in scenario B's file
 MEM_VARIANTS = ("ours crc32", "ours none", "ours alloc", "reference", "torch.load(mmap)+copy_",
@@ -240,6 +254,107 @@ def scenario_b(d: Path, numel: int, repeats: int) -> tuple[list[Table], dict[str
     return [pre, alloc], {"crc32": t["ours crc32"].median / base, "none": t["ours none"].median / base}
 
 
+N_COLD = 200  # tensors in scenario D's file
+
+
+def drop_cache(path: Path) -> None:
+    """Evict the file's pages from the page cache (clean pages only: the file was fsync'd)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def plain_read(path: Path, buf: memoryview, crc: bool) -> int:
+    """The whole file by read() in ``len(buf)`` blocks into one reused buffer."""
+    running = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if crc:
+                running = crc32(buf[:n], running)
+    return running
+
+
+def scenario_d(tmp: Path, size_gib: float, repeats: int) -> tuple[list[Table], dict[str, float]]:
+    (d := tmp / "cold").mkdir()
+    file = d / "checkpoint_0.pt"
+    numel = int(size_gib * GIB) // N_COLD // 4
+    keys = [f"t{i}" for i in range(N_COLD)]
+    torch.save({k: torch.empty(numel).uniform_() for k in keys}, file)
+    fd = os.open(file, os.O_RDONLY)
+    os.fsync(fd)  # DONTNEED keeps dirty pages
+    os.close(fd)
+    nbytes, fsize = N_COLD * numel * 4, file.stat().st_size
+    targets = {k: torch.ones(numel) for k in keys}
+    part_keys = keys[::10]
+    part = {k: targets[k] for k in part_keys}
+    ours = CheckpointReader(RankInfo(0, 1))
+    buf = memoryview(bytearray(64 * MIB))
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+
+    def load_copy(ks: list[str]) -> None:
+        sd = torch.load(file, weights_only=True, mmap=True)
+        for k in ks:
+            targets[k].copy_(sd[k])
+
+    cases: dict[str, Callable[[], Any]] = {
+        "ours": lambda: ours.read(d, targets),
+        "mmap+copy": lambda: load_copy(keys),
+        "read64": lambda: plain_read(file, buf, False),
+        "read64 crc": lambda: plain_read(file, buf, True),
+        "ours 10%": lambda: ours.read(d, part),
+        "mmap+copy 10%": lambda: load_copy(part_keys),
+    }
+    for fn in cases.values():
+        fn()  # warm-up (lazy imports, first touch)
+    cold: dict[str, list[float]] = {n: [] for n in cases}
+    hot: dict[str, list[float]] = {n: [] for n in cases}
+    names = list(cases)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            for times, dropping in ((cold, True), (hot, False)):
+                if dropping:
+                    drop_cache(file)
+                gc.collect()
+                t0 = time.perf_counter()
+                cases[name]()
+                times[name].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    dst.copy_(src)
+    memcpy = time.perf_counter() - t0
+    tc = {n: Timing(statistics.median(v), len(v), (max(v) - min(v)) / statistics.median(v)) for n, v in cold.items()}
+    tw = {n: Timing(statistics.median(v), len(v), (max(v) - min(v)) / statistics.median(v)) for n, v in hot.items()}
+    tab = Table(f"D. Cold vs warm ({fsize / GIB:.2f} GiB file, {N_COLD} x {numel * 4 / MIB:.1f} MiB float32; "
+                f"memcpy of {nbytes / GIB:.2f} GiB: {fmt_s(memcpy)})",
+                ["method", "cold", "cold GB/s", "cold vs mmap+copy_", "cold spread", "warm", "warm GB/s",
+                 "warm spread"])
+    for label, key, size in [("ours, verify=crc32, full", "ours", nbytes),
+                             ("torch.load(mmap=True) + copy_, full", "mmap+copy", nbytes),
+                             ("plain read(), 64 MiB blocks", "read64", fsize),
+                             ("plain read(), 64 MiB blocks + CRC32", "read64 crc", fsize),
+                             ("ours, verify=crc32, 10% of keys", "ours 10%", nbytes // 10),
+                             ("torch.load(mmap=True) + copy_, same 10%", "mmap+copy 10%", nbytes // 10)]:
+        ref = "mmap+copy 10%" if "10%" in key else "mmap+copy"
+        tab.rows.append([label, fmt_s(tc[key].median), f"{size / tc[key].median / 1e9:.2f}",
+                         f"{tc[key].median / tc[ref].median:.2f}x", f"{tc[key].spread:.0%}",
+                         fmt_s(tw[key].median), f"{size / tw[key].median / 1e9:.2f}", f"{tw[key].spread:.0%}"])
+    ratios = {"cold/mmap": tc["ours"].median / tc["mmap+copy"].median,
+              "cold/read": tc["ours"].median / tc["read64"].median,
+              "cold10/mmap": tc["ours 10%"].median / tc["mmap+copy 10%"].median,
+              "warm/readcrc": tw["ours"].median / tw["read64 crc"].median}
+    return [tab], ratios
+
+
+def cold_targets(r: dict[str, float]) -> Table:
+    rows = [("D: cold full / torch.load(mmap) + copy_ <= 1.0x", r["cold/mmap"], 1.0),
+            ("D: cold full / plain 64 MiB read() <= 1.0x", r["cold/read"], 1.0),
+            ("D: cold 10% / torch.load(mmap) + copy_ of it <= 0.8x", r["cold10/mmap"], 0.8),
+            ("D: warm full / plain read() + CRC32 <= 1.5x", r["warm/readcrc"], 1.5)]
+    return Table("Targets", ["target", "measured", "result"],
+                 [[name, f"{v:.2f}x", "PASS" if v <= lim else "FAIL"] for name, v, lim in rows])
+
+
 def mem_child(variant: str, d: Path, numel: int) -> None:
     """Subprocess body of scenario C: print one JSON line of peak-memory figures."""
     keys, file = big_keys(), d / "checkpoint_0.pt"
@@ -314,6 +429,8 @@ def main() -> None:
     p.add_argument("--small-count", type=int, default=None, help="tensors in scenario A (default 10,000)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
+    p.add_argument("--cold", action="store_true",
+                   help="scenario D only: cold (page cache dropped per file) vs warm restores")
     p.add_argument("--mem-child", choices=MEM_VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--mem-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--mem-numel", type=int, help=argparse.SUPPRESS)
@@ -324,7 +441,7 @@ def main() -> None:
         return mem_child(a.mem_child, a.mem_dir, a.mem_numel)
     child_args = ["--threads", str(a.threads)] if a.threads else []
     size = a.size_gib or (0.25 if a.quick else 1.0)
-    repeats = a.repeats or (3 if a.quick else 5)
+    repeats = a.repeats or (3 if a.quick or a.cold else 5)
     ref_repeats = min(repeats, a.ref_repeats or (1 if a.quick else 3))
     n_small = a.small_count or (2_000 if a.quick else 10_000)
     md = a.markdown
@@ -334,6 +451,15 @@ def main() -> None:
         + f"\n{'- ' if md else ''}repeats: {repeats} (reference metadata cases: {ref_repeats}); "
         + "times are medians; spread = (max - min) / median\n")
     tmp, rc = Path(tempfile.mkdtemp(prefix="bench_reader_")), dict[str, float]()
+    if a.cold:
+        try:
+            tables, rd = scenario_d(tmp, size, repeats)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        say("\n".join(tab.render(md) for tab in tables))
+        say(cold_targets(rd).render(md))
+        say(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     try:
         tables, ra = scenario_a(tmp, n_small, repeats, ref_repeats)
         say("\n".join(tab.render(md) for tab in tables))
