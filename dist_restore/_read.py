@@ -27,12 +27,13 @@ import numpy as np
 import torch
 
 from dist_restore._crc import crc32 as _crc32
-from dist_restore._crc import crc32_combine
+from dist_restore._pio import read_into
 from dist_restore._index import CheckpointIndex, full_load
 from dist_restore._keypath import RawPath
 from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._plan import PlannedLeaf
 from dist_restore._unpickle import TensorRef
+from dist_restore._zip import _LOCAL, _LOCAL_SIG
 from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,10 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
         raise_with_path(e, index.file)
 
 
-_SMALL = 256 << 10  # below this: one memmove, no pieces, no unmapping
-_PIECE = 1 << 20  # copy + CRC granularity: a piece is still in cache when its CRC runs
-_PER_THREAD = 16 << 20  # a record gets one more copy thread per this many bytes...
+_SMALL = 256 << 10  # below this: one memmove from the mapping; above: preadv
+_CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a disk's full speed
+_PER_THREAD = 16 << 20  # a record gets one more I/O thread per this many bytes...
 _MAX_THREADS = 8  # ...up to torch.get_num_threads() and this
-_DROP = 32 << 20  # copied file pages are unmapped again in windows of this size
 _DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
 
 
@@ -224,6 +224,19 @@ class _RankFile:
             out[i] = index.data_offset(skeys[i], self.mm)  # raises the precise error
         return out
 
+    def _data_offset(self, skey: str) -> int:
+        """One record's data offset, its local header read by ``pread``: a fault on the
+        mapping would read the file around it (up to the readahead size) synchronously,
+        and a partial restore does not need those bytes."""
+        rec = self.index.records[skey]
+        head = os.pread(self.fd, _LOCAL.size, rec.header_offset)
+        if len(head) == _LOCAL.size:
+            fields = _LOCAL.unpack(head)
+            off = rec.header_offset + _LOCAL.size + fields[9] + fields[10]
+            if fields[0] == _LOCAL_SIG and off + rec.size <= self.index.file_size:
+                return off
+        return self.index.data_offset(skey, self.mm)  # raises the precise error
+
     def _device(self, location: str, key: str) -> torch.device:
         dev = self._devices.get(location)
         if dev is None:
@@ -235,7 +248,7 @@ class _RankFile:
         """Every planned view of one storage record: CRC-checked if read whole, then copied."""
         index, stats = self.index, self.stats
         rec = index.records[skey]
-        offset = index.data_offset(skey, self.mm)
+        offset = self._data_offset(skey)
         isz = group[0].source.dtype.itemsize
         spans = [lf.source.element_span() for lf in group]
         lo_b = min(lo for lo, hi in spans) * isz
@@ -298,61 +311,31 @@ class _RankFile:
         return t
 
     def _pread_into(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool) -> int | None:
-        """Bytes ``[file_off, +nbytes)`` into ``t``'s memory: one copy from the mapping.
+        """Bytes ``[file_off, +nbytes)`` into ``t``'s memory: one copy, by the kernel.
 
-        Copied in 1 MiB pieces, each CRC'd right after its copy while it is still in cache;
-        large records are split between ``torch.get_num_threads()`` threads (memmove and
-        CRC32 release the GIL) and the parts' CRCs combined. Copied file pages are unmapped
-        again every ``_DROP`` bytes, so the process's RSS does not grow by the file.
+        Small ranges: one memmove from the mapping. Large ones: ``preadv`` straight into
+        ``t`` in ``_CHUNK`` requests (see :mod:`dist_restore._pio`), each CRC'd right after
+        it landed; large records are split between ``torch.get_num_threads()`` threads, so
+        that one thread's CRC overlaps the other's request, and the parts' CRCs combined.
+        Nothing is mapped, so the process's RSS does not grow by the file.
         """
         if nbytes == 0:
             return 0 if crc else None
-        addr, src = t.data_ptr(), self.whole.data_ptr() + file_off
+        addr = t.data_ptr()
         if nbytes < _SMALL:
-            ctypes.memmove(addr, src, nbytes)
+            ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
             return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
-        # A mapped file that shrinks under a copy kills the process (SIGBUS); checkpoints are
-        # written atomically (rename), but check once more before a long copy.
-        size = os.fstat(self.fd).st_size
-        if size != self.index.file_size:
-            raise CorruptCheckpointError(
-                f"file changed size while being read ({self.index.file_size} -> {size} bytes)",
-                file=self.index.file)
         threads = max(1, min(torch.get_num_threads(), _MAX_THREADS, nbytes // _PER_THREAD))
-        if threads == 1:
-            return self._copy_part(addr, src, 0, nbytes, crc)
-        if self._pool is None or self._pool._max_workers < threads - 1:
+        if threads > 1 and (self._pool is None or self._pool._max_workers < threads - 1):
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="dist_restore_copy")
-        step = -(-nbytes // threads // _PIECE) * _PIECE
-        bounds = [(i * step, min(nbytes, (i + 1) * step)) for i in range(threads) if i * step < nbytes]
-        futures = [self._pool.submit(self._copy_part, addr, src, lo, hi, crc) for lo, hi in bounds[1:]]
+            self._pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="dist_restore_io")
         try:
-            crcs = [self._copy_part(addr, src, *bounds[0], crc)]
-        finally:
-            crcs += [f.result() for f in futures]  # always wait: the workers write into t
-        if not crc:
-            return None
-        total = crcs[0]
-        for (lo, hi), part in zip(bounds[1:], crcs[1:]):
-            total = crc32_combine(total, part, hi - lo)
-        return total
-
-    def _copy_part(self, addr: int, src: int, lo: int, hi: int, crc: bool) -> int:
-        """(any thread) Copy bytes ``[lo, hi)`` of one record; their CRC32 (0 without ``crc``)."""
-        running = 0
-        base = self.whole.data_ptr()
-        dropped = lo  # file bytes of this part below this are unmapped again
-        for o in range(lo, hi, _PIECE):
-            n = min(_PIECE, hi - o)
-            ctypes.memmove(addr + o, src + o, n)
-            if crc:
-                running = _crc32((ctypes.c_char * n).from_address(addr + o), running)
-            if o + n - dropped >= _DROP or o + n == hi:
-                self._drop(src - base + dropped, src - base + o + n)
-                dropped = o + n
-        return running
+            return read_into(self.fd, addr, file_off, nbytes, crc=crc, chunk=_CHUNK, parts=threads,
+                             pool=self._pool)
+        except EOFError as e:
+            raise CorruptCheckpointError(f"file changed size while being read ({e})",
+                                         file=self.index.file) from None
 
     def _drop(self, lo: int, hi: int) -> None:
         """Unmap the whole pages of file bytes ``[lo, hi)`` (page cache keeps them): the
