@@ -4,8 +4,10 @@ The file is mapped read-only-private (``mmap`` ``ACCESS_COPY``: nothing a restor
 reach the file) and every tensor is made with one copy from the mapping, straight into its
 preallocated target, or into a new storage holding the span of elements its views need
 (views of one storage stay views of one new storage: tied weights stay tied). Contiguous
-CPU targets get a ``memmove`` (split across threads for large records, each 1 MiB piece
-CRC'd while still in cache); strided or non-CPU ones a ``copy_`` from a view of the mapping.
+CPU targets get a ``memmove`` from the mapping (small records) or a ``preadv`` straight into
+the target in 8 MiB requests (large ones: a cold file is read in large requests, each CRC'd as
+it lands, split across threads for very large records; see :mod:`dist_restore._pio`); strided
+or non-CPU ones a ``copy_`` from a view of the mapping.
 Whole storage records are checked against the zip's CRC32 before their bytes are used.
 Exotic tensors (quantized, sparse, nested, ...), legacy non-zip files and files of the
 other byte order go through ``torch.load(weights_only=True)``, with a warning.
