@@ -19,9 +19,9 @@ import ctypes
 import logging
 import mmap
 import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -118,6 +118,7 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
                     order = [k for k in order if k not in done]
                 for skey in order:
                     rf.storage(skey, by_storage[skey])
+                rf.drain()
     except OSError as e:  # fstat, mmap, madvise: errors that name no file
         raise_with_path(e, index.file)
 
@@ -126,6 +127,7 @@ _SMALL = 256 << 10  # below this: one memmove from the mapping; above: preadv
 _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a disk's full speed
 _PER_THREAD = 16 << 20  # a record gets one more I/O thread per this many bytes...
 _MAX_THREADS = 8  # ...up to torch.get_num_threads() and this
+_DEPTH = 2  # smaller records: reads in flight at once (and I/O threads), CRC'd as they land
 _DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
 
 
@@ -153,6 +155,7 @@ class _RankFile:
             raise
         self.whole = torch.frombuffer(self.mm, dtype=torch.uint8)
         self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[int | None], bool, Any, str, str]] = deque()
         self._devices: dict[str, torch.device] = {}
 
     def __enter__(self) -> _RankFile:
@@ -160,7 +163,8 @@ class _RankFile:
 
     def __exit__(self, *exc: Any) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True)  # pipelined reads write into targets: let them end
+        self._pending.clear()
         os.close(self.fd)
 
     def is_small_whole(self, skey: str, group: list[PlannedLeaf]) -> bool:
@@ -260,10 +264,15 @@ class _RankFile:
         if len(group) == 1:
             dst = self._direct_target(group[0], spans[0])
             if dst is not None:
+                if _SMALL <= hi_b - lo_b < 2 * _PER_THREAD:
+                    self._pipelined(dst, offset + lo_b, hi_b - lo_b, whole_record, rec, skey, group[0].key)
+                    return
+                self.drain()
                 crc = self._pread_into(dst, offset + lo_b, hi_b - lo_b, whole_record)
                 if whole_record:
                     self._check_crc(crc, rec, skey, group[0].key)
                 return
+        self.drain()  # errors in file order
         if whole_record:
             with memoryview(self.mm) as mv:
                 self._check_crc(_crc32(mv[offset : offset + rec.size]), rec, skey, group[0].key)
@@ -282,6 +291,39 @@ class _RankFile:
                 by_dev[dev].append(item)
             for dev, items in by_dev.items():
                 _allocate_group(self.whole, offset, items, dev, self.values)
+
+    def _pipelined(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool, rec: Any, skey: str,
+                   key: str) -> None:
+        """Read a one-request-sized range on the I/O pool: up to ``_DEPTH`` reads in flight,
+        each one's CRC32 overlapping the others' I/O; checked in file order by :meth:`drain`."""
+        self._ensure_pool(_DEPTH)
+        fut = self._pool.submit(read_into, self.fd, t.data_ptr(), file_off, nbytes, crc=crc,  # type: ignore[union-attr]
+                                chunk=_CHUNK, parts=1, pool=None)
+        self._pending.append((fut, crc, rec, skey, key))
+        while len(self._pending) > _DEPTH:
+            self._settle(self._pending.popleft())
+
+    def drain(self) -> None:
+        """Wait for every pipelined read, checking their CRCs in file order."""
+        while self._pending:
+            self._settle(self._pending.popleft())
+
+    def _settle(self, item: tuple[Future[int | None], bool, Any, str, str]) -> None:
+        fut, crc, rec, skey, key = item
+        try:
+            got = fut.result()
+        except EOFError as e:
+            raise CorruptCheckpointError(f"file changed size while being read ({e})",
+                                         file=self.index.file, key=key) from None
+        if crc:
+            self._check_crc(got, rec, skey, key)
+
+    def _ensure_pool(self, workers: int) -> None:
+        if self._pool is None or self._pool._max_workers < workers:
+            self.drain()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dist_restore_io")
 
     def _check_crc(self, crc: int | None, rec: Any, skey: str, key: str) -> None:
         if crc != rec.crc32:
@@ -328,10 +370,8 @@ class _RankFile:
             ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
             return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
         threads = max(1, min(torch.get_num_threads(), _MAX_THREADS, nbytes // _PER_THREAD))
-        if threads > 1 and (self._pool is None or self._pool._max_workers < threads - 1):
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="dist_restore_io")
+        if threads > 1:
+            self._ensure_pool(threads - 1)
         try:
             return read_into(self.fd, addr, file_off, nbytes, crc=crc, chunk=_CHUNK, parts=threads,
                              pool=self._pool)

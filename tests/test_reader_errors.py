@@ -561,6 +561,41 @@ def test_large_records_split_across_threads(tmp_path: Path, monkeypatch: pytest.
     assert file_fingerprint(path) == before
 
 
+@pytest.mark.parametrize("flip", [None, ("r3", 0), ("r5", 7_001), ("r9", -1)])
+def test_pipelined_reads_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   flip: tuple[str, int] | None) -> None:
+    """Many mid-sized records read on the I/O pool, several in flight, in several requests each:
+    exact bytes against torch.load; a flip in any record names that record's key."""
+    import dist_restore._read as rd
+
+    monkeypatch.setattr(rd, "_SMALL", 1000)
+    monkeypatch.setattr(rd, "_CHUNK", 3000)  # requests that straddle pages
+    g = torch.Generator().manual_seed(2)
+    sd = {f"r{i}": torch.randint(0, 256, (1_000 + 2_999 * i,), dtype=torch.uint8, generator=g)
+          for i in range(10)}
+    sd["f"] = torch.randn(3_001, generator=g)
+    path = _save(tmp_path, sd)
+    expected = oracle(path)
+    if flip is not None:
+        key, at = flip
+        e = read_index(path)[key]
+        data = bytearray(path.read_bytes())
+        data[e.file_offset + (at if at >= 0 else e.nbytes + at)] ^= 0x10
+        path.write_bytes(bytes(data))
+    targets = {k: torch.zeros_like(v) for k, v in sd.items()}
+    if flip is None:
+        res = READER.load(tmp_path, targets)
+        assert res.bytes_verified == sum(v.numel() * v.element_size() for v in sd.values())
+        allocated = READER.load(tmp_path).state_dict
+        for k in sd:
+            assert tensor_bytes(targets[k]) == tensor_bytes(expected[k]), k
+            assert tensor_bytes(allocated[k]) == tensor_bytes(expected[k]), k
+    else:
+        with pytest.raises(CorruptCheckpointError, match="CRC32") as ei:
+            READER.load(tmp_path, targets)
+        assert ei.value.key == flip[0]
+
+
 def test_file_truncated_after_mapping_before_a_large_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file that shrinks after it was opened: a clear error, not a SIGBUS from the mapping."""
     import dist_restore._read as rd
