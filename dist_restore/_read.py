@@ -5,9 +5,9 @@ reach the file) and every tensor is made with one copy from the mapping, straigh
 preallocated target, or into a new storage holding the span of elements its views need
 (views of one storage stay views of one new storage: tied weights stay tied). Contiguous
 CPU targets get a ``memmove`` from the mapping (small records) or a ``preadv`` straight into
-the target in 8 MiB requests (large ones: a cold file is read in large requests, each CRC'd as
-it lands, split across threads for very large records; see :mod:`dist_restore._pio`); strided
-or non-CPU ones a ``copy_`` from a view of the mapping.
+the target in 8 MiB requests (large ones: a cold file is read in large requests, a few in
+flight on a small I/O pool, across records, each CRC'd as it lands; see
+:mod:`dist_restore._pio`); strided or non-CPU ones a ``copy_`` from a view of the mapping.
 Whole storage records are checked against the zip's CRC32 before their bytes are used.
 Exotic tensors (quantized, sparse, nested, ...), legacy non-zip files and files of the
 other byte order go through ``torch.load(weights_only=True)``, with a warning.
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from dist_restore._crc import crc32 as _crc32
-from dist_restore._pio import read_into
+from dist_restore._crc import crc32_combine
+from dist_restore._pio import read_part
 from dist_restore._index import CheckpointIndex, full_load
 from dist_restore._keypath import RawPath
 from dist_restore._paths import open_regular, raise_with_path
@@ -125,10 +126,22 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
 
 _SMALL = 256 << 10  # below this: one memmove from the mapping; above: preadv
 _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a disk's full speed
-_PER_THREAD = 16 << 20  # a record gets one more I/O thread per this many bytes...
-_MAX_THREADS = 8  # ...up to torch.get_num_threads() and this
-_DEPTH = 2  # smaller records: reads in flight at once (and I/O threads), CRC'd as they land
+_DEPTH = 2  # I/O threads (= requests in flight) at least...
+_MAX_THREADS = 8  # ...and up to torch.get_num_threads() and this (warm reads are memory-bound)
 _DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
+
+
+@dataclass
+class _Job:
+    """One range being read in pipelined chunks: its CRC so far, chunks not yet settled."""
+
+    crc: bool
+    rec: Any
+    skey: str
+    key: str
+    left: int
+    running: int = 0
+    first: bool = True
 
 
 class _RankFile:
@@ -155,7 +168,7 @@ class _RankFile:
             raise
         self.whole = torch.frombuffer(self.mm, dtype=torch.uint8)
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Future[int | None], bool, Any, str, str]] = deque()
+        self._pending: deque[tuple[Future[int], int, _Job]] = deque()
         self._devices: dict[str, torch.device] = {}
 
     def __enter__(self) -> _RankFile:
@@ -264,10 +277,10 @@ class _RankFile:
         if len(group) == 1:
             dst = self._direct_target(group[0], spans[0])
             if dst is not None:
-                if _SMALL <= hi_b - lo_b < 2 * _PER_THREAD:
+                if hi_b - lo_b >= _SMALL:
                     self._pipelined(dst, offset + lo_b, hi_b - lo_b, whole_record, rec, skey, group[0].key)
                     return
-                self.drain()
+                self.drain()  # errors in file order
                 crc = self._pread_into(dst, offset + lo_b, hi_b - lo_b, whole_record)
                 if whole_record:
                     self._check_crc(crc, rec, skey, group[0].key)
@@ -294,29 +307,37 @@ class _RankFile:
 
     def _pipelined(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool, rec: Any, skey: str,
                    key: str) -> None:
-        """Read a one-request-sized range on the I/O pool: up to ``_DEPTH`` reads in flight,
-        each one's CRC32 overlapping the others' I/O; checked in file order by :meth:`drain`."""
-        self._ensure_pool(_DEPTH)
-        fut = self._pool.submit(read_into, self.fd, t.data_ptr(), file_off, nbytes, crc=crc,  # type: ignore[union-attr]
-                                chunk=_CHUNK, parts=1, pool=None)
-        self._pending.append((fut, crc, rec, skey, key))
-        while len(self._pending) > _DEPTH:
-            self._settle(self._pending.popleft())
+        """Read a range into ``t`` on the I/O pool, in ``_CHUNK`` requests submitted in file
+        order: a few requests in flight at once (across records too), each CRC'd by its
+        thread as it lands while the others' I/O goes on; the CRCs are combined and checked
+        in file order by :meth:`_settle`."""
+        workers = max(_DEPTH, min(torch.get_num_threads(), _MAX_THREADS))
+        self._ensure_pool(workers)
+        job = _Job(crc, rec, skey, key, -(-nbytes // _CHUNK))
+        addr = t.data_ptr()
+        for lo in range(0, nbytes, _CHUNK):
+            hi = min(nbytes, lo + _CHUNK)
+            fut = self._pool.submit(read_part, self.fd, addr, file_off, lo, hi, _CHUNK, crc)  # type: ignore[union-attr]
+            self._pending.append((fut, hi - lo, job))
+            while len(self._pending) > workers:
+                self._settle(*self._pending.popleft())
 
     def drain(self) -> None:
         """Wait for every pipelined read, checking their CRCs in file order."""
         while self._pending:
-            self._settle(self._pending.popleft())
+            self._settle(*self._pending.popleft())
 
-    def _settle(self, item: tuple[Future[int | None], bool, Any, str, str]) -> None:
-        fut, crc, rec, skey, key = item
+    def _settle(self, fut: Future[int], n: int, job: _Job) -> None:
         try:
             got = fut.result()
         except EOFError as e:
             raise CorruptCheckpointError(f"file changed size while being read ({e})",
-                                         file=self.index.file, key=key) from None
-        if crc:
-            self._check_crc(got, rec, skey, key)
+                                         file=self.index.file, key=job.key) from None
+        job.running = got if job.first else crc32_combine(job.running, got, n)
+        job.first = False
+        job.left -= 1
+        if job.left == 0 and job.crc:
+            self._check_crc(job.running, job.rec, job.skey, job.key)
 
     def _ensure_pool(self, workers: int) -> None:
         if self._pool is None or self._pool._max_workers < workers:
@@ -355,29 +376,14 @@ class _RankFile:
         return t
 
     def _pread_into(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool) -> int | None:
-        """Bytes ``[file_off, +nbytes)`` into ``t``'s memory: one copy, by the kernel.
-
-        Small ranges: one memmove from the mapping. Large ones: ``preadv`` straight into
-        ``t`` in ``_CHUNK`` requests (see :mod:`dist_restore._pio`), each CRC'd right after
-        it landed; large records are split between ``torch.get_num_threads()`` threads, so
-        that one thread's CRC overlaps the other's request, and the parts' CRCs combined.
-        Nothing is mapped, so the process's RSS does not grow by the file.
-        """
+        """Bytes ``[file_off, +nbytes)`` of a small range into ``t``'s memory: one memmove from
+        the mapping; their CRC32 (``None`` without ``crc``). Large ranges go by
+        :meth:`_pipelined`."""
         if nbytes == 0:
             return 0 if crc else None
         addr = t.data_ptr()
-        if nbytes < _SMALL:
-            ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
-            return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
-        threads = max(1, min(torch.get_num_threads(), _MAX_THREADS, nbytes // _PER_THREAD))
-        if threads > 1:
-            self._ensure_pool(threads - 1)
-        try:
-            return read_into(self.fd, addr, file_off, nbytes, crc=crc, chunk=_CHUNK, parts=threads,
-                             pool=self._pool)
-        except EOFError as e:
-            raise CorruptCheckpointError(f"file changed size while being read ({e})",
-                                         file=self.index.file) from None
+        ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
+        return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
 
     def _drop(self, lo: int, hi: int) -> None:
         """Unmap the whole pages of file bytes ``[lo, hi)`` (page cache keeps them): the

@@ -525,8 +525,7 @@ def test_large_records_split_across_threads(tmp_path: Path, monkeypatch: pytest.
     import dist_restore._read as rd
 
     monkeypatch.setattr(rd, "_SMALL", 1000)
-    monkeypatch.setattr(rd, "_CHUNK", 1000)  # requests that straddle pages and parts
-    monkeypatch.setattr(rd, "_PER_THREAD", 4096)
+    monkeypatch.setattr(rd, "_CHUNK", 1000)  # requests that straddle pages, several in flight
     g = torch.Generator().manual_seed(1)
     sd = {"big": torch.randint(0, 256, (40_000,), dtype=torch.uint8, generator=g),
           "odd": torch.randn(2_501, generator=g).double(), "tiny": torch.arange(3)}
