@@ -201,9 +201,11 @@ def consolidate(
             tree, units, skipped = None, *_plan_safetensors(index0, select)
         n_tensors = sum(1 for e in index0 if e.kind in ("tensor", "dtensor") and select(e.key))
         if n_tensors == 0 and not (format == "torch" and _has_values(index0, select)):
-            what = "no entry" if keys is not None else "no tensor"
-            raise ValueError(f"{'the key pattern selects' if keys is not None else 'the checkpoint has'} {what} "
-                             f"to write ({index0.file})")
+            if keys is None:
+                raise ValueError(f"{index0.file} holds no tensor to write")
+            shown = "a predicate" if callable(keys) else repr(keys)
+            what = "no entry" if format == "torch" else "no tensor"
+            raise ValueError(f"keys {shown} select {what} of {index0.file}")
         stats = ReadStats()
         tmp = temp_path(dst)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
