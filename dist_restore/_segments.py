@@ -19,17 +19,18 @@ from dist_restore._unpickle import TensorRef
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """``nbytes`` of rank file ``file`` at byte ``offset``.
+    """``nbytes`` of rank file ``file`` at byte ``offset``, in storage record ``record``.
 
     Attributes:
-        record: The storage key when the range is that whole record (its zip CRC32 then
-            covers exactly these bytes); ``None`` for part of a record.
+        whole: Whether the range is that whole record (its zip CRC32 then covers exactly
+            these bytes).
     """
 
     file: int
     offset: int
     nbytes: int
-    record: str | None = None
+    record: str
+    whole: bool = False
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -68,7 +69,7 @@ def tensor_segments(file: int, ref: TensorRef, data_offset: int, record_size: in
         return []
     start = ref.storage_offset * ref.dtype.itemsize
     whole = start == 0 and nbytes == record_size
-    return [Segment(file, data_offset + start, nbytes, ref.storage.key if whole else None)]
+    return [Segment(file, data_offset + start, nbytes, ref.storage.key, whole)]
 
 
 def box_segments(shape: Sequence[int], itemsize: int, pieces: Sequence[tuple[int, TensorRef, Sequence[Box]]],
@@ -102,7 +103,7 @@ def box_segments(shape: Sequence[int], itemsize: int, pieces: Sequence[tuple[int
             dst = sum(s * st for s, st in zip(b.dst_start, dst_strides))
             src = ref.storage_offset + sum(s * st for s, st in zip(b.src_start, ref.stride))
             whole = src == 0 and n * isz == rsize
-            placed.append((dst * isz, Segment(file, base + src * isz, n * isz, ref.storage.key if whole else None)))
+            placed.append((dst * isz, Segment(file, base + src * isz, n * isz, ref.storage.key, whole)))
     placed.sort(key=lambda p: p[0])
     out: list[Segment] = []
     at = 0

@@ -161,7 +161,8 @@ def consolidate(
             ``shared=`` of a restore; or a predicate on dotted keys). Containers with no
             selected entry are left out, and so are unselected list items.
         force: Replace ``out`` if it exists.
-        verify: Check the zip CRC32 of every storage record read whole.
+        verify: Check every storage record a tensor is taken from against its zip CRC32
+            (the whole record, once, whatever part of it the tensor needs).
         batch_bytes: Tensors smaller than this are made and written in batches of about
             this many bytes; peak memory is about ``max(largest tensor, batch_bytes)``.
         progress: Called after every record written.
@@ -390,10 +391,13 @@ def _batches(units: Sequence[_Unit], limit: int) -> Iterator[list[_Unit]]:
 class _Sources:
     """The rank files one consolidate reads: indexed on first use, each opened once."""
 
-    def __init__(self, d: Path, index0: CheckpointIndex) -> None:
+    def __init__(self, d: Path, index0: CheckpointIndex, stats: ReadStats) -> None:
         self.d = d
+        self.stats = stats
         self.indexes: dict[int, CheckpointIndex] = {0: index0}
         self._open: dict[int, tuple[int, mmap.mmap]] = {}
+        self._verified: set[tuple[int, str]] = set()
+        self._buf = new_buffer()
 
     def __enter__(self) -> _Sources:
         return self
@@ -433,6 +437,25 @@ class _Sources:
     def record_size(self, f: int, skey: str) -> int:
         return self.index(f).records[skey].size
 
+    def crc(self, f: int, offset: int, nbytes: int, key: str) -> int:
+        """CRC32 of a byte range of rank file ``f``."""
+        try:
+            return range_crc32(self.fd(f), offset, nbytes, self._buf)
+        except EOFError as e:
+            raise CorruptCheckpointError(str(e), file=self.index(f).file, rank=f, key=key) from None
+
+    def verify(self, f: int, skey: str, key: str) -> None:
+        """Check a whole storage record against its zip CRC32, once: whatever part of it a
+        tensor takes, its bytes are then known good."""
+        if (f, skey) in self._verified:
+            return
+        rec = self.index(f).records[skey]
+        if self.crc(f, self.data_offset(f, skey), rec.size, key) != rec.crc32:
+            raise CorruptCheckpointError(f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
+                                         file=self.index(f).file, rank=f, key=key)
+        self._verified.add((f, skey))
+        self.stats.bytes_verified += rec.size
+
 
 def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex], nfiles: int, writer: Any,
             stats: ReadStats, *, verify: bool, batch_bytes: int,
@@ -446,9 +469,8 @@ def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex]
     """
     total = sum(u.nbytes for u in units)
     done = done_bytes = 0
-    buf = new_buffer()
     copied = 0
-    with _Sources(d, indexes[0]) as src:
+    with _Sources(d, indexes[0], stats) as src:
         try:
             for batch in _batches(units, batch_bytes):
                 ways = _plan_batch(batch, src, nfiles, stats, verify)
@@ -456,7 +478,7 @@ def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex]
                     writer.begin(u.out)
                     if isinstance(way, list):
                         for seg in way:
-                            crc = _segment_crc(src, seg, u.key, buf, stats, verify=verify, needed=writer.needs_crc)
+                            crc = _segment_crc(src, seg, u.key, verify=verify, needed=writer.needs_crc)
                             writer.copy(src.fd(seg.file), seg.offset, seg.nbytes, crc)
                             stats.bytes_read += seg.nbytes
                             copied += seg.nbytes
@@ -473,24 +495,16 @@ def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex]
     return copied
 
 
-def _segment_crc(src: _Sources, seg: Segment, key: str, buf: bytearray, stats: ReadStats, *, verify: bool,
-                 needed: bool) -> int | None:
-    """The CRC32 of a segment's bytes when the writer needs it or a whole record is verified."""
-    rec = src.index(seg.file).records[seg.record] if seg.record is not None else None
-    if rec is not None and not verify:
-        return rec.crc32
-    if rec is None and not needed:
+def _segment_crc(src: _Sources, seg: Segment, key: str, *, verify: bool, needed: bool) -> int | None:
+    """The CRC32 of a segment's bytes when the writer needs it; its record checked first with
+    ``verify``."""
+    if verify:
+        src.verify(seg.file, seg.record, key)
+    if seg.whole:
+        return src.index(seg.file).records[seg.record].crc32
+    if not needed:
         return None
-    try:
-        crc = range_crc32(src.fd(seg.file), seg.offset, seg.nbytes, buf)
-    except EOFError as e:
-        raise CorruptCheckpointError(str(e), file=src.index(seg.file).file, rank=seg.file, key=key) from None
-    if rec is not None and crc != rec.crc32:
-        raise CorruptCheckpointError(f"CRC32 mismatch in storage record data/{seg.record}: tensor data is corrupt",
-                                     file=src.index(seg.file).file, rank=seg.file, key=key)
-    if rec is not None:
-        stats.bytes_verified += rec.size
-    return crc
+    return src.crc(seg.file, seg.offset, seg.nbytes, key)
 
 
 def _plan_batch(batch: Sequence[_Unit], src: _Sources, nfiles: int, stats: ReadStats,
@@ -504,7 +518,7 @@ def _plan_batch(batch: Sequence[_Unit], src: _Sources, nfiles: int, stats: ReadS
     for i, u in enumerate(batch):
         if isinstance(u.source, StorageRef):  # a record of rank 0's, copied as it is
             skey = u.source.key
-            ways[i] = [Segment(0, src.data_offset(0, skey), src.record_size(0, skey), skey)] if u.nbytes else []
+            ways[i] = [Segment(0, src.data_offset(0, skey), src.record_size(0, skey), skey, True)] if u.nbytes else []
         elif isinstance(u.source, TensorRef):
             skey = u.source.storage.key
             segs = tensor_segments(0, u.source, src.data_offset(0, skey), src.record_size(0, skey))
@@ -534,16 +548,21 @@ def _plan_batch(batch: Sequence[_Unit], src: _Sources, nfiles: int, stats: ReadS
         if fill_plain:
             leaves = []
             for i, lf in fill_plain:
+                if verify:
+                    src.verify(0, lf.source.storage.key, lf.key)
                 ways[i] = torch.empty(lf.source.size, dtype=lf.source.dtype)
                 leaves.append(PlannedLeaf(lf.key, lf.path, lf.source, ways[i]))
-            produce(index0, leaves, verify="crc32" if verify else "none", stats=stats)
+            produce(index0, leaves, verify="none", stats=stats)
         if fill_jobs:
             assert shards is not None
             real = []
             for job in fill_jobs:
+                if verify:
+                    for p in job.pieces:
+                        src.verify(p.file, shards.entries[(p.file, job.key)].storage.key, job.key)
                 ways[at[job.key]] = torch.empty(tuple(job.target.shape), dtype=job.target.dtype)
                 real.append(dataclasses.replace(job, target=ways[at[job.key]]))
-            read_jobs(real, shards.indexes, shards.entries, stats, verify=verify)
+            read_jobs(real, shards.indexes, shards.entries, stats, verify=False)
     except CheckpointError as e:
         if e.rank is None and e.file is not None and Path(e.file).name.startswith("checkpoint_"):
             raise type(e)(e.reason, file=e.file, rank=_rank_of(Path(e.file).name), key=e.key) from e

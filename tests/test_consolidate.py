@@ -169,9 +169,9 @@ def test_box_segments_concatenate_row_shards_and_refuse_column_shards() -> None:
     sizes = {(0, "a"): 3 * 4 * 4, (1, "b"): 2 * 4 * 4}
     rows = [(1, _ref("b", 2, 4), [Box((0, 0), (3, 0), (2, 4))]), (0, _ref("a", 3, 4), [Box((0, 0), (0, 0), (3, 4))])]
     segs = box_segments((5, 4), 4, rows, lambda f, k: offsets[(f, k)], lambda f, k: sizes[(f, k)])
-    assert segs == [Segment(0, 100, 48, "a"), Segment(1, 200, 32, "b")]
+    assert segs == [Segment(0, 100, 48, "a", True), Segment(1, 200, 32, "b", True)]
     half = [(0, _ref("a", 3, 4), [Box((1, 0), (0, 0), (2, 4))])]  # part of a record: no CRC of its own
-    assert box_segments((2, 4), 4, half, lambda f, k: 100, lambda f, k: 48) == [Segment(0, 116, 32, None)]
+    assert box_segments((2, 4), 4, half, lambda f, k: 100, lambda f, k: 48) == [Segment(0, 116, 32, "a", False)]
     cols = [(0, _ref("a", 5, 2), [Box((0, 0), (0, 0), (5, 2))]), (1, _ref("b", 5, 2), [Box((0, 0), (0, 2), (5, 2))])]
     assert box_segments((5, 4), 4, cols, lambda f, k: 0, lambda f, k: 40) is None
     gap = [(0, _ref("a", 3, 4), [Box((0, 0), (0, 0), (3, 4))])]
