@@ -388,21 +388,22 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(rng: Mapping[str, Any]) -> None:
-    """Set this process's RNG states from :func:`get_rng_state`'s values (those present)."""
+    """Set this process's RNG states from :func:`get_rng_state`'s values (those present; a
+    restore leaves ``None`` where a rank has no rank file of its own, and it keeps its state)."""
     py = rng.get("python")
-    if py is not None:
+    if py is not None and py.get("state") is not None:
         internal = tuple(int(v) for v in py["state"].tolist())
         gauss = py["gauss_next"]
         random.setstate((int(py["version"]), internal, None if gauss is None else float(gauss)))
     if rng.get("torch") is not None:
         torch.set_rng_state(rng["torch"].to("cpu", torch.uint8))
     state = rng.get("numpy")
-    if state is not None and np is not None:
+    if state is not None and state.get("keys") is not None and np is not None:
         keys = state["keys"].cpu().numpy().astype(np.uint32)
         np.random.set_state((state["kind"], keys, int(state["pos"]), int(state["has_gauss"]),
                              float(state["cached_gaussian"])))
     cuda = rng.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
+    if cuda is not None and torch.cuda.is_available() and all(t is not None for t in cuda):
         cuda = [t.to("cpu", torch.uint8) for t in cuda]
         if len(cuda) != torch.cuda.device_count():
             logger.warning("checkpoint has CUDA RNG states for %d device(s), this process sees %d; "
