@@ -79,3 +79,14 @@ def range_crc32(fd: int, offset: int, nbytes: int, buf: bytearray) -> int:
 def new_buffer() -> bytearray:
     """A buffer for :func:`range_crc32`."""
     return bytearray(_CHUNK)
+
+
+def start_writeback(fd: int, start: int, end: int) -> None:
+    """Start writing ``[start, end)`` of ``fd`` to disk now and let its pages go once written
+    (``POSIX_FADV_DONTNEED``): a large output neither piles up dirty in the page cache nor
+    leaves one long ``fsync`` to the end. A hint only; errors are ignored."""
+    if end > start and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass

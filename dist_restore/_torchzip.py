@@ -227,6 +227,11 @@ class TorchZipWriter:
         self.zip.add(".storage_alignment", str(_ALIGNMENT).encode())
         self.zip.add("byteorder", sys.byteorder.encode())
 
+    @property
+    def pos(self) -> int:
+        """Bytes written so far."""
+        return self.zip.pos
+
     def begin(self, storage: StorageOut) -> None:
         self.zip.begin(f"data/{storage.key}", storage.nbytes)
 

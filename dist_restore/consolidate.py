@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from dist_restore._dtensor import DTensorRef
-from dist_restore._fcopy import new_buffer, range_crc32
+from dist_restore._fcopy import new_buffer, range_crc32, start_writeback
 from dist_restore._gc import paused
 from dist_restore._index import SOURCE_TENSOR_TYPES, CheckpointIndex, iter_leaves, read_index
 from dist_restore._keypath import RawPath, join_index, join_key
@@ -66,6 +66,7 @@ __all__ = ["ConsolidateProgress", "ConsolidateResult", "Format", "consolidate"]
 Format = Literal["torch", "safetensors"]
 _FORMATS = ("torch", "safetensors")
 _BATCH = 32 << 20  # small tensors are made and written in batches of about this many bytes
+_WRITEBACK = 64 << 20  # the output's pages are sent to disk (and dropped) every this many bytes
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def consolidate(
                 else:
                     writer = SafetensorsWriter(fd, [u.out for u in units], {"format": "pt"})
                 copied = _stream(d, units, indexes, nfiles, writer, stats, verify=verify,
-                                 batch_bytes=batch_bytes, progress=progress)
+                                 batch_bytes=batch_bytes, progress=progress, fd=fd)
                 file_bytes = writer.finish()
                 os.fsync(fd)
             except OSError as e:  # write, fsync: errors that name no file (a full disk)
@@ -324,6 +325,9 @@ def _plan_torch(index: CheckpointIndex, select: Callable[[str], bool]) -> tuple[
                              v.is_parameter, v.metadata)
         if isinstance(v, SOURCE_TENSOR_TYPES):
             raise _not_writable(key, v, index.file)
+        if type(v).__module__.startswith("dist_restore"):  # a stand-in (a DeviceMesh saved as a value)
+            raise CheckpointError(f"a {getattr(v, 'kind', type(v).__name__)} value outside a DTensor: "
+                                  "consolidate cannot write it", file=index.file, key=key)
         return v
 
     def keep(kept: Any, original: Any, key: str) -> bool:
@@ -459,7 +463,7 @@ class _Sources:
 
 def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex], nfiles: int, writer: Any,
             stats: ReadStats, *, verify: bool, batch_bytes: int,
-            progress: Callable[[ConsolidateProgress], None] | None) -> int:
+            progress: Callable[[ConsolidateProgress], None] | None, fd: int) -> int:
     """Make every unit's bytes, a batch at a time, and hand them to ``writer`` in order;
     returns the bytes copied file to file.
 
@@ -470,6 +474,7 @@ def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex]
     total = sum(u.nbytes for u in units)
     done = done_bytes = 0
     copied = 0
+    flushed = 0
     with _Sources(d, indexes[0], stats) as src:
         try:
             for batch in _batches(units, batch_bytes):
@@ -485,6 +490,9 @@ def _stream(d: Path, units: Sequence[_Unit], indexes: dict[int, CheckpointIndex]
                     elif u.nbytes:
                         writer.write((ctypes.c_char * u.nbytes).from_address(way.data_ptr()))
                     writer.end()
+                    if writer.pos - flushed >= _WRITEBACK:
+                        start_writeback(fd, flushed, writer.pos)
+                        flushed = writer.pos
                     done += 1
                     done_bytes += u.nbytes
                     if progress is not None:
