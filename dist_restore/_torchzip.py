@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import secrets
 import struct
