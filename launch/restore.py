@@ -194,5 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's teardown: a process group that a DeviceMesh (FSDP2,
+    DTensor targets) still references outlives ``destroy_process_group`` and would be freed
+    during finalization, where gloo's worker threads abort the process now and then
+    ("terminate called without an active exception"; pytorch/pytorch#179291)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
