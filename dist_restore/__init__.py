@@ -4,6 +4,7 @@ from dist_restore._index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
 from dist_restore._report import RestoreReport
 from dist_restore._types import STATE_DICT, RankInfo
+from dist_restore.consolidate import ConsolidateResult, consolidate
 from dist_restore.coordinator import RestoreCoordinator, RestoreResult, RestoreStats
 from dist_restore.discovery import find_latest_checkpoint
 from dist_restore.errors import (
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointIndex",
     "CheckpointReader",
     "CheckpointWriter",
+    "ConsolidateResult",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "IndexEntry",
@@ -39,6 +41,7 @@ __all__ = [
     "TrainingState",
     "UnsafeCheckpointError",
     "check_checkpoint",
+    "consolidate",
     "find_latest_checkpoint",
     "read_index",
     "restore_training_state",

@@ -1,9 +1,11 @@
-"""The ``dist-restore`` command line: ``inspect`` and ``verify`` a checkpoint directory.
+"""The ``dist-restore`` command line: ``inspect``, ``verify`` and ``consolidate`` a checkpoint directory.
 
-``inspect`` lists every rank file's entries from its index (no tensor data is read) and
-the entries that look replicated across ranks. ``verify`` checks completeness, sizes and
-checksums against the manifest, and that every rank file parses, reporting every problem
-rather than the first. Exit status: 0 fine, 1 a problem found, 2 usage error.
+``inspect`` lists every rank file's entries from its index (no tensor data is read), with
+each DTensor's layout, and the entries that look replicated across ranks. ``verify`` checks
+completeness, sizes and checksums against the manifest, and that every rank file parses,
+reporting every problem rather than the first. ``consolidate`` writes the full state dict
+as one file (see :mod:`dist_restore.consolidate`). Exit status: 0 fine, 1 a problem found,
+2 usage error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from dist_restore import _cli_consolidate
 from dist_restore._cli_util import (_dtype, _fail, _human, _manifest_dict, _manifest_line, _msg, _name,
                                     _scan, _shape, _short_repr, _table, _try_manifest)
 from dist_restore._cli_verify import _VERIFY_HELP, Problem, _verify
@@ -32,9 +35,11 @@ _EPILOG = "exit status: 0 when everything is fine, 1 when a problem is found, 2 
 _INSPECT_HELP = """\
 Lists each rank file's entries (dtype, shape and bytes of tensors; Python type and a
 short repr of other values) and totals, read from the index only: no tensor data is
-read (legacy non-zip files are the exception: they can only be read whole). Then lists
-the tensors that look replicated: same key, dtype and shape in every rank file (values
-are not compared). Their bytes are what restore(..., shared=...) would read once
+read (legacy non-zip files are the exception: they can only be read whole). A DTensor
+entry (FSDP2, tensor parallel) shows its global shape and its layout: this file's local
+shape and region, the placements and the mesh (dim names and sizes, this file's
+coordinate). Then lists the plain tensors that look replicated: same key, dtype and shape
+in every rank file (values are not compared). Their bytes are what restore(..., shared=...) would read once
 instead of on every rank."""
 
 
@@ -80,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="dist-restore", formatter_class=fmt, epilog=_EPILOG,
-        description="Inspect and verify dist_restore / torch.save checkpoint directories "
+        description="Inspect, verify and consolidate dist_restore / torch.save checkpoint directories "
                     "(one checkpoint_<rank>.pt per rank).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pi = sub.add_parser("inspect", help="list each rank file's entries and the replicated ones",
@@ -101,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--no-checksum", action="store_true", help="skip the whole-file checksums "
                     "(fast; then damaged tensor bytes go unnoticed)")
     pv.set_defaults(func=_verify)
+    _cli_consolidate.add_parser(sub, _EPILOG, _keys_arg)
     return p
 
 
@@ -177,8 +183,8 @@ def _replicated(indexes: list[CheckpointIndex]) -> list[IndexEntry]:
     first, *rest = indexes
     out = []
     for e in first:
-        if e.kind == "object" or e.dtype is None or e.shape is None:
-            continue
+        if e.kind in ("object", "dtensor") or e.dtype is None or e.shape is None:
+            continue  # a DTensor's global shape is the same in every file, its shard is not
         if all((o := idx.entries.get(e.key)) is not None and (o.kind, o.dtype, o.shape)
                == (e.kind, e.dtype, e.shape) for idx in rest):
             out.append(e)
@@ -229,7 +235,30 @@ def _entry_dict(e: IndexEntry) -> dict[str, Any]:
     if e.kind == "object":
         d["type"] = type(e.value).__name__
         d["repr"] = _short_repr(e.value)
+    if e.kind == "dtensor" and e.layout is not None:
+        mesh = e.layout.mesh
+        region = e.region
+        d["dtensor"] = {
+            "global_shape": list(e.layout.shape),
+            "local_shape": None if e.local_shape is None else list(e.local_shape),
+            "placements": [str(p) for p in e.layout.placements],
+            "mesh": {"shape": list(mesh.shape), "dim_names": None if mesh.dim_names is None else list(mesh.dim_names),
+                     "coordinate": None if mesh.coordinate is None else list(mesh.coordinate),
+                     "rank": mesh.rank, "ranks": mesh.root_size},
+            "region": None if region is None else [list(r) for r in region],
+        }
     return d
+
+
+def _layout_text(d: dict[str, Any]) -> str:
+    """``local [4, 10] at [4:8, 0:10] of [Shard(dim=0)] on mesh (dp=4) @ (1,)``."""
+    t = d["dtensor"]
+    mesh = t["mesh"]
+    names = mesh["dim_names"] or [f"d{i}" for i in range(len(mesh["shape"]))]
+    at = "" if t["region"] is None else " at [" + ", ".join(f"{o}:{o + n}" for o, n in t["region"]) + "]"
+    coord = "" if mesh["coordinate"] is None else f" @ ({', '.join(map(str, mesh['coordinate']))})"
+    return (f"local {_shape(t['local_shape'] or [])}{at} of [{', '.join(t['placements'])}] on mesh "
+            f"({', '.join(f'{n}={s}' for n, s in zip(names, mesh['shape']))}){coord}")
 
 
 def _print_inspect(doc: dict[str, Any], n_files: int, one_rank: bool) -> None:
@@ -243,11 +272,14 @@ def _print_inspect(doc: dict[str, Any], n_files: int, one_rank: bool) -> None:
         rows = [(d["key"], d["type"] if d["kind"] == "object" else d["dtype"] or "?",
                  "" if d["shape"] is None else _shape(d["shape"]),
                  "" if d["kind"] == "object" else str(d["nbytes"]),
-                 d["repr"] if d["kind"] == "object" else ("exotic" if d["kind"] == "exotic" else ""))
+                 d["repr"] if d["kind"] == "object" else "exotic" if d["kind"] == "exotic"
+                 else _layout_text(d) if "dtensor" in d else "")
                 for d in rd["entries"]]
         if rows:
             _table([("key", "dtype/type", "shape", "bytes", "value")] + rows, indent=2,
                    right={3})
+        if any("dtensor" in d for d in rd["entries"]):
+            print("  (DTensor entries: shape is the global shape; bytes and 'local ... at' are this file's shard)")
         n_t = sum(d["kind"] != "object" for d in rd["entries"])
         print(f"  total: {n_t} tensor{'s' * (n_t != 1)}, {rd['tensor_nbytes']} bytes "
               f"({_human(rd['tensor_nbytes'])}); {len(rd['entries']) - n_t} other entries")

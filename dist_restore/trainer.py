@@ -41,11 +41,15 @@ from typing import Any, TypeVar
 
 import torch
 
+from dist_restore._manifest import IncompleteCheckpointError, rank_file_count, read_manifest
 from dist_restore._read import MapLocation
+from dist_restore._trainer_reshard import optimizer_target, strict_problems
 from dist_restore._timeout import Timeout, to_seconds
-from dist_restore.coordinator import RestoreCoordinator, RestoreResult
+from dist_restore._index import read_index
+from dist_restore._types import rank_file_name
+from dist_restore.coordinator import RestoreCoordinator, RestoreResult, _check_saved_world
 from dist_restore.discovery import find_latest_checkpoint
-from dist_restore.errors import RestoreError
+from dist_restore.errors import RestoreError, StateDictMismatchError
 from dist_restore.writer import CheckpointWriter
 
 try:  # numpy is a dependency of the package, but the RNG hooks do not insist on it
@@ -162,6 +166,18 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
     ``load_state_dict`` on every module, optimizer and scheduler, set the RNG states,
     update ``state.extra`` in place. (all ranks) agree on the outcome of loading.
 
+    Sharded models (FSDP2 ``fully_shard``, tensor parallel: DTensor parameters) restore
+    from a checkpoint of any world size and layout: their DTensors are resharded. An
+    optimizer over DTensor parameters is restored into its own state, which is created
+    first when it does not exist yet (one ``step()`` with zero gradients and learning rate
+    0, which leaves the parameters as they are; see
+    :func:`._trainer_reshard.materialize_optimizer_state`). When the checkpoint was written
+    by another number of ranks, every non-DTensor entry (plain model tensors, optimizer
+    steps and hyperparameters, schedulers, ``extra``) comes from rank 0's file, and the RNG
+    states are per rank: rank ``r`` takes file ``r``'s, and a rank without a file (the job
+    grew) keeps its own; for such a job ``strict`` is checked after the read (the RNG
+    states it lacks are no problem), before any ``load_state_dict``.
+
     Args:
         path: The checkpoint directory.
         state: The live training objects (the same names as when saved).
@@ -185,24 +201,38 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
         RestoreError: on every rank, if any rank failed (missing or corrupt file, a shape
             mismatch, ``strict`` and a missing or unexpected key; phase ``"load"``: a
             ``load_state_dict`` refused what was read; the model tensors were already
-            filled in place by then).
+            filled in place by then; phase ``"strict"``: the late strict check of a grown
+            job).
     """
     coord = _given_or_default(coordinator, timeout, "coordinator", RestoreCoordinator)
     shared = _shared_spec(state, shared_models)
+    pg = coord._pg  # the coordinator's group wrapper: collectives with its timeout
+    # the same on every rank (one directory listing): decides how the collectives below run
+    nfiles = rank_file_count(path) if Path(path).is_dir() else pg.world_size
+    changed = nfiles != pg.world_size
     target: dict[str, Any] = {
         "models": {name: m.state_dict() for name, m in state.models.items()},
-        "optimizers": {name: None for name in state.optimizers},
+        "optimizers": {name: optimizer_target(o) for name, o in state.optimizers.items()},
         "schedulers": {name: None for name in state.schedulers},
         "extra": None,
     }
     if state.rng:
         target["rng"] = None
-    res = coord.restore(path, target, shared=shared, shared_mode="broadcast", strict=strict,
-                        map_location=map_location)
-    pg = coord._pg  # the coordinator's group wrapper: collectives with its timeout
+    # another world size: RNG states from each rank's own file (ranks without one keep theirs),
+    # so that strictness is judged here for a job that grew
+    per_rank = ["rng"] if changed and state.rng else None
+    late_strict = strict and per_rank is not None and pg.world_size > nfiles
+    res = coord.restore(path, target, shared=shared, shared_mode="broadcast", strict=strict and not late_strict,
+                        map_location=map_location, per_rank=per_rank)
     try:
+        problem = strict_problems(res.missing_keys, res.unexpected_keys, own_file=pg.rank < nfiles) \
+            if late_strict else None
+        if problem:
+            raise StateDictMismatchError(problem, file=path, rank=pg.rank)
         _load_back(state, res.state_dict, strict=strict)
         status: dict[str, Any] = {"ok": True}
+    except StateDictMismatchError as e:
+        status = {"ok": False, "error": str(e), "strict": True}
     except Exception as e:  # noqa: BLE001 - every rank learns of it below
         status = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     # (all ranks) agree, so that no rank trains on while another failed to load
@@ -211,6 +241,9 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
     except Exception as e:
         raise RestoreError("load", {pg.rank: f"{status.get('error') or 'loaded'}; then {e}"}) from e
     failures = {r: s["error"] for r, s in enumerate(gathered) if not s["ok"]}
+    if failures and all(s.get("strict") for s in gathered if not s["ok"]):
+        raise RestoreError("strict", failures, detail=f"checkpoint {str(path)!r} (written by {nfiles} ranks, "
+                                                      f"restored on {pg.world_size})")
     if failures:
         raise RestoreError("load", failures,
                            detail=f"checkpoint {str(path)!r} was read but could not be loaded into the "
@@ -221,12 +254,12 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
 
 def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
                   coordinator: RestoreCoordinator | None = None, verify: bool = False,
-                  timeout: Timeout | None = None, **kwargs: Any) -> RestoreResult | None:
+                  timeout: Timeout | None = None, reshard: bool = True, **kwargs: Any) -> RestoreResult | None:
     """Restore the newest complete checkpoint under ``root`` (call on every rank).
 
-    Steps: (rank 0) :func:`find_latest_checkpoint` with this world size; (all ranks)
-    agree on its choice over the coordinator's process group; (all ranks)
-    :func:`restore_training_state`.
+    Steps: (rank 0) :func:`find_latest_checkpoint`, of any world size with ``reshard``
+    (else of this one); (all ranks) agree on its choice over the coordinator's process
+    group; (all ranks) :func:`restore_training_state`.
 
     Args:
         root: Directory of step directories (``ckpt/step_1000``, ...); may not exist yet.
@@ -234,6 +267,11 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
         coordinator: As for :func:`restore_training_state`.
         verify: Let rank 0 check every candidate's CRC32s against its manifest.
         timeout: As for :func:`restore_training_state`.
+        reshard: Also resume from a checkpoint written by another number of ranks (see
+            :func:`restore_training_state`). A checkpoint without a commit manifest counts
+            as one of another world size only where its DTensors' meshes say how many ranks
+            saved it (else a lost last rank file would pass for a smaller world): one that
+            does not is skipped for the newest checkpoint of this world size.
         **kwargs: Passed to :func:`restore_training_state` (``shared_models``, ``strict``, ...).
 
     Returns:
@@ -248,7 +286,7 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
     if pg.rank == 0:
         try:
             if Path(root).is_dir():
-                found = find_latest_checkpoint(root, world_size=pg.world_size, verify=verify)
+                found = _latest(root, pg.world_size, verify=verify, reshard=reshard)
                 choice["path"] = None if found is None else str(found)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             choice = {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -263,6 +301,24 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
         logger.info("rank %d: no checkpoint under %s; starting fresh", pg.rank, root)
         return None
     return restore_training_state(choice["path"], state, coordinator=coord, **kwargs)
+
+
+def _latest(root: str | os.PathLike[str], world: int, *, verify: bool, reshard: bool) -> Path | None:
+    """(rank 0) The checkpoint :func:`resume_latest` restores."""
+    if not reshard:
+        return find_latest_checkpoint(root, world_size=world, verify=verify)
+    found = find_latest_checkpoint(root, world_size=None, verify=verify)
+    if found is None or read_manifest(found) is not None:
+        return found
+    nfiles = rank_file_count(found)
+    if nfiles == world:
+        return found
+    try:
+        _check_saved_world(read_index(found / rank_file_name(0)), nfiles, world)
+        return found
+    except IncompleteCheckpointError as e:
+        logger.warning("skipping checkpoint %s for one of %d ranks: %s", found, world, e)
+        return find_latest_checkpoint(root, world_size=world, verify=verify)
 
 
 def _given_or_default(given: T | None, timeout: Timeout | None, what: str, make: Callable[..., T]) -> T:
@@ -332,21 +388,22 @@ def get_rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(rng: Mapping[str, Any]) -> None:
-    """Set this process's RNG states from :func:`get_rng_state`'s values (those present)."""
+    """Set this process's RNG states from :func:`get_rng_state`'s values (those present; a
+    restore leaves ``None`` where a rank has no rank file of its own, and it keeps its state)."""
     py = rng.get("python")
-    if py is not None:
+    if py is not None and py.get("state") is not None:
         internal = tuple(int(v) for v in py["state"].tolist())
         gauss = py["gauss_next"]
         random.setstate((int(py["version"]), internal, None if gauss is None else float(gauss)))
     if rng.get("torch") is not None:
         torch.set_rng_state(rng["torch"].to("cpu", torch.uint8))
     state = rng.get("numpy")
-    if state is not None and np is not None:
+    if state is not None and state.get("keys") is not None and np is not None:
         keys = state["keys"].cpu().numpy().astype(np.uint32)
         np.random.set_state((state["kind"], keys, int(state["pos"]), int(state["has_gauss"]),
                              float(state["cached_gaussian"])))
     cuda = rng.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
+    if cuda is not None and torch.cuda.is_available() and all(t is not None for t in cuda):
         cuda = [t.to("cpu", torch.uint8) for t in cuda]
         if len(cuda) != torch.cuda.device_count():
             logger.warning("checkpoint has CUDA RNG states for %d device(s), this process sees %d; "

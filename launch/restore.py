@@ -5,6 +5,11 @@ With no ``--checkpoint`` it runs the embedded demo: every rank writes a syntheti
 then all ranks restore it through :class:`dist_restore.RestoreCoordinator` and rank 0
 prints the aggregated report and throughput. Exits non-zero on every rank on failure.
 Runs as a single process too (``python launch/restore.py``).
+
+A checkpoint written by another number of ranks restores too: its DTensor entries (FSDP2,
+tensor parallel) are resharded, by default into an even ``Shard(0)`` split over this job's
+ranks (``--reshard-to full``: every rank gets whole tensors); the other entries come from
+rank 0's file, and ``--per-rank PATTERN`` entries from each rank's own file.
 """
 
 from __future__ import annotations
@@ -44,7 +49,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-shared-memory", action="store_true",
                    help="broadcast shared entries even when every rank runs on one host")
     p.add_argument("--demo-mib", type=float, default=64.0, help="demo checkpoint size per rank, MiB")
+    p.add_argument("--per-rank", action="append", default=None, metavar="PATTERN",
+                   help="checkpoint of another world size: entries each rank takes from its own file "
+                        "(repeatable; e.g. 'rng'); the rest come from rank 0's file")
+    p.add_argument("--reshard-to", choices=["shard", "full"], default="shard",
+                   help="checkpoint of another world size: DTensor entries into an even Shard(0) split over "
+                        "this job's ranks (default) or whole tensors on every rank")
     return p.parse_args(argv)
+
+
+def reshard_target(path: Path, world: int, how: str) -> dict | None:
+    """The restore target for a checkpoint of another world size: its DTensor entries as
+    DTensors split over this job's ranks (``how="shard"``) or whole tensors (``"full"``);
+    everything else ``None`` (loaded as saved). ``None`` when the world size is the same or
+    the checkpoint has no DTensor (then the coordinator needs no target)."""
+    from dist_restore import read_index
+    from dist_restore._dtensor import DTensorRef
+    from dist_restore._manifest import rank_file_count
+
+    if rank_file_count(path) == world:
+        return None
+    tree = read_index(path / "checkpoint_0.pt").tree
+    found = []
+    mesh = None
+    if how == "shard" and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+
+    def build(v):
+        if isinstance(v, dict):
+            return {k: build(c) for k, c in v.items()}
+        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            return [build(c) for c in v]
+        if isinstance(v, DTensorRef):
+            found.append(v)
+            if mesh is None:
+                return torch.empty(tuple(v.size), dtype=v.dtype)
+            from torch.distributed.tensor import Shard
+            from torch.distributed.tensor import empty as dtensor_empty
+
+            return dtensor_empty(tuple(v.size), dtype=v.dtype, device_mesh=mesh,
+                                 placements=[Shard(0)] if v.size else [])
+        return None
+
+    target = build(tree)
+    return target if found else None
 
 
 def seconds_arg(text: str) -> float:
@@ -116,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 log.info("demo: wrote a synthetic %d-rank checkpoint to %s", world, path)
         coord = RestoreCoordinator(timeout=args.timeout, shared_memory=not args.no_shared_memory)
+        target = reshard_target(path, world, args.reshard_to) if args.checkpoint else None
         t0 = time.perf_counter()
-        res = coord.restore(path, None, shared=shared, shared_mode=args.mode, strict=args.strict,
-                            map_location=args.map_location)
+        res = coord.restore(path, target, shared=shared, shared_mode=args.mode, strict=args.strict,
+                            map_location=args.map_location, per_rank=args.per_rank)
         dt = time.perf_counter() - t0
         st = res.stats
         mib = (st.bytes_read + st.bytes_received + st.bytes_shm) / (1 << 20)
@@ -143,5 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's teardown: a process group that a DeviceMesh (FSDP2,
+    DTensor targets) still references outlives ``destroy_process_group`` and would be freed
+    during finalization, where gloo's worker threads abort the process now and then
+    ("terminate called without an active exception"; pytorch/pytorch#179291)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

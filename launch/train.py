@@ -1,6 +1,7 @@
-"""A tiny deterministic DDP trainer that saves and resumes: ``torchrun --nproc_per_node=N launch/train.py``.
+"""A tiny deterministic DDP or FSDP2 trainer that saves and resumes: ``torchrun --nproc_per_node=N launch/train.py``.
 
-Gloo on CPU, a small MLP with dropout, Adam and a StepLR scheduler. The data of each
+Gloo on CPU, a small MLP with dropout, Adam and a StepLR scheduler; replicated by DDP, or
+with ``--fsdp`` sharded by FSDP2 (``fully_shard`` on a 1-D CPU mesh of all ranks). The data of each
 (rank, step) comes from a generator seeded by both, plus noise from the process-global
 ``random``, ``numpy`` and torch RNGs (seeded per rank), so a resumed run reproduces an
 uninterrupted one bit for bit only if the model, optimizer, scheduler *and* every RNG
@@ -11,10 +12,19 @@ state of every rank come back exactly.
     torchrun --nproc_per_node=2 launch/train.py --steps 8 --save-every 4 --ckpt-root ck --resume
 
 Checkpoints go to ``ckpt-root/step_{n}`` (:func:`dist_restore.trainer.save_training_state`);
-``--resume`` restores the newest complete one (:func:`dist_restore.trainer.resume_latest`,
-models read on rank 0 and broadcast). ``--out FILE`` (rank 0) is a ``torch.save`` of
-``{"losses": {rank: {step: loss}}, "model", "optimizer", "scheduler", "first_step",
-"last_step"}``. Runs as a single process too (``python launch/train.py ...``).
+``--resume`` restores the newest complete one (:func:`dist_restore.trainer.resume_latest`;
+DDP models read on rank 0 and broadcast), also one written by another number of ranks:
+FSDP2 parameters and optimizer state are resharded, the RNG states of ranks that have a
+rank file come back, the others keep theirs (the losses then differ from a run that never
+stopped; the restored state does not).
+
+    torchrun --nproc_per_node=4 launch/train.py --fsdp --steps 8 --save-every 4 --ckpt-root ck --stop-after 4
+    torchrun --nproc_per_node=2 launch/train.py --fsdp --steps 8 --save-every 4 --ckpt-root ck --resume
+
+``--out FILE`` (rank 0) is a ``torch.save`` of ``{"losses": {rank: {step: loss}}, "model",
+"optimizer", "scheduler", "first_step", "last_step"}``, model and optimizer as full
+tensors (FSDP2's gathered); ``--restored-out FILE`` the same state right after resuming.
+Runs as a single process too (``python launch/train.py ...``, DDP only).
 """
 
 from __future__ import annotations
@@ -52,9 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="rank 0 writes losses and final state here")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=seconds_arg, default=120.0, help="seconds per collective, > 0")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP (torchrun)")
+    p.add_argument("--restored-out", type=Path, default=None, metavar="FILE",
+                   help="rank 0 writes the full model/optimizer/scheduler state right after resuming")
     args = p.parse_args(argv)
     if args.steps < 1 or args.save_every < 0:
         p.error("--steps must be >= 1 and --save-every >= 0")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        p.error("--fsdp runs under torchrun (torchrun --nproc_per_node=1 for one process)")
     return args
 
 
@@ -75,6 +90,23 @@ def batch(seed: int, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x * random.uniform(0.9, 1.1)
     x = x + 0.01 * torch.randn(BATCH, IN)
     return x, y
+
+
+def _full(value: object) -> object:
+    """DTensors (FSDP2's shards) gathered into full tensors, anywhere in a state dict (a
+    collective: every rank calls it)."""
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor()  # type: ignore[union-attr]
+    if isinstance(value, dict):
+        return type(value)((k, _full(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_full(v) for v in value]
+    return value
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object) -> dict[str, object]:
+    return {"model": _full(model.state_dict()), "optimizer": _full(opt.state_dict()),
+            "scheduler": sched.state_dict()}  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,18 +137,34 @@ def train(args: argparse.Namespace, rank: int, world: int, distributed: bool) ->
     torch.manual_seed(args.seed + 1 + rank)
     random.seed(args.seed + 2 + rank)
     np.random.seed(args.seed + 3 + rank)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        for layer in (model[0], model[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ddp = model
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # over the (sharded) parameters
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     state = TrainingState(models={"net": model}, optimizers={"adam": opt}, schedulers={"lr": sched},
                           extra={"step": 0})
     first = 1
     if args.resume:
-        res = resume_latest(args.ckpt_root, state, shared_models=True, timeout=args.timeout)
+        res = resume_latest(args.ckpt_root, state, shared_models=not args.fsdp, timeout=args.timeout)
         if res is not None:
             first = int(state.extra["step"]) + 1
             log.info("resumed at step %d", first - 1)
+            if res.report is not None and res.report.notes:
+                log.info("%s", "; ".join(res.report.notes))
+    if args.restored_out is not None:
+        full = full_state(model, opt, sched)  # every rank takes part in the gathers
+        if rank == 0:
+            torch.save({**full, "step": state.extra["step"]}, args.restored_out)
     last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
 
     losses: dict[int, float] = {}
@@ -139,13 +187,25 @@ def train(args: argparse.Namespace, rank: int, world: int, distributed: bool) ->
     if distributed:
         all_losses = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(all_losses, losses)
-    if rank == 0 and args.out is not None:
-        torch.save({"losses": dict(enumerate(all_losses)), "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "first_step": first, "last_step": last}, args.out)
+    if args.out is not None:
+        full = full_state(model, opt, sched)
+        if rank == 0:
+            torch.save({"losses": dict(enumerate(all_losses)), **full, "first_step": first, "last_step": last},
+                       args.out)
     log.info("done: steps %d-%d, last loss %s", first, last, losses.get(last))
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's teardown: a process group that a DeviceMesh (FSDP2,
+    DTensor targets) still references outlives ``destroy_process_group`` and would be freed
+    during finalization, where gloo's worker threads abort the process now and then
+    ("terminate called without an active exception"; pytorch/pytorch#179291)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

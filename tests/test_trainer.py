@@ -270,3 +270,38 @@ def test_train_script_single_process_resume_is_bit_exact(tmp_path: Path, monkeyp
         _assert_same_tensors(s, b["optimizer"]["state"][i])
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert a["scheduler"] == b["scheduler"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+    lambda ps: torch.optim.Adam(ps, lr=torch.tensor(0.1)),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+])
+def test_materialize_optimizer_state_leaves_parameters_and_grads_alone(make) -> None:
+    from dist_restore._trainer_reshard import materialize_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    model.bias.grad = torch.full_like(model.bias, 2.0)  # a gradient the caller had
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make(model.parameters())
+    lr = opt.param_groups[0]["lr"]
+    materialize_optimizer_state(opt)
+    assert len(opt.state) == 2 and all(opt.state[p] for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert opt.param_groups[0]["lr"] is lr
+    assert model.weight.grad is None and torch.equal(model.bias.grad, torch.full_like(model.bias, 2.0))
+    state = {id(v): v for st in opt.state.values() for v in st.values()}
+    materialize_optimizer_state(opt)  # state exists: nothing happens
+    assert {id(v) for st in opt.state.values() for v in st.values()} == set(state)
+
+
+def test_strict_problems_forgive_missing_rng_only_without_an_own_file() -> None:
+    from dist_restore._trainer_reshard import strict_problems
+
+    rng = ["rng.torch", "rng.python.state"]
+    assert strict_problems(rng, [], own_file=False) is None
+    assert "rng.torch" in (strict_problems(rng, [], own_file=True) or "")
+    msg = strict_problems(rng + ["models.net.w"], ["extra.x"], own_file=False) or ""
+    assert "missing keys: 'models.net.w'" in msg and "unexpected keys: 'extra.x'" in msg and "rng" not in msg
