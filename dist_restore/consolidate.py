@@ -36,7 +36,7 @@ from dist_restore._consolidate_plan import plan_safetensors, plan_torch
 from dist_restore._gc import paused
 from dist_restore._index import CheckpointIndex
 from dist_restore._manifest import (MANIFEST_NAME, IncompleteCheckpointError, check_checkpoint, fsync_dir,
-                                    rank_file_count, temp_path)
+                                    rank_file_count, temp_path, _unlink_quietly)
 from dist_restore._paths import raise_with_path
 from dist_restore._read import ReadStats
 from dist_restore._safetensors import SafetensorsWriter
@@ -218,10 +218,3 @@ def _has_values(index: CheckpointIndex, select: Callable[[str], bool]) -> bool:
     return any(select(e.key) for e in index)
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # pragma: no cover - best effort cleanup
-        logger.warning("could not remove %s: %s", path, e)

@@ -623,9 +623,9 @@ def _check_saved_world(index: Any, nfiles: int, world: int) -> None:
     lost last rank file would look like a smaller world and restore silently."""
     sizes = {e.layout.mesh.root_size for e in index if e.kind == "dtensor"} - {None}
     if not sizes:
-        why = (f"with no manifest and no DTensor entry (whose mesh records the ranks that saved it), a lost rank "
-               f"file cannot be told from a checkpoint of fewer ranks; write checkpoints with CheckpointWriter to "
-               f"restore them on another world size")
+        why = ("with no manifest and no DTensor entry (whose mesh records the ranks that saved it), a lost rank "
+               "file cannot be told from a checkpoint of fewer ranks; write checkpoints with CheckpointWriter to "
+               "restore them on another world size")
         if nfiles < world:
             missing = f"rank {nfiles} has no file" if world - nfiles == 1 else \
                 f"ranks {format_ranks(range(nfiles, world))} have no file"
