@@ -42,16 +42,11 @@ SOME_DTYPES: list[torch.dtype] = [
 
 def value_types_sample() -> dict[str, Any]:
     """Values ``torch.load(weights_only=True)`` gives back as themselves: a restore must too,
-    type for type (a ``torch.Size`` is not a tuple, an ``OrderedDict`` not a dict)."""
-    import collections
+    type for type (a ``torch.Size`` is not a tuple, an ``OrderedDict`` not a dict). One copy,
+    in the multi-process workers, which spawned ranks can import."""
+    from tests_multiprocess._workers import value_types
 
-    return {
-        "shape": torch.Size([3, 4]), "scalar_shape": torch.Size([]),
-        "od": collections.OrderedDict([("b", 1), ("a", torch.arange(3))]), "plain": {"x": 1.5},
-        "dtype": torch.bfloat16, "device": torch.device("cuda", 1), "cpu": torch.device("cpu"),
-        "z": 1 - 2j, "raw": b"\x00\xff",
-        "nested": (1, [torch.Size([2]), (torch.float16, [b"x", 2j])], ()), "lists": [[1, (2,)], []],
-    }
+    return value_types()
 
 
 def rank_file(directory: Path, rank: int = 0) -> Path:

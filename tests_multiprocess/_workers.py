@@ -192,7 +192,8 @@ def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int,
 
 
 def value_types() -> dict[str, Any]:
-    """The values of tests/_util.value_types_sample (kept in step by hand: workers cannot import it)."""
+    """Values ``torch.load(weights_only=True)`` gives back as themselves (also
+    ``tests/_util.value_types_sample``): a restore must too, type for type."""
     import collections
 
     return {
