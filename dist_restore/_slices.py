@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 _DROP = 32 << 20  # unmap a source's pages once this many bytes have been copied from it
 _PIECE_DROP = 1 << 20  # a piece this large is unmapped right after its copy
-_GAP = 1 << 20  # spans closer than this are read ahead as one
 _MIN_ROW = 256  # target rows shorter than this are not worth an iovec each: copy_ instead
 
 
@@ -109,27 +107,6 @@ def _record_bytes(rf: _RankFile, off: int, dst: torch.Tensor, boxes: Sequence[Bo
     return (ctypes.c_char * n).from_address(rf.whole.data_ptr() + off)
 
 
-def _prefetch(mm: mmap.mmap, spans: Sequence[tuple[int, int]]) -> None:
-    """Ask the kernel to read every span ahead (``MADV_WILLNEED``), merged where close: large
-    requests, in flight while the copies run, instead of one small fault-driven read at a time
-    when the file is not in the page cache. Nothing is mapped into the process by this."""
-    page = mmap.PAGESIZE
-    merged: list[list[int]] = []
-    for lo, hi in sorted(spans):
-        if hi <= lo:
-            continue
-        if merged and lo - merged[-1][1] <= _GAP:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    for lo, hi in merged:
-        start = lo // page * page
-        try:
-            mm.madvise(mmap.MADV_WILLNEED, start, hi - start)
-        except (OSError, ValueError):  # a hint only
-            return
-
-
 def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
               entries: Mapping[tuple[int, str], Any], stats: ReadStats, *, verify: bool = True) -> None:
     """Fill every job's target from its pieces.
@@ -153,8 +130,6 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                 items = by_file[f]
                 items.sort(key=lambda jp: index.records[entries[(f, jp[0].key)].storage.key].header_offset)
                 offsets = [index.data_offset(entries[(f, job.key)].storage.key, rf.mm) for job, _p in items]
-                _prefetch(rf.mm, [(off + lo, off + hi) for (job, piece), off in zip(items, offsets)
-                                  for lo, hi in [_span_bytes(entries[(f, job.key)], piece.boxes)]])
                 since_drop = 0
                 for (job, piece), off in zip(items, offsets):
                     ref: TensorRef = entries[(f, job.key)]
