@@ -4,7 +4,7 @@ Each rank is a ``spawn`` process that calls ``worker(rank, world_size, *args)``.
 outcome (the return value, or the traceback of what it raised) travels back to the parent
 as a pickle in a per-rank file in a temporary directory, written atomically just before
 the child exits. A child that dies without writing one (SIGKILL, segfault, ``os._exit``)
-is reported by its exit code. No child outlives :func:`run_ranks`: stragglers are
+is reported by its exit code. A rank leaves by ``os._exit`` once its outcome is written. No child outlives :func:`run_ranks`: stragglers are
 terminated, then SIGKILLed, and every child is joined, also on ``KeyboardInterrupt``.
 
 A failing rank does not stop the others early: peers of a dead rank are expected to
@@ -116,8 +116,12 @@ def _child_main(worker: Callable[..., Any], rank: int, world_size: int, args: tu
     os.replace(tmp, out_path)  # atomic: the parent never sees half a file
     sys.stdout.flush()
     sys.stderr.flush()
-    if failed:
-        sys.exit(1)
+    # Leave without the interpreter's teardown: torch's gloo and device-mesh objects are
+    # destroyed there, and in torch 2.13 that sometimes ends in std::terminate ("terminate
+    # called without an active exception", SIGABRT) after the worker has returned and its
+    # group has been destroyed. The outcome is already on disk; the exit code still tells
+    # the parent whether the worker failed.
+    os._exit(1 if failed else 0)
 
 
 def _read_outcome(rank: int, path: str, exitcode: int | None, timed_out: bool,
