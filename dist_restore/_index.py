@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +124,32 @@ class CheckpointIndex:
         self._entries: dict[str, IndexEntry] | None = None
         self._data_offsets: dict[str, int] = {}
 
+    #: Where the index came from: ``"pickle"`` (the rank file's zip directory and
+    #: ``data.pkl``) or ``"index file"`` (``checkpoint_{rank}.idx``, see :mod:`._indexfile`).
+    source = "pickle"
+
+    @property
+    def walkable(self) -> tuple[Any, Callable[[int], Any] | None]:
+        """``(tree, leaf)`` for the plan: the tree whose leaves are references, and no
+        ``leaf`` function; an index file gives a skeleton of row numbers and the function
+        that turns a row into its reference or value."""
+        return self.tree, None
+
+    def entry_at(self, path: RawPath) -> Any:
+        """The value at a raw path of the tree; ``KeyError`` when the tree lacks it."""
+        v = self.tree
+        for p in path:
+            try:
+                v = v[p]
+            except (KeyError, IndexError, TypeError):
+                raise KeyError(path) from None
+        return v
+
+    def data_offsets(self, storage_keys: list[str]) -> list[int] | None:
+        """The data offsets of these records when known without reading their local
+        headers (an index file records them), else ``None``."""
+        return None
+
     @property
     def entries(self) -> dict[str, IndexEntry]:
         """Every leaf, in pickle order, keyed by dotted key path."""
@@ -217,11 +243,14 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
 
 
 @gc_paused
-def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
+def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> CheckpointIndex:
     """Index one ``torch.save`` file without reading its tensor data.
 
     Args:
         file: Path of the file.
+        use_index_file: Load the index from ``checkpoint_{rank}.idx`` beside the file
+            when there is one that matches it (written by :class:`CheckpointWriter`);
+            otherwise, or when it does not match, parse the file itself.
 
     Raises:
         FileNotFoundError: no such file.
@@ -238,6 +267,12 @@ def read_index(file: str | os.PathLike[str]) -> CheckpointIndex:
         if size == 0:
             raise CorruptCheckpointError("file is empty", file=path)
         head = os.pread(fd, 4, 0)
+        if is_zip(head) and use_index_file:
+            from dist_restore._indexfile import load_index_file
+
+            indexed = load_index_file(path, fd, size, t0)
+            if indexed is not None:
+                return indexed
         if not is_zip(head):
             if not head.startswith(b"\x80"):  # every legacy file starts with a pickle PROTO opcode
                 raise CorruptCheckpointError(

@@ -52,7 +52,7 @@ _CHUNK = 4 << 20  # measured faster than 16 MiB: see the module docstring
 _RANK_FILE = re.compile(r"^checkpoint_(\d+)\.pt$")
 _CHECKSUM = re.compile(r"^crc32:[0-9a-f]{8}$")
 #: A temp file of :func:`temp_path` for a rank file or the manifest (safe for rank 0 to sweep).
-_OUR_TEMP = re.compile(r"^\.(checkpoint_\d+\.pt|" + re.escape(MANIFEST_NAME) + r")\.\d+\.[0-9a-f]{8}\.tmp$")
+_OUR_TEMP = re.compile(r"^\.(checkpoint_\d+\.(?:pt|idx)|" + re.escape(MANIFEST_NAME) + r")\.\d+\.[0-9a-f]{8}\.tmp$")
 _MAX_NAMES = 10
 _RANKS_SLOT = "\x00ranks\x00"  # placeholder; "ranks" precedes "metadata", so replacing the first is safe
 
@@ -70,12 +70,19 @@ class RankFileInfo:
         file: Its name inside the checkpoint directory (``checkpoint_{rank}.pt``).
         size: Its size in bytes.
         checksum: ``"crc32:%08x"`` of the whole file.
+        index_file: Its index file (``checkpoint_{rank}.idx``), when one was written.
+        index_size: The index file's size in bytes.
+        index_checksum: ``"crc32:%08x"`` of the index file but its last 4 bytes (see
+            :func:`dist_restore._indexfile.index_checksum`).
     """
 
     rank: int
     file: str
     size: int
     checksum: str
+    index_file: str | None = None
+    index_size: int | None = None
+    index_checksum: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,8 +132,7 @@ class Manifest:
         }
         text = json.dumps(doc, indent=2, allow_nan=False)
         # one line per rank: a 1000-rank manifest stays readable
-        ranks = ",\n".join("    " + json.dumps({"rank": r.rank, "file": r.file, "size": r.size,
-                                                  "checksum": r.checksum}) for r in self.ranks)
+        ranks = ",\n".join("    " + json.dumps(_rank_doc(r)) for r in self.ranks)
         return text.replace(json.dumps(_RANKS_SLOT), f"[\n{ranks}\n  ]", 1) + "\n"
 
     @classmethod
@@ -166,8 +172,17 @@ class Manifest:
         for i, r in enumerate(ranks_doc):
             if not isinstance(r, dict):
                 raise bad(f"ranks[{i}] is not an object")
+            idx = r.get("index")
+            if idx is not None and not isinstance(idx, dict):
+                raise bad(f"ranks[{i}].index is not an object")
             info = RankFileInfo(_field(r, "rank", int, bad), _field(r, "file", str, bad),
-                                _field(r, "size", int, bad), _field(r, "checksum", str, bad))
+                                _field(r, "size", int, bad), _field(r, "checksum", str, bad),
+                                *((_field(idx, "file", str, bad), _field(idx, "size", int, bad),
+                                   _field(idx, "checksum", str, bad)) if idx is not None else ()))
+            if info.index_file is not None and (
+                    info.index_file != os.path.basename(info.index_file) or info.index_file in ("", ".", "..")
+                    or info.index_size < 0 or not _CHECKSUM.match(info.index_checksum)):
+                raise bad(f"ranks[{i}].index is {idx!r}")
             if info.rank != i:
                 raise bad(f"ranks[{i}] is for rank {info.rank}")
             if info.file != os.path.basename(info.file) or info.file in ("", ".", ".."):
@@ -176,6 +191,13 @@ class Manifest:
                 raise bad(f"ranks[{i}] has size {info.size} / checksum {info.checksum!r}")
             ranks.append(info)
         return cls(version, world, float(created_unix), created, algo, tuple(ranks), metadata)
+
+
+def _rank_doc(r: RankFileInfo) -> dict[str, Any]:
+    doc: dict[str, Any] = {"rank": r.rank, "file": r.file, "size": r.size, "checksum": r.checksum}
+    if r.index_file is not None:
+        doc["index"] = {"file": r.index_file, "size": r.index_size, "checksum": r.index_checksum}
+    return doc
 
 
 def _is_int(v: object) -> bool:
@@ -375,7 +397,26 @@ def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | Non
                 raise CorruptCheckpointError(
                     f"checksum mismatch: the commit manifest says {info.checksum}, the file has {got}",
                     file=d / info.file, rank=r)
+            _check_index_file(d, info)
     return manifest
+
+
+def _check_index_file(d: Path, info: RankFileInfo) -> None:
+    """Warn when a rank's committed index file is gone or differs: restores then read the
+    rank file's pickle instead (an index file is never needed, and never trusted unchecked)."""
+    if info.index_file is None:
+        return
+    from dist_restore._indexfile import index_checksum
+
+    try:
+        got = index_checksum((d / info.index_file).read_bytes())
+    except FileNotFoundError:
+        got = "missing"
+    except OSError as e:
+        got = f"unreadable ({e})"
+    if got != info.index_checksum:
+        logger.warning("%s: index file %s is %s, the commit manifest says %s; restores of rank %d read "
+                       "its pickle instead", d, info.index_file, got, info.index_checksum, info.rank)
 
 
 def rank_file_count(directory: str | os.PathLike[str]) -> int:

@@ -15,7 +15,7 @@ nothing in the target is touched before the whole plan has been checked.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, MutableMapping, MutableSequence
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,24 +127,36 @@ def view_out_of_bounds(src: Any) -> str | None:
     return None
 
 
-def plan_read(target: Any, tree: Any) -> ReadPlan:
-    """Match ``target`` (a state dict, or ``None`` for everything) against an index tree."""
+def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) -> ReadPlan:
+    """Match ``target`` (a state dict, or ``None`` for everything) against an index tree.
+
+    Args:
+        leaf: With a skeleton (an index file's tree, leaves as row numbers: see
+            :attr:`CheckpointIndex.walkable`), turns a row into its reference or value;
+            only the rows the walk reaches are made.
+    """
     leaves: list[PlannedLeaf] = []
     missing: list[str] = []
     unexpected: list[str] = []
     mismatched: list[tuple[str, str]] = []
     objects: list[tuple[str, RawPath, Any]] = []
 
-    def take_all(src: Any, key: str, path: RawPath) -> None:
-        for k, p, leaf in iter_leaves(src, key, path):
-            if isinstance(leaf, SOURCE_TENSOR_TYPES):
-                leaves.append(PlannedLeaf(k, p, leaf, None))
+    def take_all(src: Any, key: str, path: RawPath, raw: bool) -> None:
+        for k, p, v in iter_leaves(src, key, path):
+            if raw:
+                v = leaf(v)  # type: ignore[misc]
+            if isinstance(v, SOURCE_TENSOR_TYPES):
+                leaves.append(PlannedLeaf(k, p, v, None))
             else:
-                objects.append((k, p, leaf))
+                objects.append((k, p, v))
 
     def walk(t: Any, s: Any, key: str, path: RawPath) -> None:
+        raw = leaf is not None
+        if raw and type(s) is int:
+            s = leaf(s)  # type: ignore[misc]
+            raw = False
         if t is None:
-            take_all(s, key, path)
+            take_all(s, key, path, raw)
         elif isinstance(s, SOURCE_TENSOR_TYPES):
             if isinstance(t, torch.Tensor):
                 problem = check_tensor(key, t, s)
@@ -178,7 +190,7 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
                     missing.append(join_index(key, i))
             unexpected.extend(join_index(key, i) for i in range(len(t), len(s)))
         else:
-            take_all(s, key, path)  # a plain value is replaced by the file's value
+            take_all(s, key, path, raw)  # a plain value is replaced by the file's value
 
     if target is not None and not isinstance(target, Mapping):
         raise TypeError(f"state_dict must be a mapping or None, got {type(target).__name__}")
@@ -186,7 +198,7 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
     return ReadPlan(tuple(leaves), tuple(missing), tuple(unexpected), tuple(mismatched), tuple(objects))
 
 
-def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
+def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any], leaf: Callable[[int], Any] | None = None) -> Any:
     """Build the result: fill ``target`` containers in place, values from ``values``.
 
     Args:
@@ -196,25 +208,34 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
         values: ``{raw path: produced tensor}`` for every leaf of the plan whose target
             was ``None`` (filled targets may be absent: they are kept); may also hold
             replacements for non-tensor leaves (shared values received from another rank).
+        leaf: As for :func:`plan_read`.
     """
 
-    def build(src: Any, path: RawPath) -> Any:
+    def build(src: Any, path: RawPath, raw: bool) -> Any:
+        if raw and type(src) is int:
+            src, raw = leaf(src), False  # type: ignore[misc]
         if isinstance(src, Mapping):
             out = type(src)() if type(src) in _PLAIN_MAPPINGS else {}
             for k, v in src.items():
-                out[k] = build(v, path + (k,))
+                out[k] = build(v, path + (k,), raw)
             return out
         if isinstance(src, list):
-            return [build(v, path + (i,)) for i, v in enumerate(src)]
+            return [build(v, path + (i,), raw) for i, v in enumerate(src)]
         if _is_sequence(src):
-            return _rebuild_tuple(src, [build(v, path + (i,)) for i, v in enumerate(src)])
+            return _rebuild_tuple(src, [build(v, path + (i,), raw) for i, v in enumerate(src)])
         if isinstance(src, SOURCE_TENSOR_TYPES):
             return values[path]
         return values.get(path, src) if values else src
 
+    raw = leaf is not None
+
     def walk(t: Any, s: Any, path: RawPath) -> Any:
+        if raw and type(s) is int:
+            s = leaf(s)  # type: ignore[misc]
+            if t is None or not isinstance(s, SOURCE_TENSOR_TYPES):
+                return build(s, path, False)
         if t is None:
-            return build(s, path)
+            return build(s, path, raw)
         if isinstance(s, SOURCE_TENSOR_TYPES):
             return values.get(path, t)
         if isinstance(t, Mapping):
@@ -230,7 +251,7 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
                 t[:] = items
                 return t
             return _rebuild_tuple(t, items)
-        return build(s, path)
+        return build(s, path, raw)
 
     return walk(target, tree, ())
 

@@ -230,6 +230,9 @@ class _RankFile:
     def _data_offsets(self, skeys: list[str]) -> list[int]:
         """Data offsets of many records: their local headers parsed at once with numpy."""
         index = self.index
+        known = index.data_offsets(skeys)
+        if known is not None:
+            return known
         hoff = np.array([index.records[k].header_offset for k in skeys], dtype=np.int64)
         u8 = self.whole.numpy()
         sig_ok = (u8[hoff] == 0x50) & (u8[hoff + 1] == 0x4B) & (u8[hoff + 2] == 3) & (u8[hoff + 3] == 4)
@@ -247,6 +250,9 @@ class _RankFile:
         """One record's data offset, its local header read by ``pread``: a fault on the
         mapping would read the file around it (up to the readahead size) synchronously,
         and a partial restore does not need those bytes."""
+        known = self.index.data_offsets([skey])
+        if known is not None:
+            return known[0]
         rec = self.index.records[skey]
         head = os.pread(self.fd, _LOCAL.size, rec.header_offset)
         if len(head) == _LOCAL.size:

@@ -388,7 +388,7 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
             if index is None:
                 index = indexes[f] = _open_for(open_index, f, job.key)
             try:
-                entry = entry_at(index.tree, job.path)
+                entry = index.entry_at(job.path)
             except KeyError:
                 raise LayoutError(f"{index.file} has no entry {job.key!r}, which holds part of this rank's "
                                   "shard") from None

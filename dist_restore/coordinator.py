@@ -346,7 +346,7 @@ class RestoreCoordinator:
                 io.close()
             if owner_file is not None:  # every rank has agreed its copies are done (or failed)
                 owner_file.close()
-        result_sd = assemble(state_dict, index.tree, values)
+        result_sd = assemble(state_dict, index.walkable[0], values, index.walkable[1])
         try:
             pg.barrier()
         except CollectiveError as e:
@@ -450,7 +450,7 @@ class RestoreCoordinator:
         index = self._open(path, home, verify, checked=same)
         if not same and read_manifest(path) is None:
             _check_saved_world(index, nfiles, world)
-        plan = plan_read(state_dict, index.tree)
+        plan = plan_read(state_dict, *index.walkable)
         for leaf in plan.leaves:
             problem = view_out_of_bounds(leaf.source)
             if problem:
@@ -548,7 +548,7 @@ class RestoreCoordinator:
             return None, [], {lf.path: lf.target for lf in leaves} | {p: None for _k, p, _v in objects}, \
                 sorted(wanted)
         own_index = index if own == home else self._open(path, own, verify, checked=False)
-        own_plan = plan_read(state_dict, own_index.tree)
+        own_plan = plan_read(state_dict, *own_index.walkable)
         got = [lf for lf in own_plan.leaves if lf.key in wanted]
         overrides = {p: v for k, p, v in own_plan.objects if k in wanted}
         found = {lf.key for lf in got} | {k for k, _p, _v in own_plan.objects}

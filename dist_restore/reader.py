@@ -186,7 +186,7 @@ class CheckpointReader:
 
     def plan(self, index: CheckpointIndex, state_dict: STATE_DICT | None) -> ReadPlan:
         """Match a target against an index; raise if any shape/dtype/structure conflicts."""
-        plan = plan_read(state_dict, index.tree)
+        plan = plan_read(state_dict, *index.walkable)
         if plan.mismatched:
             key, msg = plan.mismatched[0]
             more = f" (and {len(plan.mismatched) - 1} more mismatch(es))" if len(plan.mismatched) > 1 else ""
@@ -223,7 +223,8 @@ class CheckpointReader:
             raise
         if values:
             produced.update(values)
-        return assemble(state_dict, index.tree, produced)
+        tree, leaf = index.walkable
+        return assemble(state_dict, tree, produced, leaf)
 
 
     def plan_shards(self, index: CheckpointIndex, leaves: list[Any]) -> ShardPlan:

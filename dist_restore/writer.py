@@ -61,6 +61,8 @@ from dist_restore._manifest import (  # noqa: I001
     temp_path,
     write_manifest,
 )
+from dist_restore._index import read_index
+from dist_restore._indexfile import build_index_file, index_checksum, index_path
 from dist_restore._paths import raise_with_path
 from dist_restore._pg import CollectiveError, ProcessGroupWrapper
 from dist_restore._timeout import Timeout, to_seconds
@@ -159,7 +161,8 @@ class CheckpointWriter:
 
         step, info = _attempt(f"writing {rank_file_name(rank)}", self._write_rank_file, d, state_dict)
         if info is not None:
-            step.status["info"] = [info.rank, info.file, info.size, info.checksum]
+            step.status["info"] = [info.rank, info.file, info.size, info.checksum, info.index_file,
+                                   info.index_size, info.index_checksum]
         infos = [RankFileInfo(*s["info"]) for s in self._agree(sync, "write", step)]
 
         if rank == 0:
@@ -195,14 +198,43 @@ class CheckpointWriter:
                     os.fsync(f.fileno())
                 with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
                     size, checksum = checksum_fileobj(f)
-                os.replace(tmp, final)
             except OSError as e:  # write, fsync, read: errors that name no file (a full disk)
                 raise_with_path(e, tmp)
+            index = self._write_index_file(tmp, index_path(final))
+            os.replace(tmp, final)
+            if index is not None:
+                os.replace(index[0], index_path(final))
         except BaseException:
             _unlink_quietly(tmp)
             raise
         fsync_dir(d)
-        return RankFileInfo(rank, final.name, size, checksum)
+        if index is None:
+            return RankFileInfo(rank, final.name, size, checksum)
+        return RankFileInfo(rank, final.name, size, checksum, index_path(final).name, index[1], index[2])
+
+    def _write_index_file(self, rank_file: Path, final: Path) -> tuple[Path, int, str] | None:
+        """(all ranks) The index file of a rank file just written, as a fsynced temp file
+        beside ``final``: ``(temp path, size, checksum)``; ``None`` (and any old index file
+        removed) when the file holds entries the index format does not describe."""
+        data = build_index_file(read_index(rank_file, use_index_file=False))
+        if data is None:
+            logger.info("rank %d: %s holds entries an index file cannot describe; writing none "
+                        "(restores read its pickle)", self._rank_info.global_rank, final.name)
+            _unlink_quietly(final)
+            return None
+        tmp = temp_path(final)
+        try:
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise_with_path(e, tmp)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp, len(data), index_checksum(data)
 
     def _write_uncoordinated(self, d: Path, state_dict: STATE_DICT) -> None:
         rank = self._rank_info.global_rank

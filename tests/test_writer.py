@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,17 @@ def test_write_then_torch_load(tmp_path: Path) -> None:
     sd = _state()
     man = CheckpointWriter().write(tmp_path / "ckpt", sd)
     d = tmp_path / "ckpt"
-    assert _files(d) == ["checkpoint_0.pt", MANIFEST_NAME]
+    assert _files(d) == ["checkpoint_0.idx", "checkpoint_0.pt", MANIFEST_NAME]
     _assert_same(torch.load(d / "checkpoint_0.pt", weights_only=True), sd)
     assert man is not None and man.world_size == 1
     f = d / "checkpoint_0.pt"
     assert man.ranks[0].file == "checkpoint_0.pt"
     assert man.ranks[0].size == f.stat().st_size
     assert man.ranks[0].checksum == file_checksum(f)
+    assert man.ranks[0].index_file == "checkpoint_0.idx"  # the index file is committed too
+    assert man.ranks[0].index_size == (d / "checkpoint_0.idx").stat().st_size
+    idx = (d / "checkpoint_0.idx").read_bytes()
+    assert man.ranks[0].index_checksum == f"crc32:{zlib.crc32(idx[:-4]):08x}"
     assert read_manifest(d) == man
     assert check_checkpoint(d, world_size=1, verify=True) == man
 
@@ -158,7 +163,7 @@ def test_failed_overwrite_never_looks_complete(tmp_path: Path) -> None:
         check_checkpoint(tmp_path, world_size=1)
     # the next write sweeps the marker and commits
     man = CheckpointWriter().write(tmp_path, _state(3), metadata={"step": 3})
-    assert _files(tmp_path) == ["checkpoint_0.pt", MANIFEST_NAME]
+    assert _files(tmp_path) == ["checkpoint_0.idx", "checkpoint_0.pt", MANIFEST_NAME]
     assert check_checkpoint(tmp_path, world_size=1, verify=True) == man
 
 
@@ -184,7 +189,7 @@ def test_uncoordinated_ranks_write_without_manifest(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="dist_restore.writer"):
         assert CheckpointWriter(RankInfo(0, 2)).write(tmp_path, {"x": torch.zeros(1)}) is None
     assert "without a commit manifest" in caplog.text
-    assert _files(tmp_path) == ["checkpoint_0.pt", "checkpoint_1.pt"]
+    assert _files(tmp_path) == ["checkpoint_0.idx", "checkpoint_0.pt", "checkpoint_1.idx", "checkpoint_1.pt"]
     assert check_checkpoint(tmp_path, world_size=2) is None
 
 

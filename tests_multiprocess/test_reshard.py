@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_restore import read_index
 from tests_multiprocess import _workers_dtensor as w
 from tests_multiprocess.harness import run_ranks
 
@@ -61,6 +62,21 @@ def test_reshard_bit_exact(saved, src_kind: str, src_world: int, dst_kind: str, 
         assert f"taken from rank 0's file" in out[0]["report"]
     for r, o in enumerate(out):  # files holding bytes it needs, plus at most the one for the layout
         assert o["files_opened"] <= src_world
+
+
+@pytest.mark.timeout(240)
+def test_index_files_of_a_2d_checkpoint(saved) -> None:
+    """Our writer's index files describe DTensor entries exactly as their pickles do, and a
+    resharding restore through them is bit exact."""
+    path = saved("fsdp_tp", 4, True)
+    for r in range(4):
+        f = path / f"checkpoint_{r}.pt"
+        ix, ref = read_index(f), read_index(f, use_index_file=False)
+        assert ix.source == "index file" and ref.source == "pickle"
+        assert ix.entries == ref.entries  # layouts (placements, mesh, coordinate, groups) included
+        assert any(e.kind == "dtensor" for e in ix)
+    out = run_ranks(w.restore, 2, args=(str(path), "fsdp"), timeout=180)
+    _check(out)
 
 
 @pytest.mark.timeout(180)

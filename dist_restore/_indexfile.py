@@ -1,0 +1,576 @@
+"""The index file written beside each rank file: ``checkpoint_{rank}.idx``.
+
+A rank file's index (see :mod:`dist_restore._index`) is normally built by parsing the zip
+directory and unpickling ``data.pkl`` with one Python callback per tensor: ~5-10 µs a tensor,
+most of the cost of restoring a few of 60,000 small ones. :class:`~dist_restore.CheckpointWriter`
+therefore writes the index once, with the bytes, as safetensors writes its header; a restore
+loads it with a few vectorised reads and makes per-entry objects only for the entries it uses.
+
+Format, version 1 (integers little-endian)::
+
+    magic   b"DRIDX\\x00" + u16 format version (= 1)
+    u32     header length, then the header: JSON, UTF-8
+    ...     sections, at the [offset, length] the header gives (from the start of the file)
+    u32     CRC32 of every byte before it
+
+Header fields: ``format_version``; ``rank_file`` (``size``, ``tail_offset``, ``tail_crc32``:
+the rank file's size, where its zip central directory starts, and the CRC32 of the bytes
+from there to the end: the directory lists every record's offset, size and CRC32, ``data.pkl``
+included, so the index matches the file only if they are the same); ``prefix`` (the archive
+folder, ``archive/``); ``byteorder``; ``dtypes`` and ``locations`` (the tables the codes below
+point into); ``rows``/``storages`` (counts); ``sections``:
+
+* ``tree`` — a pickle (protocol 4, builtins and torch value types only, read with the
+  weights-only allowlist) of ``(skeleton, objects, dtensors)``: the state dict's containers
+  with every leaf replaced by its row number (rows in pickle order); ``{row: value}`` of the
+  non-tensor leaves; ``{row: (global size, global stride, layout)}`` of DTensors, the layout
+  as plain tuples (see :func:`_layout_to_tuple`);
+* ``rows`` — per row, 20 bytes: kind (0 tensor, 1 DTensor: its local shard, 2 value), dtype
+  code, ndim, flags (1 requires_grad, 2 Parameter, 4 conj, 8 neg), storage number (-1: none),
+  start of its sizes then strides in ``dims``, storage offset in elements;
+* ``dims`` — int64 sizes and strides;
+* ``storages`` — per storage record, 38 bytes: local header offset, data offset, bytes,
+  CRC32, storage dtype code, location code, numel;
+* ``skeys`` — the storage keys (``data/{key}``), NUL-separated.
+
+Trust: the index is used only when its own CRC32 holds, it parses, the rank file has the
+recorded size and the same directory (``tail_crc32``), and, in a directory with a commit
+manifest, the manifest lists it with its size and CRC32; anything else falls back to the
+pickle, with the reason at debug level. Tensor bytes are still checked against the zip's
+CRC32 as they are read, and views against their storage's bounds, exactly as without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import pickle
+import struct
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dist_restore._crc import crc32
+from dist_restore._dtensor import DLayout, DTensorRef, MeshInfo
+from dist_restore._index import CheckpointIndex, IndexEntry, iter_leaves
+from dist_restore._keypath import RawPath
+from dist_restore._regions import Partial, Placement, Replicate, Shard
+from dist_restore._gc import paused
+from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
+from dist_restore._zip import _EOCD, _EOCD64, _EOCD64_LOC, _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _U32, \
+    ZipRecord
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAGIC = b"DRIDX\x00"
+SUFFIX = ".idx"
+KIND_TENSOR, KIND_DTENSOR, KIND_VALUE = 0, 1, 2
+_F_GRAD, _F_PARAM, _F_CONJ, _F_NEG = 1, 2, 4, 8
+_HEAD = struct.Struct("<6sHI")
+_ROW = np.dtype([("kind", "u1"), ("dtype", "u1"), ("ndim", "u1"), ("flags", "u1"), ("storage", "<i4"),
+                 ("dims", "<i4"), ("offset", "<i8")])
+_STORAGE = np.dtype([("header", "<i8"), ("data", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("dtype", "u1"),
+                     ("loc", "u1"), ("numel", "<i8")])
+_MISSING = object()
+
+
+class IndexFileError(ValueError):
+    """An index file that must not be used (the message says why)."""
+
+
+def index_checksum(data: bytes) -> str:
+    """``"crc32:%08x"`` of an index file for the manifest: the CRC32 of all but its last 4
+    bytes, which hold that same CRC32 (the CRC32 of a whole file that ends in its own CRC32
+    is the same for every file: the manifest could not tell two index files apart by it)."""
+    return f"crc32:{crc32(memoryview(data)[:-4]) & 0xFFFFFFFF:08x}"
+
+
+def index_path(rank_file: str | os.PathLike[str]) -> Path:
+    """``checkpoint_3.pt`` -> ``checkpoint_3.idx``, beside it."""
+    p = Path(rank_file)
+    return p.with_name(p.stem + SUFFIX)
+
+
+# -- the rank file's fingerprint ------------------------------------------------------------
+
+def zip_tail(fd: int, size: int) -> tuple[int, int]:
+    """``(offset, crc32)`` of a zip file's tail: its central directory to the end of the file.
+
+    Raises:
+        IndexFileError: no readable end-of-central-directory record.
+    """
+    want = min(size, _EOCD.size + 0xFFFF)
+    tail = os.pread(fd, want, size - want)
+    pos = tail.rfind(_EOCD_SIG)
+    while pos >= 0 and pos + _EOCD.size > len(tail):
+        pos = tail.rfind(_EOCD_SIG, 0, pos)
+    if pos < 0 or len(tail) != want:
+        raise IndexFileError("no zip end-of-central-directory record")
+    eocd = size - want + pos
+    fields = _EOCD.unpack_from(tail, pos)
+    cd_offset = fields[6]
+    if fields[4] == 0xFFFF or fields[5] == _U32 or cd_offset == _U32:
+        loc = pos - _EOCD64_LOC.size
+        if loc < 0 or tail[loc : loc + 4] != _EOCD64_LOC_SIG:
+            raise IndexFileError("zip64 locator missing")
+        eocd64 = _EOCD64_LOC.unpack_from(tail, loc)[2]
+        rec = os.pread(fd, _EOCD64.size, eocd64)
+        if len(rec) != _EOCD64.size or rec[:4] != _EOCD64_SIG:
+            raise IndexFileError("zip64 end-of-central-directory record missing")
+        cd_offset = _EOCD64.unpack(rec)[9]
+    if not 0 <= cd_offset <= eocd:
+        raise IndexFileError("central directory offset out of range")
+    data = os.pread(fd, size - cd_offset, cd_offset)
+    if len(data) != size - cd_offset:
+        raise IndexFileError("rank file shorter than its directory says")
+    return cd_offset, crc32(data) & 0xFFFFFFFF
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def build_index_file(index: CheckpointIndex) -> bytes | None:
+    """The index file of a freshly written rank file, or ``None`` when it holds entries the
+    format does not describe (quantized, sparse, nested tensors; tensors with Python
+    attributes; legacy or foreign-byte-order files): those rank files are read through the
+    pickle, as ever."""
+    if index.format != "zip" or not index.native_order:
+        return None
+    dtypes: dict[torch.dtype, int] = {}
+    locations: dict[str, int] = {}
+    skeys = list(index.records)
+    snum = {k: i for i, k in enumerate(skeys)}
+    rows: list[tuple[int, int, int, int, int, int, int]] = []
+    dims: list[int] = []
+    objects: dict[int, Any] = {}
+    dtensors: dict[int, Any] = {}
+
+    def code(table: dict[Any, int], v: Any) -> int:
+        c = table.get(v)
+        if c is None:
+            c = table[v] = len(table)
+        return c
+
+    def tensor_row(kind: int, ref: TensorRef, flags: int) -> None:
+        if ref.state or ref.storage.key not in snum:
+            raise _Unsupported
+        md = ref.metadata or {}
+        if set(md) - {"conj", "neg"}:
+            raise _Unsupported
+        flags |= (_F_CONJ if md.get("conj") else 0) | (_F_NEG if md.get("neg") else 0)
+        rows.append((kind, code(dtypes, ref.dtype), len(ref.size), flags, snum[ref.storage.key], len(dims),
+                     ref.storage_offset))
+        dims.extend(ref.size)
+        dims.extend(ref.stride)
+
+    def leaf(v: Any) -> int:
+        row = len(rows)
+        if isinstance(v, TensorRef):
+            tensor_row(KIND_TENSOR, v, (_F_GRAD if v.requires_grad else 0) | (_F_PARAM if v.is_parameter else 0))
+        elif isinstance(v, DTensorRef):
+            if not isinstance(v.local, TensorRef) or v.local.is_parameter or v.local.requires_grad:
+                raise _Unsupported
+            dtensors[row] = (tuple(v.size), tuple(v.stride), _layout_to_tuple(v.layout))
+            tensor_row(KIND_DTENSOR, v.local, (_F_GRAD if v.requires_grad else 0) | (_F_PARAM if v.is_parameter else 0))
+        elif isinstance(v, _TENSORISH):
+            raise _Unsupported
+        else:
+            objects[row] = v
+            rows.append((KIND_VALUE, 0, 0, 0, -1, 0, 0))
+        return row
+
+    def skeleton(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            out = type(v)()
+            for k, c in v.items():
+                out[k] = skeleton(c)
+            return out
+        if type(v) is list:
+            return [skeleton(c) for c in v]
+        if type(v) is tuple:
+            return tuple(skeleton(c) for c in v)
+        if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            raise _Unsupported  # a list/tuple subclass: iter_leaves would walk it, pickle may not rebuild it
+        return leaf(v)
+
+    try:
+        skel = skeleton(index.tree)
+        with open(index.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            tail_offset, tail_crc = zip_tail(f.fileno(), index.file_size)
+            offsets = [index.data_offset(k, mm) for k in skeys]
+    except _Unsupported:
+        return None
+    storages = np.zeros(len(skeys), dtype=_STORAGE)
+    for i, k in enumerate(skeys):
+        rec, ref = index.records[k], index.storages[k]
+        storages[i] = (rec.header_offset, offsets[i], rec.size, rec.crc32, code(dtypes, ref.dtype),
+                       code(locations, ref.location), ref.numel)
+    sections = {
+        "tree": pickle.dumps((skel, objects, dtensors), protocol=4),
+        "rows": np.array(rows, dtype=_ROW).tobytes() if rows else b"",
+        "dims": np.array(dims, dtype="<i8").tobytes(),
+        "storages": storages.tobytes(),
+        "skeys": "\x00".join(skeys).encode("utf-8"),
+    }
+    prefix = next(iter(index.records.values())).name[: -len("data/" + skeys[0])] if skeys else "archive/"
+    header = {
+        "format_version": FORMAT_VERSION,
+        "rank_file": {"size": index.file_size, "tail_offset": tail_offset, "tail_crc32": tail_crc},
+        "prefix": prefix,
+        "byteorder": sys.byteorder,
+        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+        "locations": list(locations),
+        "rows": len(rows),
+        "storages": len(skeys),
+        "sections": {},
+    }
+    # the section offsets depend on the header's length, which depends on them: iterate to
+    # the fixed point (offsets only grow, so this ends in a few rounds)
+    while True:
+        head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        pos = _HEAD.size + len(head)
+        layout = {}
+        for name, data in sections.items():
+            layout[name] = [pos, len(data)]
+            pos += len(data)
+        if layout == header["sections"]:
+            break
+        header["sections"] = layout
+    body = b"".join([_HEAD.pack(MAGIC, FORMAT_VERSION, len(head)), head, *sections.values()])
+    return body + struct.pack("<I", crc32(body) & 0xFFFFFFFF)
+
+
+class _Unsupported(Exception):
+    """An entry the index format does not describe: write no index for this file."""
+
+
+def _layout_to_tuple(layout: DLayout) -> tuple[Any, ...]:
+    def placement(p: Placement) -> tuple[Any, ...]:
+        if isinstance(p, Shard):
+            return ("S", p.dim, p.split_factor)
+        if isinstance(p, Partial):
+            return ("P", p.reduce_op)
+        return ("R",)
+
+    m = layout.mesh
+    return (tuple(layout.shape), tuple(placement(p) for p in layout.placements),
+            (m.shape, m.dim_names, m.coordinate, m.rank, m.groups))
+
+
+def _layout_from_tuple(t: Any) -> DLayout:
+    shape, placements, (mshape, names, coord, rank, groups) = t
+    ps: list[Placement] = []
+    for p in placements:
+        if p[0] == "S":
+            ps.append(Shard(int(p[1]), int(p[2])))
+        elif p[0] == "P":
+            ps.append(Partial(str(p[1])))
+        elif p[0] == "R":
+            ps.append(Replicate())
+        else:
+            raise IndexFileError(f"unknown placement {p!r}")
+    ints = lambda x: tuple(int(v) for v in x)  # noqa: E731
+    return DLayout(ints(shape), tuple(ps), MeshInfo(
+        ints(mshape), tuple(str(n) for n in names) if names is not None else None,
+        ints(coord) if coord is not None else None, int(rank) if rank is not None else None,
+        tuple(ints(g) for g in groups) if groups is not None else None))
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def load_index_file(rank_file: Path, fd: int, size: int, t0: float) -> FileIndex | None:
+    """The index of ``rank_file`` (open as ``fd``, ``size`` bytes) from its index file, or
+    ``None`` when there is none or it cannot be trusted (the reason is logged at debug level)."""
+    path = index_path(rank_file)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        logger.debug("%s: index file not used: %s", path, e)
+        return None
+    try:
+        _check_committed(path, rank_file, data)
+        return FileIndex(rank_file, size, data, fd, t0)
+    except (IndexFileError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, EOFError,
+            OSError, struct.error, AttributeError) as e:
+        logger.debug("%s: index file not used, reading the pickle instead: %s", path, e)
+        return None
+    except Exception as e:  # noqa: BLE001 - e.g. UnsafeCheckpointError from the tree's pickle
+        logger.debug("%s: index file not used, reading the pickle instead: %s: %s", path, type(e).__name__, e)
+        return None
+
+
+def _check_committed(path: Path, rank_file: Path, data: bytes) -> None:
+    """In a directory with a commit manifest, the index file must be the one it commits
+    (same size and CRC32): an index file edited or replaced after the commit is not used."""
+    from dist_restore._manifest import read_manifest
+
+    try:
+        manifest = read_manifest(rank_file.parent)
+    except Exception as e:  # noqa: BLE001 - the restore itself reports a bad manifest
+        raise IndexFileError(f"the commit manifest is unreadable ({e})") from None
+    if manifest is None:
+        return
+    info = next((r for r in manifest.ranks if r.file == rank_file.name), None)
+    if info is None or info.index_file != path.name:
+        raise IndexFileError("the commit manifest does not list it")
+    got = index_checksum(data)
+    if len(data) != info.index_size or got != info.index_checksum:
+        raise IndexFileError(f"it is not the one the commit manifest lists ({len(data)} bytes, {got}; "
+                             f"committed: {info.index_size} bytes, {info.index_checksum})")
+
+
+class FileIndex(CheckpointIndex):
+    """A rank file's index loaded from its index file: entries are made when used.
+
+    ``tree`` (every leaf as a reference) is built on first use; the plan walks the
+    ``skeleton`` instead and turns only the rows it reaches into references (:meth:`leaf`).
+    """
+
+    source = "index file"
+
+    def __init__(self, file: Path, size: int, data: bytes, fd: int, t0: float) -> None:  # noqa: PLR0915
+        if len(data) < _HEAD.size + 4:
+            raise IndexFileError("too short")
+        magic, version, hlen = _HEAD.unpack_from(data)
+        if magic != MAGIC:
+            raise IndexFileError("not an index file (bad magic)")
+        if version != FORMAT_VERSION:
+            raise IndexFileError(f"format version {version}, this dist_restore reads {FORMAT_VERSION}")
+        if crc32(memoryview(data)[:-4]) & 0xFFFFFFFF != struct.unpack_from("<I", data, len(data) - 4)[0]:
+            raise IndexFileError("its CRC32 does not match (damaged or edited)")
+        h = json.loads(data[_HEAD.size : _HEAD.size + hlen])
+        rf = h["rank_file"]
+        if rf["size"] != size:
+            raise IndexFileError(f"written for a rank file of {rf['size']} bytes, this one has {size}")
+        if h["byteorder"] != sys.byteorder:
+            raise IndexFileError(f"written on a {h['byteorder']}-endian machine")
+        if zip_tail(fd, size) != (rf["tail_offset"], rf["tail_crc32"]):
+            raise IndexFileError("written for another rank file (its zip directory differs)")
+
+        def section(name: str) -> memoryview:
+            off, n = h["sections"][name]
+            if not (isinstance(off, int) and isinstance(n, int) and _HEAD.size + hlen <= off
+                    and n >= 0 and off + n <= len(data) - 4):
+                raise IndexFileError(f"section {name!r} out of bounds")
+            return memoryview(data)[off : off + n]
+
+        self.file, self.file_size, self.format = file, size, "zip"
+        self.native_order = True
+        self._prefix = str(h["prefix"])
+        self._dtypes = [_dtype(n) for n in h["dtypes"]]
+        self._locations = [str(n) for n in h["locations"]]
+        nrows, nsto = int(h["rows"]), int(h["storages"])
+        self._rows = np.frombuffer(section("rows"), dtype=_ROW)
+        self._dims = np.frombuffer(section("dims"), dtype="<i8")
+        self._sto = np.frombuffer(section("storages"), dtype=_STORAGE)
+        skeys = bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
+        if len(self._rows) != nrows or len(self._sto) != nsto or len(skeys) != nsto:
+            raise IndexFileError(f"row or storage counts disagree with the header ({len(self._rows)}, {len(self._sto)}, {len(skeys)} for {nrows}, {nsto})")
+        self._check_columns(size)
+        skel, objects, dtensors = unpickle_refs(bytes(section("tree")), str(index_path(file)))[0]
+        if not isinstance(objects, dict) or not isinstance(dtensors, dict):
+            raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
+        self._skeleton, self._objects, self._dtensors = skel, objects, dtensors
+        self._skeys = skeys
+        self._snum = {k: i for i, k in enumerate(skeys)}
+        self._cols: tuple[list[Any], ...] | None = None
+        self._cache: list[Any] = [_MISSING] * nrows
+        self._storage_refs: list[StorageRef | None] = [None] * nsto
+        self._sto_cols: tuple[list[int], ...] | None = None
+        self._tree: Any = _MISSING
+        self._entries = None
+        self._data_offsets = {}
+        self.records = _Records(self)
+        self.seconds = time.perf_counter() - t0
+
+    def _check_columns(self, size: int) -> None:
+        r, s, nd = self._rows, self._sto, len(self._dims)
+        if len(r) and (int(r["kind"].max()) > KIND_VALUE or int(r["dtype"].max()) >= max(1, len(self._dtypes))
+                       or int(r["storage"].max()) >= len(s) or int(r["storage"].min()) < -1
+                       or int(r["dims"].min()) < 0 or int((r["dims"].astype(np.int64) + 2 * r["ndim"]).max()) > nd
+                       or int(r["offset"].min()) < 0):
+            raise IndexFileError("a row points outside the tables")
+        tensors = r["kind"] != KIND_VALUE
+        if bool((r["storage"][tensors] < 0).any()):
+            raise IndexFileError("a tensor row without a storage")
+        if len(s) and (int(s["dtype"].max()) >= len(self._dtypes) or int(s["loc"].max()) >= len(self._locations)
+                       or bool((s["header"] < 0).any()) or bool((s["data"] <= s["header"]).any())
+                       or bool((s["size"] < 0).any()) or bool((s["data"] + s["size"] > size).any())):
+            raise IndexFileError("a storage record lies outside the rank file")
+        isz = np.array([d.itemsize for d in self._dtypes], dtype=np.int64)
+        if len(s) and bool((s["numel"] * isz[s["dtype"]] != s["size"]).any()):
+            raise IndexFileError("a storage's numel disagrees with its size")
+
+    # -- what CheckpointIndex offers ---------------------------------------------------------
+
+    @property
+    def tree(self) -> Any:  # type: ignore[override]
+        """The whole tree, every tensor a reference (built on first use)."""
+        if self._tree is _MISSING:
+            self._tree = self._build(self._skeleton)
+        return self._tree
+
+    @property
+    def walkable(self) -> tuple[Any, Callable[[int], Any] | None]:
+        return self._skeleton, self.leaf
+
+    @property
+    def storages(self) -> dict[str, StorageRef]:  # type: ignore[override]
+        return {k: self._storage(i) for i, k in enumerate(self._skeys)}
+
+    def data_offset(self, storage_key: str, buf: Any = None) -> int:
+        return self.storage_columns[1][self._snum[storage_key]]
+
+    def data_offsets(self, storage_keys: list[str]) -> list[int] | None:
+        data, snum = self.storage_columns[1], self._snum
+        return [data[snum[k]] for k in storage_keys]
+
+    def entry_at(self, path: RawPath) -> Any:
+        v = self._skeleton
+        for p in path:
+            try:
+                v = v[p]
+            except (KeyError, IndexError, TypeError):
+                raise KeyError(path) from None
+        return self.leaf(v) if type(v) is int else self._build(v)
+
+    @property
+    def entries(self) -> dict[str, IndexEntry]:  # type: ignore[override]
+        if self._entries is None:
+            with paused():
+                self._entries = {e.key: e for e in self._iter_entries()}
+        return self._entries
+
+    def _iter_entries(self) -> Iterator[IndexEntry]:
+        for key, _path, row in iter_leaves(self._skeleton):
+            v = self.leaf(row)
+            yield self._entry(key, v)
+
+    def _entry(self, key: str, v: Any) -> IndexEntry:
+        if isinstance(v, DTensorRef):
+            loc = v.local
+            off = self.data_offset(loc.storage.key) + loc.storage_offset * loc.dtype.itemsize
+            return IndexEntry(key, "dtensor", v.dtype, tuple(v.size), loc.stride, loc.storage_offset, loc.nbytes,
+                              loc.storage.key, off, local_shape=tuple(loc.size), layout=v.layout)
+        if isinstance(v, TensorRef):
+            off = self.data_offset(v.storage.key) + v.storage_offset * v.dtype.itemsize
+            return IndexEntry(key, "tensor", v.dtype, v.size, v.stride, v.storage_offset, v.nbytes,
+                              v.storage.key, off)
+        return IndexEntry(key, "object", value=v)
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def leaf(self, row: int) -> Any:
+        """The reference (or value) of one leaf of the skeleton."""
+        v = self._cache[row]
+        if v is _MISSING:
+            v = self._cache[row] = self._make(row)
+        return v
+
+    def _make(self, row: int) -> Any:
+        if self._cols is None:
+            r = self._rows
+            self._cols = (r["kind"].tolist(), r["dtype"].tolist(), r["ndim"].tolist(), r["flags"].tolist(),
+                          r["storage"].tolist(), r["dims"].tolist(), r["offset"].tolist(), self._dims.tolist())
+        kind, dt, ndim, flags, sto, at, off, dims = self._cols
+        k = kind[row]
+        if k == KIND_VALUE:
+            if row not in self._objects:
+                raise IndexFileError(f"row {row} has no value")
+            return self._objects[row]
+        n, a, f = ndim[row], at[row], flags[row]
+        md = None
+        if f & (_F_CONJ | _F_NEG):
+            md = {}
+            if f & _F_CONJ:
+                md["conj"] = True
+            if f & _F_NEG:
+                md["neg"] = True
+        t = TensorRef(self._storage(sto[row]), self._dtypes[dt[row]], off[row], tuple(dims[a : a + n]),
+                      tuple(dims[a + n : a + 2 * n]), metadata=md)
+        grad, param = bool(f & _F_GRAD), bool(f & _F_PARAM)
+        if k == KIND_TENSOR:
+            t.requires_grad, t.is_parameter = grad, param
+            return t
+        size, stride, layout = self._dtensors[row]
+        d = DTensorRef(t.dtype, tuple(size), tuple(stride), grad)
+        d.is_parameter = param
+        d.local = t
+        d.__dict__["layout"] = _layout_from_tuple(layout)  # the cached_property's slot
+        return d
+
+    def _storage(self, i: int) -> StorageRef:
+        ref = self._storage_refs[i]
+        if ref is None:
+            _h, _d, _n, _c, dt, loc, numel = self.storage_columns
+            ref = self._storage_refs[i] = StorageRef(self._skeys[i], self._dtypes[dt[i]], numel[i],
+                                                     self._locations[loc[i]])
+        return ref
+
+    @property
+    def storage_columns(self) -> tuple[list[int], ...]:
+        """The storage table as lists (header, data, size, crc, dtype, location, numel)."""
+        if self._sto_cols is None:
+            s = self._sto
+            self._sto_cols = tuple(s[name].tolist() for name in _STORAGE.names)
+        return self._sto_cols
+
+    def _build(self, v: Any) -> Any:
+        if type(v) is int:
+            return self.leaf(v)
+        if isinstance(v, Mapping):
+            out = type(v)()
+            for k, c in v.items():
+                out[k] = self._build(c)
+            return out
+        if type(v) is list:
+            return [self._build(c) for c in v]
+        if type(v) is tuple:
+            return tuple(self._build(c) for c in v)
+        raise IndexFileError(f"unexpected {type(v).__name__} in the skeleton")
+
+
+class _Records(Mapping[str, ZipRecord]):
+    """``{storage key: ZipRecord}`` made on access from the storage table."""
+
+    def __init__(self, ix: FileIndex) -> None:
+        self._ix = ix
+        self._made: dict[str, ZipRecord] = {}
+
+    def __getitem__(self, key: str) -> ZipRecord:
+        rec = self._made.get(key)
+        if rec is None:
+            ix = self._ix
+            i = ix._snum[key]
+            header, _data, size, crc = ix.storage_columns[:4]
+            rec = self._made[key] = ZipRecord(f"{ix._prefix}data/{key}", header[i], size[i], crc[i])
+        return rec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ix._skeys)
+
+    def __len__(self) -> int:
+        return len(self._ix._skeys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ix._snum
+
+
+def _dtype(name: Any) -> torch.dtype:
+    d = getattr(torch, str(name), None)
+    if not isinstance(d, torch.dtype):
+        raise IndexFileError(f"unknown dtype {name!r}")
+    return d
+
+
+_TENSORISH = (torch.Tensor, StorageRef, ExoticRef)

@@ -1,0 +1,221 @@
+"""The index file (``checkpoint_{rank}.idx``) written by ``CheckpointWriter``: what it holds
+equals what the pickle says, restores through it equal ``torch.load``, and a damaged,
+edited, stale or foreign index file is never used."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from dist_restore import CheckpointReader, CheckpointWriter, RankInfo, read_index
+from dist_restore._indexfile import FileIndex, index_path
+from dist_restore._manifest import check_checkpoint, read_manifest
+from dist_restore.errors import CorruptCheckpointError
+
+
+def _state(seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(40, generator=g)
+    return {
+        "model": collections.OrderedDict([
+            ("w", torch.randn(6, 4, generator=g)),
+            ("p", torch.nn.Parameter(torch.randn(3, generator=g))),
+            ("frozen", torch.nn.Parameter(torch.randn(2, generator=g), requires_grad=False)),
+            ("bf16", torch.randn(5, generator=g).to(torch.bfloat16)),
+            ("i8", torch.randint(-5, 5, (7,), generator=g, dtype=torch.int8)),
+            ("flag", torch.tensor([True, False])),
+            ("empty", torch.empty(0, 3)),
+            ("scalar", torch.tensor(float(seed))),
+            ("grad", torch.randn(2, generator=g).requires_grad_()),
+        ]),
+        "views": {"a": base[2:12], "b": base[10:].view(5, 6)[:, ::2], "t": base[:20].view(4, 5).t()},
+        "conj": torch.randn(3, dtype=torch.complex64, generator=g).conj(),
+        "optim": {"state": {i: {"step": torch.tensor(float(i)), "exp_avg": torch.randn(4, generator=g)}
+                            for i in range(3)},
+                  "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0, 1, 2], "name": None}]},
+        "values": [1, 2.5, "s", b"bytes", None, True, torch.Size([2, 3]), torch.float16, (), [], {}],
+        "step": seed,
+    }
+
+
+def _write(d: Path, sd: dict[str, Any] | None = None, *, rank: int = 0, world: int = 1) -> Path:
+    CheckpointWriter(RankInfo(rank, world)).write(d, _state() if sd is None else sd)
+    return d
+
+
+def _same(a: Any, b: Any, where: str = "") -> None:
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), where
+        assert a.is_conj() == b.is_conj() and a.requires_grad == b.requires_grad, where
+        assert torch.equal(a.resolve_conj(), b.resolve_conj()), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_index_file_holds_what_the_pickle_says(tmp_path: Path) -> None:
+    d = _write(tmp_path)
+    f = d / "checkpoint_0.pt"
+    ix, ref = read_index(f), read_index(f, use_index_file=False)
+    assert isinstance(ix, FileIndex) and ix.source == "index file" and ref.source == "pickle"
+    assert list(ix.entries) == list(ref.entries)
+    for key, e in ref.entries.items():
+        got = ix.entries[key]
+        if e.kind == "object":
+            _same(got.value, e.value, key)
+        assert got == e, key  # dtype, shapes, strides, offsets, storage key, file offset, value
+    assert dict(ix.records) == ref.records
+    assert {k: (s.dtype, s.numel, s.location) for k, s in ix.storages.items()} == \
+        {k: (s.dtype, s.numel, s.location) for k, s in ref.storages.items()}
+    assert ix.tensor_nbytes == ref.tensor_nbytes
+
+
+def test_restores_through_the_index_equal_torch_load(tmp_path: Path) -> None:
+    d = _write(tmp_path)
+    expect = torch.load(d / "checkpoint_0.pt", weights_only=True)
+    reader = CheckpointReader(RankInfo(0, 1))
+    got = reader.read(d)[0]
+    _same(got, expect)
+    assert _ptr(got["views"]["a"]) == _ptr(got["views"]["b"]) == _ptr(got["views"]["t"])  # still tied
+    assert isinstance(got["model"]["p"], torch.nn.Parameter) and got["model"]["p"].requires_grad
+    # partial, into targets and into None leaves; missing and unexpected keys as ever
+    target = {"model": {"w": torch.zeros(6, 4), "i8": None, "nope": None},
+              "optim": {"state": {1: {"exp_avg": torch.zeros(4)}}}, "step": -1}
+    res = reader.load(d, target)
+    assert torch.equal(target["model"]["w"], expect["model"]["w"])
+    assert torch.equal(target["model"]["i8"], expect["model"]["i8"])
+    assert torch.equal(target["optim"]["state"][1]["exp_avg"], expect["optim"]["state"][1]["exp_avg"])
+    assert target["step"] == 0
+    assert res.missing_keys == ["model.nope"]
+    assert "model.p" in res.unexpected_keys and "optim.state.0" in res.unexpected_keys
+    assert res.bytes_read == 6 * 4 * 4 + 7 + 4 * 4
+    with pytest.raises(Exception, match="shape"):  # checks still hold
+        reader.load(d, {"model": {"w": torch.zeros(4, 6)}})
+
+
+def test_entries_without_a_format_get_no_index_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sd = {"dense": torch.ones(3), "sparse": torch.eye(3).to_sparse()}
+    with caplog.at_level(logging.INFO, logger="dist_restore.writer"):
+        man = _write(tmp_path, sd) and read_manifest(tmp_path)
+    assert "cannot describe" in caplog.text
+    assert not index_path(tmp_path / "checkpoint_0.pt").exists()
+    assert man is not None and man.ranks[0].index_file is None
+    got = CheckpointReader(RankInfo(0, 1)).read(tmp_path)[0]
+    assert torch.equal(got["sparse"].to_dense(), torch.eye(3)) and torch.equal(got["dense"], torch.ones(3))
+
+
+def _rewrite(idx: Path, edit: Callable[[bytearray, dict[str, Any]], None]) -> None:
+    """Edit an index file's body and give it a valid CRC32 again."""
+    data = bytearray(idx.read_bytes()[:-4])
+    hlen = struct.unpack_from("<I", data, 8)[0]
+    edit(data, json.loads(bytes(data[12 : 12 + hlen])))
+    idx.write_bytes(bytes(data) + struct.pack("<I", zlib.crc32(data)))
+
+
+def _shift_first_data_offset(data: bytearray, header: dict[str, Any]) -> None:
+    off = header["sections"]["storages"][0] + 8  # storage 0's data offset
+    struct.pack_into("<q", data, off, struct.unpack_from("<q", data, off)[0] + 4)
+
+
+def _damage(kind: str, d: Path, tmp: Path) -> None:
+    idx = d / "checkpoint_0.idx"
+    if kind == "truncated":
+        idx.write_bytes(idx.read_bytes()[:-100])
+    elif kind == "flipped byte":
+        data = bytearray(idx.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        idx.write_bytes(bytes(data))
+    elif kind == "edited, CRC fixed":
+        _rewrite(idx, _shift_first_data_offset)
+    elif kind == "from another step":  # same layout, other values: the old step's index
+        old = _write(tmp / "old", _state(5))
+        shutil.copy(old / "checkpoint_0.idx", idx)
+    elif kind == "from another world size":  # rank 1's index of a 2-rank checkpoint
+        CheckpointWriter(RankInfo(1, 2)).write(tmp / "two", _state(1))
+        shutil.copy(tmp / "two" / "checkpoint_1.idx", idx)
+    elif kind == "deleted":
+        idx.unlink()
+    elif kind == "not an index file":
+        idx.write_bytes(b"hello")
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "flipped byte", "edited, CRC fixed", "from another step",
+                                  "from another world size", "deleted", "not an index file"])
+def test_a_bad_index_file_is_never_used(tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    d = _write(tmp_path / "ckpt", _state(3))
+    _damage(kind, d, tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="dist_restore._indexfile"):
+        ix = read_index(d / "checkpoint_0.pt")
+        assert ix.source == "pickle"
+        got = CheckpointReader(RankInfo(0, 1)).read(d)[0]
+    if kind != "deleted":
+        assert "index file not used" in caplog.text
+    _same(got, torch.load(d / "checkpoint_0.pt", weights_only=True))
+    _same(got["model"]["w"], _state(3)["model"]["w"])
+
+
+def test_an_index_of_another_rank_file_is_never_used_without_a_manifest(tmp_path: Path) -> None:
+    """Without a manifest only the rank file's own directory can vouch for an index file."""
+    a, b = _write(tmp_path / "a", _state(1)), _write(tmp_path / "b", _state(2))
+    for d in (a, b):
+        (d / "dist_restore_manifest.json").unlink()
+    shutil.copy(b / "checkpoint_0.idx", a / "checkpoint_0.idx")
+    assert read_index(a / "checkpoint_0.pt").source == "pickle"
+    _same(CheckpointReader(RankInfo(0, 1)).read(a)[0]["model"]["w"], _state(1)["model"]["w"])
+    # a rank file replaced in place by one of the same size: its directory differs
+    shutil.copy(b / "checkpoint_0.pt", a / "checkpoint_0.pt")
+    shutil.copy(tmp_path / "b" / "checkpoint_0.idx", a / "checkpoint_0.idx")
+    CheckpointWriter(RankInfo(0, 1)).write(tmp_path / "c", _state(1))
+    shutil.copy(tmp_path / "c" / "checkpoint_0.idx", a / "checkpoint_0.idx")
+    assert read_index(a / "checkpoint_0.pt").source == "pickle"
+
+
+def test_an_edited_index_without_a_manifest_fails_loudly_not_silently(tmp_path: Path) -> None:
+    """Nothing vouches for an index file edited consistently (CRC fixed) in a directory
+    without a manifest; the zip's CRC32 of the bytes then catches the wrong offset."""
+    d = _write(tmp_path, _state(4))
+    (d / "dist_restore_manifest.json").unlink()
+    _rewrite(d / "checkpoint_0.idx", _shift_first_data_offset)
+    assert read_index(d / "checkpoint_0.pt").source == "index file"
+    with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch"):
+        CheckpointReader(RankInfo(0, 1)).read(d)
+
+
+def test_verify_warns_about_a_damaged_index_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = _write(tmp_path)
+    assert check_checkpoint(d, world_size=1, verify=True) is not None
+    _damage("flipped byte", d, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dist_restore._manifest"):
+        assert check_checkpoint(d, world_size=1, verify=True) is not None  # the data is intact
+    assert "index file checkpoint_0.idx is crc32:" in caplog.text
+
+
+def test_rewrite_with_unsupported_entries_removes_the_old_index_file(tmp_path: Path) -> None:
+    _write(tmp_path)
+    assert (tmp_path / "checkpoint_0.idx").exists()
+    _write(tmp_path, {"s": torch.eye(2).to_sparse()})
+    assert not (tmp_path / "checkpoint_0.idx").exists()
+    assert read_index(tmp_path / "checkpoint_0.pt").source == "pickle"
