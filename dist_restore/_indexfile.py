@@ -31,7 +31,9 @@ point into); ``rows``/``storages`` (counts); ``sections``:
 * ``dims`` — int64 sizes and strides;
 * ``storages`` — per storage record, 38 bytes: local header offset, data offset, bytes,
   CRC32, storage dtype code, location code, numel;
-* ``skeys`` — the storage keys (``data/{key}``), NUL-separated.
+* ``skeys`` — the storage keys (``data/{key}``), NUL-separated; empty when they are
+  ``"0"``, ``"1"``, ... in order (as ``torch.save`` numbers them), which the header says by
+  ``"ordinal_keys": true``.
 
 Trust: the index is used only when its own CRC32 holds, it parses, the rank file has the
 recorded size and the same directory (``tail_crc32``), and, in a directory with a commit
@@ -80,6 +82,7 @@ _ROW = np.dtype([("kind", "u1"), ("dtype", "u1"), ("ndim", "u1"), ("flags", "u1"
 _STORAGE = np.dtype([("header", "<i8"), ("data", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("dtype", "u1"),
                      ("loc", "u1"), ("numel", "<i8")])
 _MISSING = object()
+_BULK = 2048  # rows (storages) read one by one before the columns are turned into lists
 
 
 class IndexFileError(ValueError):
@@ -207,6 +210,7 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
             offsets = [index.data_offset(k, mm) for k in skeys]
     except _Unsupported:
         return None
+    ordinal = skeys == [str(i) for i in range(len(skeys))]
     storages = np.zeros(len(skeys), dtype=_STORAGE)
     for i, k in enumerate(skeys):
         rec, ref = index.records[k], index.storages[k]
@@ -217,7 +221,7 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
         "rows": np.array(rows, dtype=_ROW).tobytes() if rows else b"",
         "dims": np.array(dims, dtype="<i8").tobytes(),
         "storages": storages.tobytes(),
-        "skeys": "\x00".join(skeys).encode("utf-8"),
+        "skeys": b"" if ordinal else "\x00".join(skeys).encode("utf-8"),
     }
     prefix = next(iter(index.records.values())).name[: -len("data/" + skeys[0])] if skeys else "archive/"
     header = {
@@ -229,6 +233,7 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
         "locations": list(locations),
         "rows": len(rows),
         "storages": len(skeys),
+        "ordinal_keys": ordinal,
         "sections": {},
     }
     # the section offsets depend on the header's length, which depends on them: iterate to
@@ -373,20 +378,23 @@ class FileIndex(CheckpointIndex):
         self._rows = np.frombuffer(section("rows"), dtype=_ROW)
         self._dims = np.frombuffer(section("dims"), dtype="<i8")
         self._sto = np.frombuffer(section("storages"), dtype=_STORAGE)
-        skeys = bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
-        if len(self._rows) != nrows or len(self._sto) != nsto or len(skeys) != nsto:
-            raise IndexFileError(f"row or storage counts disagree with the header ({len(self._rows)}, {len(self._sto)}, {len(skeys)} for {nrows}, {nsto})")
+        self._ordinal = h["ordinal_keys"] is True
+        skeys = None if self._ordinal else bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
+        if len(self._rows) != nrows or len(self._sto) != nsto or (skeys is not None and len(skeys) != nsto):
+            raise IndexFileError("row or storage counts disagree with the header")
         self._check_columns(size)
         skel, objects, dtensors = unpickle_refs(bytes(section("tree")), str(index_path(file)))[0]
         if not isinstance(objects, dict) or not isinstance(dtensors, dict):
             raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
         self._skeleton, self._objects, self._dtensors = skel, objects, dtensors
-        self._skeys = skeys
-        self._snum = {k: i for i, k in enumerate(skeys)}
-        self._cols: tuple[list[Any], ...] | None = None
+        self._nsto = nsto
+        self._skeys_list = skeys
+        self._snum_dict: dict[str, int] | None = None
+        self._cols: tuple[list[Any], list[int]] | None = None
         self._cache: list[Any] = [_MISSING] * nrows
         self._storage_refs: list[StorageRef | None] = [None] * nsto
-        self._sto_cols: tuple[list[int], ...] | None = None
+        self._sto_rows: list[tuple[int, ...]] | None = None
+        self._made = self._sto_used = 0
         self._tree: Any = _MISSING
         self._entries = None
         self._data_offsets = {}
@@ -428,12 +436,33 @@ class FileIndex(CheckpointIndex):
     def storages(self) -> dict[str, StorageRef]:  # type: ignore[override]
         return {k: self._storage(i) for i, k in enumerate(self._skeys)}
 
+    @property
+    def _skeys(self) -> list[str]:
+        if self._skeys_list is None:
+            self._skeys_list = [str(i) for i in range(self._nsto)]
+        return self._skeys_list
+
+    def _snum(self, key: str) -> int:
+        """A storage key's number (``KeyError`` for keys the file lacks)."""
+        if self._snum_dict is not None:
+            return self._snum_dict[key]
+        if self._ordinal and self._sto_rows is None:
+            if type(key) is str and key.isdigit() and key == str(i := int(key)) and i < self._nsto:
+                return i
+            raise KeyError(key)
+        if self._snum_dict is None:
+            self._snum_dict = dict(zip(self._skeys, range(self._nsto)))
+        return self._snum_dict[key]
+
     def data_offset(self, storage_key: str, buf: Any = None) -> int:
-        return self.storage_columns[1][self._snum[storage_key]]
+        return self._srow(self._snum(storage_key))[1]
 
     def data_offsets(self, storage_keys: list[str]) -> list[int] | None:
-        data, snum = self.storage_columns[1], self._snum
-        return [data[snum[k]] for k in storage_keys]
+        snum = self._snum
+        if len(storage_keys) <= _BULK and self._sto_rows is None:
+            return self._sto["data"][[snum(k) for k in storage_keys]].tolist()  # type: ignore[no-any-return]
+        rows, snum_d = self._bulk_storages(), self._snum_dict
+        return [rows[snum_d[k]][1] for k in storage_keys]  # type: ignore[index]
 
     def entry_at(self, path: RawPath) -> Any:
         v = self._skeleton
@@ -478,17 +507,22 @@ class FileIndex(CheckpointIndex):
         return v
 
     def _make(self, row: int) -> Any:
-        if self._cols is None:
-            r = self._rows
-            self._cols = (r["kind"].tolist(), r["dtype"].tolist(), r["ndim"].tolist(), r["flags"].tolist(),
-                          r["storage"].tolist(), r["dims"].tolist(), r["offset"].tolist(), self._dims.tolist())
-        kind, dt, ndim, flags, sto, at, off, dims = self._cols
-        k = kind[row]
+        # a few rows: read from the arrays one by one; many: turn the columns into lists once
+        rows = self._cols
+        if rows is None:
+            self._made += 1
+            if self._made > _BULK:
+                rows = self._cols = (self._rows.tolist(), self._dims.tolist())
+        if rows is not None:
+            k, d_code, n, f, s_num, a, off = rows[0][row]
+            dims = rows[1]
+        else:
+            k, d_code, n, f, s_num, a, off = self._rows[row].tolist()
+            dims, a = self._dims[a : a + 2 * n].tolist(), 0
         if k == KIND_VALUE:
             if row not in self._objects:
                 raise IndexFileError(f"row {row} has no value")
             return self._objects[row]
-        n, a, f = ndim[row], at[row], flags[row]
         md = None
         if f & (_F_CONJ | _F_NEG):
             md = {}
@@ -496,7 +530,7 @@ class FileIndex(CheckpointIndex):
                 md["conj"] = True
             if f & _F_NEG:
                 md["neg"] = True
-        t = TensorRef(self._storage(sto[row]), self._dtypes[dt[row]], off[row], tuple(dims[a : a + n]),
+        t = TensorRef(self._storage(s_num), self._dtypes[d_code], off, tuple(dims[a : a + n]),
                       tuple(dims[a + n : a + 2 * n]), metadata=md)
         grad, param = bool(f & _F_GRAD), bool(f & _F_PARAM)
         if k == KIND_TENSOR:
@@ -512,18 +546,27 @@ class FileIndex(CheckpointIndex):
     def _storage(self, i: int) -> StorageRef:
         ref = self._storage_refs[i]
         if ref is None:
-            _h, _d, _n, _c, dt, loc, numel = self.storage_columns
-            ref = self._storage_refs[i] = StorageRef(self._skeys[i], self._dtypes[dt[i]], numel[i],
-                                                     self._locations[loc[i]])
+            _h, _d, _n, _c, dt, loc, numel = self._srow(i)
+            ref = self._storage_refs[i] = StorageRef(str(i) if self._ordinal else self._skeys[i],
+                                                     self._dtypes[dt], numel, self._locations[loc])
         return ref
 
-    @property
-    def storage_columns(self) -> tuple[list[int], ...]:
-        """The storage table as lists (header, data, size, crc, dtype, location, numel)."""
-        if self._sto_cols is None:
-            s = self._sto
-            self._sto_cols = tuple(s[name].tolist() for name in _STORAGE.names)
-        return self._sto_cols
+    def _srow(self, i: int) -> tuple[int, ...]:
+        """Storage ``i``: (header offset, data offset, size, crc, dtype, location, numel)."""
+        rows = self._sto_rows
+        if rows is None:
+            self._sto_used += 1
+            if self._sto_used <= _BULK:
+                return self._sto[i].tolist()  # type: ignore[no-any-return]
+            rows = self._bulk_storages()
+        return rows[i]
+
+    def _bulk_storages(self) -> list[tuple[int, ...]]:
+        """Many storages are wanted: the table as tuples, and the key lookup as a dict."""
+        if self._sto_rows is None:
+            self._sto_rows = self._sto.tolist()
+            self._snum_dict = dict(zip(self._skeys, range(self._nsto)))
+        return self._sto_rows
 
     def _build(self, v: Any) -> Any:
         if type(v) is int:
@@ -551,19 +594,23 @@ class _Records(Mapping[str, ZipRecord]):
         rec = self._made.get(key)
         if rec is None:
             ix = self._ix
-            i = ix._snum[key]
-            header, _data, size, crc = ix.storage_columns[:4]
-            rec = self._made[key] = ZipRecord(f"{ix._prefix}data/{key}", header[i], size[i], crc[i])
+            i = ix._snum(key)
+            header, _data, size, crc = ix._srow(i)[:4]
+            rec = self._made[key] = ZipRecord(f"{ix._prefix}data/{key}", header, size, crc)
         return rec
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ix._skeys)
 
     def __len__(self) -> int:
-        return len(self._ix._skeys)
+        return self._ix._nsto
 
     def __contains__(self, key: object) -> bool:
-        return key in self._ix._snum
+        try:
+            self._ix._snum(key)  # type: ignore[arg-type]
+        except KeyError:
+            return False
+        return True
 
 
 def _dtype(name: Any) -> torch.dtype:

@@ -178,7 +178,8 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
                     walk(tv, s[k], sub, path + (k,))
                 else:
                     missing.append(sub)
-            unexpected.extend(join_key(key, k) for k in s if k not in t)
+            # keys of a level the target names but does not ask for: often most of the file
+            unexpected.extend([f"{key}.{k}" for k in s if k not in t] if key else [str(k) for k in s if k not in t])
         elif _is_sequence(t) and not isinstance(s, torch.Size):
             if not isinstance(s, (list, tuple)):
                 mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a {type(t).__name__}"))
