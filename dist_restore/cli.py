@@ -217,6 +217,7 @@ def _rank_dict(rank: int, idx: CheckpointIndex, select: Callable[[str], bool]) -
         "file": idx.file.name,
         "file_size": idx.file_size,
         "format": idx.format,
+        "index_source": idx.source,
         "num_entries": len(idx),
         "storage_nbytes": sum(rec.size for rec in idx.records.values()),
         "entries": [_entry_dict(e) for e in entries],
@@ -267,8 +268,9 @@ def _print_inspect(doc: dict[str, Any], n_files: int, one_rank: bool) -> None:
     for rd in doc["ranks"]:
         print()
         filt = "" if len(rd["entries"]) == rd["num_entries"] else f", {len(rd['entries'])} shown"
+        via = ", indexed by its index file" if rd["index_source"] == "index file" else ""
         print(f"rank {rd['rank']}: {rd['file']} ({rd['format']}, {_human(rd['file_size'])}, "
-              f"{rd['num_entries']} entries{filt})")
+              f"{rd['num_entries']} entries{filt}{via})")
         rows = [(d["key"], d["type"] if d["kind"] == "object" else d["dtype"] or "?",
                  "" if d["shape"] is None else _shape(d["shape"]),
                  "" if d["kind"] == "object" else str(d["nbytes"]),

@@ -331,3 +331,16 @@ def test_verify_progress_only_on_a_terminal(ckpt: Path, capsys: pytest.CaptureFi
     assert "3/3 " in text
     assert text.endswith("\r") and "\n" not in text  # the line is cleared, nothing else printed
     capsys.readouterr()
+
+
+def test_inspect_says_which_ranks_were_indexed_by_an_index_file(tmp_path: Path, ckpt: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from dist_restore import CheckpointWriter, RankInfo
+
+    CheckpointWriter(RankInfo(0, 1)).write(tmp_path / "own", {"w": torch.ones(2, 3), "step": 5})
+    rc, out, _ = _run(capsys, "inspect", str(tmp_path / "own"))
+    assert rc == 0 and "2 entries, indexed by its index file)" in out
+    rc, out, _ = _run(capsys, "inspect", str(tmp_path / "own"), "--json")
+    assert json.loads(out)["ranks"][0]["index_source"] == "index file"
+    rc, out, _ = _run(capsys, "inspect", str(ckpt), "--json")  # plain torch.save files
+    assert {rd["index_source"] for rd in json.loads(out)["ranks"]} == {"pickle"}
