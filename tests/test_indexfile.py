@@ -219,3 +219,26 @@ def test_rewrite_with_unsupported_entries_removes_the_old_index_file(tmp_path: P
     _write(tmp_path, {"s": torch.eye(2).to_sparse()})
     assert not (tmp_path / "checkpoint_0.idx").exists()
     assert read_index(tmp_path / "checkpoint_0.pt").source == "pickle"
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_consolidate_through_index_files_writes_what_the_pickles_give(tmp_path: Path, fmt: str) -> None:
+    from dist_restore import consolidate
+
+    for r in range(2):
+        CheckpointWriter(RankInfo(r, 2)).write(tmp_path / "ckpt", _state(r) if fmt == "torch" else
+                                               {"w": torch.randn(3, 4), "v": torch.arange(6.0)[::2]})
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "plain")
+    for f in (tmp_path / "plain").glob("*.idx"):
+        f.unlink()
+    (tmp_path / "plain" / "dist_restore_manifest.json").unlink(missing_ok=True)
+    assert read_index(tmp_path / "ckpt" / "checkpoint_0.pt").source == "index file"
+    a = consolidate(tmp_path / "ckpt", tmp_path / f"a.{fmt}", format=fmt)
+    b = consolidate(tmp_path / "plain", tmp_path / f"b.{fmt}", format=fmt)
+    assert (a.tensors, a.tensor_bytes, a.bytes_read) == (b.tensors, b.tensor_bytes, b.bytes_read)
+    if fmt == "torch":
+        _same(torch.load(a.out, weights_only=True), torch.load(b.out, weights_only=True))
+    else:
+        from safetensors.torch import load_file
+
+        _same(load_file(a.out), load_file(b.out))
