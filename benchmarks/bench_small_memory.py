@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/bench_small_memory.py [--params 20000] [--numel 2880] [--repeats 3]``.
 
-Writes an AdamW-like state (per parameter: a 0-d ``step`` and two ``numel``-element float32
+Writes an AdamW-like state twice (torch.save, and CheckpointWriter with its index file; per parameter: a 0-d ``step`` and two ``numel``-element float32
 moments; 20,000 parameters: 60,000 tensors, ~440 MiB) to a temporary directory, then, in one
 fresh SUBPROCESS per variant and round, resets ``VmHWM`` (``/proc/self/clear_refs``), restores the
 whole file and reports the peak growth of the total RSS (file pages included) against the
@@ -42,8 +42,8 @@ def child(variant: str, d: Path) -> None:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     base = kib("VmRSS:")
-    if variant == "dist_restore":
-        sd = CheckpointReader(RankInfo(0, 1)).read(d)[0]
+    if variant.startswith("dist_restore"):
+        sd = CheckpointReader(RankInfo(0, 1)).read(d / "own" if "own" in variant else d)[0]
         tensors = [t for s in sd["state"].values() for t in s.values()]
     elif variant == "torch.load":
         sd = torch.load(d / "checkpoint_0.pt", weights_only=True)
@@ -69,7 +69,7 @@ def main() -> None:
         return child(a.child, a.dir)
     import torch
 
-    variants = ["dist_restore", "torch.load"]
+    variants = ["dist_restore", "dist_restore (own writer: index file)", "torch.load"]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         g = torch.Generator().manual_seed(0)
@@ -77,6 +77,10 @@ def main() -> None:
                      "exp_avg_sq": torch.rand(a.numel, generator=g)} for i in range(a.params)}
         torch.save({"state": state, "param_groups": [{"lr": 1e-3, "params": list(range(a.params))}]},
                    d / "checkpoint_0.pt")
+        from dist_restore import CheckpointWriter, RankInfo
+
+        CheckpointWriter(RankInfo(0, 1)).write(d / "own", {"state": state, "param_groups": [
+            {"lr": 1e-3, "params": list(range(a.params))}]})
         try:
             from safetensors.torch import save_file
 
