@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from dist_restore import read_index
+from dist_restore._regions import full_runs
+from dist_restore._reshard import dtensor_holders
 from tests_multiprocess import _workers_dtensor as w
 from tests_multiprocess.harness import run_ranks
 
@@ -75,6 +77,20 @@ def test_index_files_of_a_2d_checkpoint(saved) -> None:
         assert ix.source == "index file" and ref.source == "pickle"
         assert ix.entries == ref.entries  # layouts (placements, mesh, coordinate, groups) included
         assert any(e.kind == "dtensor" for e in ix)
+    # one index file tells every rank's region: its layouts record each mesh's rank map
+    zero = read_index(path / "checkpoint_0.pt").entries
+    others = [read_index(path / f"checkpoint_{r}.pt").entries for r in range(4)]
+    for key, e in zero.items():
+        if e.kind != "dtensor":
+            continue
+        held = {}
+        for runs, holders in dtensor_holders(e.layout, full_runs(e.shape)):
+            for file_rank, coord in holders:
+                held[file_rank] = runs
+        assert sorted(held) == [0, 1, 2, 3], key
+        for r in range(4):
+            mine = others[r][key].layout
+            assert held[r] == mine.runs_at(mine.mesh.coordinate), (key, r)
     out = run_ranks(w.restore, 2, args=(str(path), "fsdp"), timeout=180)
     _check(out)
 
