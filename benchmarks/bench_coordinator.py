@@ -1,6 +1,7 @@
 """Benchmark ``dist_restore.RestoreCoordinator`` across ranks and shared-entry modes.
 
-Run: ``python benchmarks/bench_coordinator.py [--ranks 2 4 8] [--repeats 3] [--quick] [--markdown]``.
+Run: ``python benchmarks/bench_coordinator.py [--ranks 2 4 8] [--repeats 3] [--quick] [--markdown] [--writer]``
+(``--writer``: the files as ``CheckpointWriter`` writes them, with index files and a manifest).
 
 For each world size and each of two payloads a checkpoint directory (``checkpoint_{rank}.pt``
 per rank) is written once to a temporary directory (removed at the end):
@@ -45,6 +46,7 @@ staging of the first bucket), so compare ``read + exch`` too, or ``wall``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import shutil
@@ -98,13 +100,34 @@ def payloads(quick: bool) -> list[Payload]:
     return [Payload("large", 4, big, 4, own), Payload("small", 2_000 if quick else 10_000, 64, 4, own)]
 
 
-def write_checkpoint(path: Path, world: int, p: Payload) -> None:
-    """``checkpoint_{r}.pt``: ``{"own": per-rank tensors, "shared": identical tensors, "step"}``."""
+def write_checkpoint(path: Path, world: int, p: Payload, writer: bool = False) -> None:
+    """``checkpoint_{r}.pt``: ``{"own": per-rank tensors, "shared": identical tensors, "step"}``.
+
+    ``writer``: as ``CheckpointWriter`` writes them (each rank file with its index file, and a
+    commit manifest); else plain ``torch.save`` files."""
+    from dist_restore import CheckpointWriter, RankInfo
+    from dist_restore._indexfile import index_checksum, index_path
+    from dist_restore._manifest import Manifest, RankFileInfo, file_checksum, write_manifest
+
     g = torch.Generator().manual_seed(0)
     shared = {f"t{i}": torch.randn(p.shared_elems, generator=g) for i in range(p.n_shared)}
+    infos = []
     for r in range(world):
         own = {f"w{i}": torch.full((p.own_elems,), float(r * 10 + i)) for i in range(p.n_own)}
-        torch.save({"own": own, "shared": shared, "step": 7}, path / f"checkpoint_{r}.pt")
+        sd = {"own": own, "shared": shared, "step": 7}
+        f = path / f"checkpoint_{r}.pt"
+        if not writer:
+            torch.save(sd, f)
+            continue
+        # one process writes every rank's file: each rank's writer alone, then the manifest
+        # that a coordinated CheckpointWriter.write would commit
+        logging.getLogger("dist_restore.writer").setLevel(logging.ERROR)
+        CheckpointWriter(RankInfo(r, world)).write(path, sd)
+        idx = index_path(f).read_bytes()
+        infos.append(RankFileInfo(r, f.name, f.stat().st_size, file_checksum(f), index_path(f).name, len(idx),
+                                  index_checksum(idx)))
+    if writer:
+        write_manifest(path, Manifest.create(infos))
 
 
 def _empty_like_tree(v: Any) -> Any:
@@ -253,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per mode")
     ap.add_argument("--quick", action="store_true", help="smaller payloads")
     ap.add_argument("--markdown", action="store_true", help="also print a GitHub markdown table")
+    ap.add_argument("--writer", action="store_true",
+                    help="write the checkpoints as CheckpointWriter does (index files, manifest), not torch.save")
     args = ap.parse_args(argv)
     if args.repeats < 1 or any(w < 2 for w in args.ranks):
         ap.error("--repeats must be >= 1 and every --ranks value >= 2")
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tempfile.mkdtemp(prefix="bench_coord_"))
             try:
                 t0 = time.perf_counter()
-                write_checkpoint(tmp, world, p)
+                write_checkpoint(tmp, world, p, args.writer)
                 t1 = time.perf_counter()
                 results = run_ranks(worker, world, args=(str(tmp), args.repeats, p.shared_bytes),
                                     timeout=1200, pg_timeout=300)
