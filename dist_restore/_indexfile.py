@@ -16,7 +16,8 @@ Format, version 1 (integers little-endian)::
 Header fields: ``format_version``; ``rank_file`` (``size``, ``tail_offset``, ``tail_crc32``:
 the rank file's size, where its zip central directory starts, and the CRC32 of the bytes
 from there to the end: the directory lists every record's offset, size and CRC32, ``data.pkl``
-included, so the index matches the file only if they are the same); ``prefix`` (the archive
+included, so the index matches the file only if they are the same; and ``pickle``: where
+``data.pkl``'s bytes lie and their CRC32, checked too: the index describes those bytes); ``prefix`` (the archive
 folder, ``archive/``); ``byteorder``; ``dtypes`` and ``locations`` (the tables the codes below
 point into); ``rows``/``storages`` (counts); ``sections``:
 
@@ -67,7 +68,7 @@ from dist_restore._regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
 from dist_restore._zip import _EOCD, _EOCD64, _EOCD64_LOC, _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _U32, \
-    ZipRecord
+    ZipRecord, data_offset, read_zip_records
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,9 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
         skel = skeleton(index.tree)
         with open(index.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             tail_offset, tail_crc = zip_tail(f.fileno(), index.file_size)
+            pkl = next(r for n, r in read_zip_records(mm, str(index.file)).items()
+                       if n.endswith("/data.pkl") and n.count("/") == 1)
+            pickle_at = [data_offset(mm, pkl, str(index.file)), pkl.size, pkl.crc32]
             offsets = [index.data_offset(k, mm) for k in skeys]
     except _Unsupported:
         return None
@@ -226,7 +230,8 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
     prefix = next(iter(index.records.values())).name[: -len("data/" + skeys[0])] if skeys else "archive/"
     header = {
         "format_version": FORMAT_VERSION,
-        "rank_file": {"size": index.file_size, "tail_offset": tail_offset, "tail_crc32": tail_crc},
+        "rank_file": {"size": index.file_size, "tail_offset": tail_offset, "tail_crc32": tail_crc,
+                      "pickle": pickle_at},
         "prefix": prefix,
         "byteorder": sys.byteorder,
         "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
@@ -361,6 +366,9 @@ class FileIndex(CheckpointIndex):
             raise IndexFileError(f"written on a {h['byteorder']}-endian machine")
         if zip_tail(fd, size) != (rf["tail_offset"], rf["tail_crc32"]):
             raise IndexFileError("written for another rank file (its zip directory differs)")
+        p_off, p_size, p_crc = rf["pickle"]
+        if crc32(os.pread(fd, p_size, p_off)) & 0xFFFFFFFF != p_crc:  # the pickle this index describes
+            raise IndexFileError("the rank file's data.pkl is not the one it was built from (damaged?)")
 
         def section(name: str) -> memoryview:
             off, n = h["sections"][name]

@@ -242,3 +242,17 @@ def test_consolidate_through_index_files_writes_what_the_pickles_give(tmp_path: 
         from safetensors.torch import load_file
 
         _same(load_file(a.out), load_file(b.out))
+
+
+def test_a_damaged_pickle_is_not_hidden_by_the_index_file(tmp_path: Path) -> None:
+    """The index describes ``data.pkl``'s bytes: damaged ones (the zip directory intact) make
+    the restore read the pickle, and fail on its CRC32 as it would without an index file."""
+    d = _write(tmp_path, _state(2))
+    (d / "dist_restore_manifest.json").unlink()
+    f = d / "checkpoint_0.pt"
+    data = bytearray(f.read_bytes())
+    at = data.find(b"data.pkl") + 60
+    data[at : at + 8] = b"\xff" * 8
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch in data.pkl"):
+        CheckpointReader(RankInfo(0, 1)).read(d)
