@@ -403,6 +403,7 @@ class FileIndex(CheckpointIndex):
         self._storage_refs: list[StorageRef | None] = [None] * nsto
         self._sto_rows: list[tuple[int, ...]] | None = None
         self._made = self._sto_used = 0
+        self._left = nrows
         self._tree: Any = _MISSING
         self._entries = None
         self._data_offsets = {}
@@ -512,6 +513,9 @@ class FileIndex(CheckpointIndex):
         v = self._cache[row]
         if v is _MISSING:
             v = self._cache[row] = self._make(row)
+            self._left -= 1
+            if not self._left:
+                self._cols = None  # every row is made: the lists are not needed any more
         return v
 
     def _make(self, row: int) -> Any:
@@ -519,7 +523,7 @@ class FileIndex(CheckpointIndex):
         rows = self._cols
         if rows is None:
             self._made += 1
-            if self._made > _BULK:
+            if self._made > _BULK and self._left > 1:
                 rows = self._cols = (self._rows.tolist(), self._dims.tolist())
         if rows is not None:
             k, d_code, n, f, s_num, a, off = rows[0][row]
@@ -596,16 +600,11 @@ class _Records(Mapping[str, ZipRecord]):
 
     def __init__(self, ix: FileIndex) -> None:
         self._ix = ix
-        self._made: dict[str, ZipRecord] = {}
 
     def __getitem__(self, key: str) -> ZipRecord:
-        rec = self._made.get(key)
-        if rec is None:
-            ix = self._ix
-            i = ix._snum(key)
-            header, _data, size, crc = ix._srow(i)[:4]
-            rec = self._made[key] = ZipRecord(f"{ix._prefix}data/{key}", header, size, crc)
-        return rec
+        ix = self._ix  # made anew each time: cheaper than keeping 60,000 of them
+        header, _data, size, crc = ix._srow(ix._snum(key))[:4]
+        return ZipRecord(f"{ix._prefix}data/{key}", header, size, crc)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ix._skeys)
