@@ -54,7 +54,12 @@ def test_all_ranks_write_and_commit(tmp_path: Path, world: int) -> None:
         assert on_disk.ranks[r].checksum == "crc32:%08x" % zlib.crc32(data)
         _assert_state_equal(torch.load(f, weights_only=True), w.rank_state(r, 300))
     assert len({i.size for i in on_disk.ranks}) == world  # rank files really differ
-    assert sorted(os.listdir(tmp_path)) == sorted([MANIFEST_NAME] + [f"checkpoint_{r}.pt" for r in range(world)])
+    for r in range(world):  # each rank file's index file, committed with it
+        idx = (tmp_path / f"checkpoint_{r}.idx").read_bytes()
+        assert (on_disk.ranks[r].index_file, on_disk.ranks[r].index_size) == (f"checkpoint_{r}.idx", len(idx))
+        assert on_disk.ranks[r].index_checksum == "crc32:%08x" % zlib.crc32(idx[:-4])
+    assert sorted(os.listdir(tmp_path)) == sorted([MANIFEST_NAME] + [f"checkpoint_{r}.{ext}" for r in range(world)
+                                                                     for ext in ("pt", "idx")])
     assert check_checkpoint(tmp_path, world_size=world, verify=True) == on_disk
     assert find_latest_checkpoint(root, world_size=world) == tmp_path
 
@@ -100,8 +105,10 @@ def test_killed_writers_leave_an_incomplete_directory(tmp_path: Path) -> None:
     step_200 = tmp_path / "step_200"
     assert not (step_200 / MANIFEST_NAME).exists()
     temps = sorted(n for n in os.listdir(step_200) if is_temp_file(n))
-    assert [t.split(".")[1] for t in temps] == ["checkpoint_1", "checkpoint_3", "dist_restore_manifest"], temps
-    assert os.path.getsize(step_200 / temps[1]) > 0  # the one killed before the rename wrote everything
+    # rank 3 died at the rename, after writing its rank file and its index file
+    names = [t.rsplit(".", 3)[0] for t in temps]
+    assert names == [".checkpoint_1.pt", ".checkpoint_3.idx", ".checkpoint_3.pt", f".{MANIFEST_NAME}"], temps
+    assert os.path.getsize(step_200 / temps[2]) > 0  # the one killed before the rename wrote everything
     with pytest.raises(IncompleteCheckpointError) as err:
         check_checkpoint(step_200, world_size=world)
     assert err.value.reason.startswith("incomplete checkpoint: no commit manifest; ranks 1,3 have no file; "
@@ -116,7 +123,7 @@ def test_store_barrier_without_process_group(tmp_path: Path) -> None:
     world = 2
     out = run_ranks(w.write_with_store_barrier, world, args=(str(tmp_path), 1), timeout=90,
                     init_process_group=False)
-    files = sorted([MANIFEST_NAME] + [f"checkpoint_{r}.pt" for r in range(world)])
+    files = sorted([MANIFEST_NAME] + [f"checkpoint_{r}.{ext}" for r in range(world) for ext in ("pt", "idx")])
     man_json = out[0]["manifest"]
     for o in out:
         assert o["manifest"] == man_json
