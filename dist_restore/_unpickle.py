@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+from math import prod
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -92,10 +93,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.size:
-            n *= s
-        return n
+        return prod(self.size)
 
     @property
     def nbytes(self) -> int:
@@ -103,10 +101,10 @@ class TensorRef:
 
     def element_span(self) -> tuple[int, int]:
         """``[lo, hi)`` in storage elements covering every element of the view."""
-        if self.numel == 0:
-            return self.storage_offset, self.storage_offset
-        hi = self.storage_offset + 1
         lo = self.storage_offset
+        if prod(self.size) == 0:
+            return lo, lo
+        hi = lo + 1
         for s, st in zip(self.size, self.stride):
             if st >= 0:
                 hi += (s - 1) * st
@@ -115,6 +113,9 @@ class TensorRef:
         return lo, hi
 
     def is_contiguous(self) -> bool:
+        size, stride = self.size, self.stride
+        if len(size) == 1 and len(stride) == 1:  # most tensors of a state dict: no loop
+            return size[0] == 1 or stride[0] == 1
         expected = 1
         for s, st in zip(reversed(self.size), reversed(self.stride)):
             if s != 1 and st != expected:
