@@ -193,7 +193,7 @@ class _RankFile:
         t = lf.target
         if t is None:
             return self._device(ref.storage.location, lf.key).type == "cpu"
-        return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+        return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
     def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf]) -> None:
         """:meth:`is_small_whole` records, in a tight loop: one memmove and one CRC32 each
