@@ -184,7 +184,10 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
 
     if target is not None and not isinstance(target, Mapping):
         raise TypeError(f"state_dict must be a mapping or None, got {type(target).__name__}")
-    walk(target, tree, "", ())
+    try:
+        walk(target, tree, "", ())
+    finally:
+        del walk  # a recursive closure is a reference cycle: break it, or the cyclic GC frees the lists
     return ReadPlan(tuple(leaves), tuple(missing), tuple(unexpected), tuple(mismatched), tuple(objects))
 
 
@@ -234,7 +237,10 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
             return _rebuild_tuple(t, items)
         return build(s, path)
 
-    return walk(target, tree, ())
+    try:
+        return walk(target, tree, ())
+    finally:
+        del walk, build  # recursive closures are reference cycles (see plan_read)
 
 
 _PLAIN_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)  # what the unpickler makes
