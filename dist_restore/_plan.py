@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dist_restore._dtensor import DTensorRef
 from dist_restore._index import SOURCE_TENSOR_TYPES, iter_leaves
-from dist_restore._keypath import RawPath, join_index, join_key
+from dist_restore._keypath import RawPath, join_index
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
 
 
@@ -116,9 +117,12 @@ def check_tensor(key: str, target: torch.Tensor, src: Any) -> str | None:
 
 def view_out_of_bounds(src: Any) -> str | None:
     """Why a dense tensor view cannot lie in its storage record, or ``None`` if it does."""
-    if isinstance(src, DTensorRef):
-        src = src.local
-    if not isinstance(src, TensorRef) or src.numel == 0:
+    if src.__class__ is not TensorRef:
+        if isinstance(src, DTensorRef):
+            src = src.local
+        if not isinstance(src, TensorRef):
+            return None
+    if src.numel == 0:
         return None
     lo, hi = src.element_span()
     if lo < 0 or hi * src.dtype.itemsize > src.storage.nbytes:
@@ -163,11 +167,16 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
                 mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a mapping"))
                 return
             for k, tv in t.items():
-                sub = join_key(key, k)
-                if k in s:
-                    walk(tv, s[k], sub, path + (k,))
-                else:
+                sub = f"{key}.{k}" if key else str(k)  # join_key, inlined
+                if k not in s:
                     missing.append(sub)
+                    continue
+                sv = s[k]
+                if tv.__class__ is Tensor and sv.__class__ is TensorRef and tv.dtype == sv.dtype \
+                        and tv.shape == sv.size:  # what walk() does with such a leaf, without the call
+                    leaves.append(PlannedLeaf(sub, path + (k,), sv, tv))
+                else:
+                    walk(tv, sv, sub, path + (k,))
             unexpected.extend([f"{key}.{k}" if key else str(k) for k in s if k not in t])  # join_key, inlined
         elif _is_sequence(t) and not isinstance(s, torch.Size):
             if not isinstance(s, (list, tuple)):

@@ -102,7 +102,13 @@ class TensorRef:
     def element_span(self) -> tuple[int, int]:
         """``[lo, hi)`` in storage elements covering every element of the view."""
         lo = self.storage_offset
-        if prod(self.size) == 0:
+        size, stride = self.size, self.stride
+        if len(size) == 1 and len(stride) == 1:  # most tensors of a state dict: no loop
+            n, st = size[0], stride[0]
+            if n == 0:
+                return lo, lo
+            return (lo, lo + 1 + (n - 1) * st) if st >= 0 else (lo + (n - 1) * st, lo + 1)
+        if prod(size) == 0:
             return lo, lo
         hi = lo + 1
         for s, st in zip(self.size, self.stride):
