@@ -235,7 +235,11 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any]) -> Any:
             if isinstance(t, MutableMapping):
                 for k in list(t.keys()):
                     if k in s:
-                        t[k] = walk(t[k], s[k], path + (k,))
+                        tv, sv = t[k], s[k]
+                        if tv is not None and sv.__class__ is TensorRef:  # walk()'s answer, without the call
+                            t[k] = values.get(path + (k,), tv)
+                        else:
+                            t[k] = walk(tv, sv, path + (k,))
                 return t
             return {k: (walk(v, s[k], path + (k,)) if k in s else v) for k, v in t.items()}
         if _is_sequence(t) and not isinstance(s, torch.Size):
