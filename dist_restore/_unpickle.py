@@ -16,9 +16,9 @@ from __future__ import annotations
 import collections
 import io
 import pickle
-from math import prod
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 import torch
