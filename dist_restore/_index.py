@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import operator
 import os
 import sys
 import time
@@ -304,9 +305,25 @@ def _zip_index(path: Path, mm: mmap.mmap, size: int, t0: float) -> CheckpointInd
         order = mm[off : off + bo.size].decode("ascii", "replace")
         native = order == sys.byteorder
     tree, storages = unpickle_refs(data, str(path))
-    data_prefix = prefix + "data/"
+    storage_records = _storage_records(path, records, storages, prefix + "data/")
+    if not native:
+        logger.warning("%s was written with the other byte order; reading it through torch.load", path)
+    return CheckpointIndex(path, size, "zip", tree, storage_records, storages, native,
+                           time.perf_counter() - t0)
+
+
+def _storage_records(path: Path, records: dict[str, ZipRecord], storages: dict[str, StorageRef],
+                     data_prefix: str) -> dict[str, ZipRecord]:
+    """``{storage key: its record}``, each record checked to hold the bytes the pickle says."""
+    keys = list(storages)
+    recs = list(map(records.get, [data_prefix + key for key in keys]))
+    if None not in recs:  # one pass in C when every record is there with the right size
+        refs = storages.values()
+        nbytes = list(map(operator.mul, map(_numel, refs), map(_itemsize, refs)))
+        if list(map(_size, recs)) == nbytes:
+            return dict(zip(keys, recs))
     storage_records: dict[str, ZipRecord] = {}
-    for key, ref in storages.items():
+    for key, ref in storages.items():  # the first bad record, by name
         rec = records.get(data_prefix + key)
         if rec is None:
             raise CorruptCheckpointError(f"storage record {data_prefix + key!r} is missing", file=path)
@@ -315,10 +332,12 @@ def _zip_index(path: Path, mm: mmap.mmap, size: int, t0: float) -> CheckpointInd
                 f"storage record {data_prefix + key!r} holds {rec.size} bytes, the pickle says "
                 f"{ref.nbytes} ({ref.numel} x {ref.dtype})", file=path)
         storage_records[key] = rec
-    if not native:
-        logger.warning("%s was written with the other byte order; reading it through torch.load", path)
-    return CheckpointIndex(path, size, "zip", tree, storage_records, storages, native,
-                           time.perf_counter() - t0)
+    return storage_records
+
+
+_numel = operator.attrgetter("numel")
+_itemsize = operator.attrgetter("dtype.itemsize")
+_size = operator.attrgetter("size")
 
 
 def _legacy_index(path: Path, size: int, t0: float) -> CheckpointIndex:

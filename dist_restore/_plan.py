@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dist_restore._dtensor import DTensorRef
 from dist_restore._index import SOURCE_TENSOR_TYPES, iter_leaves
-from dist_restore._keypath import RawPath, join_index, join_key
+from dist_restore._keypath import RawPath, join_index
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
 
 
@@ -116,9 +117,12 @@ def check_tensor(key: str, target: torch.Tensor, src: Any) -> str | None:
 
 def view_out_of_bounds(src: Any) -> str | None:
     """Why a dense tensor view cannot lie in its storage record, or ``None`` if it does."""
-    if isinstance(src, DTensorRef):
-        src = src.local
-    if not isinstance(src, TensorRef) or src.numel == 0:
+    if src.__class__ is not TensorRef:
+        if isinstance(src, DTensorRef):
+            src = src.local
+        if not isinstance(src, TensorRef):
+            return None
+    if src.numel == 0:
         return None
     lo, hi = src.element_span()
     if lo < 0 or hi * src.dtype.itemsize > src.storage.nbytes:
@@ -140,6 +144,7 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
     unexpected: list[str] = []
     mismatched: list[tuple[str, str]] = []
     objects: list[tuple[str, RawPath, Any]] = []
+    skeleton = leaf is not None
 
     def take_all(src: Any, key: str, path: RawPath, raw: bool) -> None:
         for k, p, v in iter_leaves(src, key, path):
@@ -159,7 +164,9 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
             take_all(s, key, path, raw)
         elif isinstance(s, SOURCE_TENSOR_TYPES):
             if isinstance(t, torch.Tensor):
-                problem = check_tensor(key, t, s)
+                # most leaves: a dense record into a tensor of its dtype and shape
+                fits = s.__class__ is TensorRef and t.dtype == s.dtype and t.shape == s.size
+                problem = None if fits else check_tensor(key, t, s)
                 if problem:
                     mismatched.append((key, problem))
                 else:
@@ -173,13 +180,19 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
                 mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a mapping"))
                 return
             for k, tv in t.items():
-                sub = join_key(key, k)
-                if k in s:
-                    walk(tv, s[k], sub, path + (k,))
-                else:
+                sub = f"{key}.{k}" if key else str(k)  # join_key, inlined
+                if k not in s:
                     missing.append(sub)
+                    continue
+                sv = s[k]
+                rv = leaf(sv) if skeleton and sv.__class__ is int else sv  # type: ignore[misc]
+                if tv.__class__ is Tensor and rv.__class__ is TensorRef and tv.dtype == rv.dtype \
+                        and tv.shape == rv.size:  # what walk() does with such a leaf, without the call
+                    leaves.append(PlannedLeaf(sub, path + (k,), rv, tv))
+                else:
+                    walk(tv, sv, sub, path + (k,))
             # keys of a level the target names but does not ask for: often most of the file
-            unexpected.extend([f"{key}.{k}" for k in s if k not in t] if key else [str(k) for k in s if k not in t])
+            unexpected.extend([f"{key}.{k}" if key else str(k) for k in s if k not in t])  # join_key, inlined
         elif _is_sequence(t) and not isinstance(s, torch.Size):
             if not isinstance(s, (list, tuple)):
                 mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a {type(t).__name__}"))
@@ -195,7 +208,10 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
 
     if target is not None and not isinstance(target, Mapping):
         raise TypeError(f"state_dict must be a mapping or None, got {type(target).__name__}")
-    walk(target, tree, "", ())
+    try:
+        walk(target, tree, "", ())
+    finally:
+        del walk  # a recursive closure is a reference cycle: break it, or the cyclic GC frees the lists
     return ReadPlan(tuple(leaves), tuple(missing), tuple(unexpected), tuple(mismatched), tuple(objects))
 
 
@@ -243,7 +259,12 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any], leaf: Callab
             if isinstance(t, MutableMapping):
                 for k in list(t.keys()):
                     if k in s:
-                        t[k] = walk(t[k], s[k], path + (k,))
+                        tv, sv = t[k], s[k]
+                        rv = leaf(sv) if raw and sv.__class__ is int else sv  # type: ignore[misc]
+                        if tv is not None and rv.__class__ is TensorRef:  # walk()'s answer, without the call
+                            t[k] = values.get(path + (k,), tv)
+                        else:
+                            t[k] = walk(tv, sv, path + (k,))
                 return t
             return {k: (walk(v, s[k], path + (k,)) if k in s else v) for k, v in t.items()}
         if _is_sequence(t) and not isinstance(s, torch.Size):
@@ -254,7 +275,10 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any], leaf: Callab
             return _rebuild_tuple(t, items)
         return build(s, path, raw)
 
-    return walk(target, tree, ())
+    try:
+        return walk(target, tree, ())
+    finally:
+        del walk, build  # recursive closures are reference cycles (see plan_read)
 
 
 _PLAIN_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)  # what the unpickler makes

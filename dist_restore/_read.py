@@ -193,7 +193,7 @@ class _RankFile:
         t = lf.target
         if t is None:
             return self._device(ref.storage.location, lf.key).type == "cpu"
-        return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+        return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
     def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf]) -> None:
         """:meth:`is_small_whole` records, in a tight loop: one memmove and one CRC32 each
@@ -206,26 +206,31 @@ class _RankFile:
         dropped = index.records[skeys[0]].header_offset  # records come in file order
         self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
         base = self.whole.data_ptr()
-        memmove, values, check = ctypes.memmove, self.values, self.check
-        with memoryview(self.mm) as mv:
-            for skey, lf, off in zip(skeys, leaves, offsets):
-                ref: TensorRef = lf.source
-                rec = index.records[skey]
-                n = rec.size
-                if check and _crc32(mv[off : off + n]) != rec.crc32:
-                    self._check_crc(None, rec, skey, lf.key)  # raises
-                t = lf.target
-                if t is None:
-                    t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
-                    values[lf.path] = finish_tensor(t, ref)
-                memmove(t.data_ptr(), base + off, n)
-                stats.bytes_read += n
-                if check:
-                    stats.bytes_verified += n
-                if off + n - dropped >= _DROP_SMALL:
-                    self._drop(dropped, off + n)
-                    dropped = off + n
-        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
+        memmove, values, check, records, crc32, drop_every = (
+            ctypes.memmove, self.values, self.check, index.records, _crc32, _DROP_SMALL)
+        read = 0  # bytes copied (and verified, with check): added to stats however the loop ends
+        try:
+            with memoryview(self.mm) as mv:
+                for skey, lf, off in zip(skeys, leaves, offsets):
+                    rec = records[skey]
+                    n = rec.size
+                    if check and crc32(mv[off : off + n]) != rec.crc32:
+                        self._check_crc(None, rec, skey, lf.key)  # raises
+                    t = lf.target
+                    if t is None:
+                        ref: TensorRef = lf.source
+                        t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+                        values[lf.path] = finish_tensor(t, ref)
+                    memmove(t.data_ptr(), base + off, n)
+                    read += n
+                    if off + n - dropped >= drop_every:
+                        self._drop(dropped, off + n)
+                        dropped = off + n
+        finally:
+            stats.bytes_read += read
+            if check:
+                stats.bytes_verified += read
+        self._drop(dropped, offsets[-1] + records[skeys[-1]].size)
 
     def _data_offsets(self, skeys: list[str]) -> list[int]:
         """Data offsets of many records: their local headers parsed at once with numpy."""

@@ -1,0 +1,120 @@
+"""The zip central directory: the vectorised parser against the record-by-record loop.
+
+Oracle: ``_records_loop`` (the reference parser). ``_records_vectorised`` must return the
+same records, in the same order, or ``None`` (then the loop runs and raises its precise
+error); it must never return records where the loop raises.
+"""
+
+from __future__ import annotations
+
+import random
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_restore import CheckpointWriter, RankInfo, _torchzip, _zip, consolidate
+from dist_restore.errors import CorruptCheckpointError
+
+
+def _directory(raw: bytes) -> tuple[bytes, int, int]:
+    """``(central directory bytes, entry count, its offset)`` of an intact zip."""
+    pos = raw.rfind(_zip._EOCD_SIG)
+    fields = _zip._EOCD.unpack_from(raw, pos)
+    n, cd_size, cd_offset = fields[4], fields[5], fields[6]
+    if n == 0xFFFF or cd_size == _zip._U32 or cd_offset == _zip._U32:
+        loc = pos - _zip._EOCD64_LOC.size
+        _, _, eocd64, _ = _zip._EOCD64_LOC.unpack_from(raw, loc)
+        f64 = _zip._EOCD64.unpack_from(raw, eocd64)
+        n, cd_size, cd_offset = f64[7], f64[8], f64[9]
+    return raw[cd_offset : cd_offset + cd_size], n, cd_offset
+
+
+def _loop(cd: bytes, n: int, cd_offset: int, size: int) -> dict[str, _zip.ZipRecord] | str:
+    def corrupt(msg: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(msg, file="f")
+
+    try:
+        return _zip._records_loop(cd, n, cd_offset, size, corrupt)
+    except CorruptCheckpointError as e:
+        return str(e)
+
+
+def _agree(cd: bytes, n: int, cd_offset: int, size: int) -> bool:
+    """True when the vectorised parser took the file (and agrees with the loop)."""
+    want = _loop(cd, n, cd_offset, size)
+    got = _zip._records_vectorised(cd, n, size)
+    if got is None:
+        return False
+    assert not isinstance(want, str), f"vectorised parser accepted what the loop refuses: {want}"
+    assert list(got.items()) == list(want.items())
+    assert all(type(r) is _zip.ZipRecord for r in got.values())
+    return True
+
+
+def _torch_file(tmp_path: Path) -> Path:
+    sd = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.tensor([1, 2], dtype=torch.int16),
+          "l": [torch.zeros(3, dtype=torch.float64) for _ in range(5)], "n": 3}
+    path = tmp_path / "plain.pt"
+    torch.save(sd, path)
+    return path
+
+
+def test_torch_save_file(tmp_path: Path) -> None:
+    raw = _torch_file(tmp_path).read_bytes()
+    cd, n, off = _directory(raw)
+    assert _agree(cd, n, off, len(raw))
+
+
+def test_zip64_fields_are_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_torchzip, "_ZIP64_AT", 1)  # every size and offset in zip64 fields
+    d = tmp_path / "ck"
+    CheckpointWriter(RankInfo(0, 1)).write(d, {"w": torch.arange(6.0), "t": [torch.ones(2, 2)], "x": 1})
+    out = tmp_path / "full.pt"
+    consolidate(d, out)
+    raw = out.read_bytes()
+    cd, n, off = _directory(raw)
+    assert b"\xff\xff\xff\xff" in cd
+    assert _agree(cd, n, off, len(raw))
+    recs = _zip.read_zip_records(raw, "f")
+    with zipfile.ZipFile(out) as z:
+        assert [(i.filename, i.header_offset, i.file_size, i.CRC) for i in z.infolist()] == \
+            [tuple(r) for r in recs.values()]
+
+
+def test_names_extras_comments_and_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "odd.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a/data.pkl", b"x")
+        info = zipfile.ZipInfo("a/\u00e9t\u00e9")
+        info.extra = b"\x99\x99\x04\x00PK\x01\x02"  # an unknown extra field holding the signature
+        info.comment = b"PK\x01\x02 in a comment"
+        z.writestr(info, b"yy")
+        z.writestr("a/data/0", b"0123")
+        with pytest.warns(UserWarning, match="Duplicate"):
+            z.writestr("a/data/0", b"45")
+    raw = path.read_bytes()
+    cd, n, off = _directory(raw)
+    want = _loop(cd, n, off, len(raw))
+    assert isinstance(want, dict) and list(want) == ["a/data.pkl", "a/\u00e9t\u00e9", "a/data/0"]
+    got = _zip._records_vectorised(cd, n, len(raw))
+    assert got is None or list(got.items()) == list(want.items())
+    assert list(_zip.read_zip_records(raw, "f").items()) == list(want.items())
+
+
+def test_every_flipped_directory_byte_agrees(tmp_path: Path) -> None:
+    raw = _torch_file(tmp_path).read_bytes()
+    cd, n, off = _directory(raw)
+    rng = random.Random(0)
+    taken = 0
+    for pos in range(len(cd)):
+        for value in (cd[pos] ^ 0xFF, rng.randrange(256), 0x50):
+            bad = bytearray(cd)
+            bad[pos] = value
+            taken += _agree(bytes(bad), n, off, len(raw))
+    for cut in range(0, len(cd), 7):  # a truncated directory, or a short entry count
+        _agree(cd[:cut], n, off, len(raw))
+        _agree(cd, max(0, n - 1 - cut % n), off, len(raw))
+        _agree(cd, n + 1 + cut, off, len(raw))
+    assert taken > len(cd)  # most flips land in fields the parser does not use
