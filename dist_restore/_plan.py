@@ -15,8 +15,9 @@ nothing in the target is touched before the whole plan has been checked.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, MutableMapping, MutableSequence
+from collections.abc import Iterable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 import torch
@@ -127,6 +128,39 @@ def view_out_of_bounds(src: Any) -> str | None:
     return None
 
 
+def first_out_of_bounds(leaves: Iterable[PlannedLeaf]) -> tuple[PlannedLeaf, str] | None:
+    """The first leaf whose source :func:`view_out_of_bounds` rejects, with why; ``None`` if all fit.
+
+    The same checks, with the common case (a dense ``TensorRef``) inline: one function call per
+    tensor is most of the cost for files of many small tensors.
+    """
+    for leaf in leaves:
+        src = leaf.source
+        if type(src) is TensorRef:
+            size = src.size
+            if len(size) == 1:
+                n, st = size[0], src.stride[0]
+                if n == 0:
+                    continue
+                lo = hi = src.storage_offset
+                if st >= 0:
+                    hi += (n - 1) * st
+                else:
+                    lo += (n - 1) * st
+            else:
+                if prod(size) == 0:
+                    continue
+                lo, hi = src.element_span()
+                hi -= 1
+            rec = src.storage
+            if lo >= 0 and (hi + 1) * src.dtype.itemsize <= rec.numel * rec.dtype.itemsize:
+                continue
+        problem = view_out_of_bounds(src)
+        if problem:
+            return leaf, problem
+    return None
+
+
 def plan_read(target: Any, tree: Any) -> ReadPlan:
     """Match ``target`` (a state dict, or ``None`` for everything) against an index tree."""
     leaves: list[PlannedLeaf] = []
@@ -160,10 +194,18 @@ def plan_read(target: Any, tree: Any) -> ReadPlan:
             if not isinstance(s, Mapping):
                 mismatched.append((key, f"checkpoint holds {_describe(s)}, target holds a mapping"))
                 return
+            dot = key + "." if key else ""
             for k, tv in t.items():
-                sub = join_key(key, k)
+                sub = dot + k if type(k) is str else join_key(key, k)
                 if k in s:
-                    walk(tv, s[k], sub, path + (k,))
+                    sv = s[k]
+                    # the common leaf inline (a state dict of tensors): a dense source that fits
+                    # its tensor target; everything else, mismatches included, goes through walk
+                    if type(sv) is TensorRef and isinstance(tv, torch.Tensor) and tv.dtype == sv.dtype \
+                            and tv.shape == sv.size:
+                        leaves.append(PlannedLeaf(sub, path + (k,), sv, tv))
+                    else:
+                        walk(tv, sv, sub, path + (k,))
                 else:
                     missing.append(sub)
             unexpected.extend(join_key(key, k) for k in s if k not in t)

@@ -41,7 +41,7 @@ import torch
 from dist_restore import _shm
 from dist_restore._gc import paused
 from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
-from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
+from dist_restore._plan import PlannedLeaf, assemble, first_out_of_bounds, plan_read
 from dist_restore._dtensor import DTensorRef
 from dist_restore._exchange import BucketIO, prepare_buckets
 from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
@@ -451,10 +451,9 @@ class RestoreCoordinator:
         if not same and read_manifest(path) is None:
             _check_saved_world(index, nfiles, world)
         plan = plan_read(state_dict, index.tree)
-        for leaf in plan.leaves:
-            problem = view_out_of_bounds(leaf.source)
-            if problem:
-                raise RuntimeError(f"{index.file}: key {leaf.key!r}: {problem}")
+        bad = first_out_of_bounds(plan.leaves)
+        if bad:
+            raise RuntimeError(f"{index.file}: key {bad[0].key!r}: {bad[1]}")
         dtensor_keys = {lf.key for lf in plan.leaves if isinstance(lf.source, DTensorRef)}
         if not same:
             for lf in plan.leaves:
