@@ -135,7 +135,10 @@ def shared_items(leaves: Iterable[Any], owner: int = -1, skip: Container[str] = 
     Equal digests on two ranks mean equal lists (``nbytes`` follows from dtype and shape), so
     ranks compare digests and send no list when they agree.
     """
-    rows = []
+    keys: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    nbytes: list[int] = []
     names = _DTYPE_NAMES
     for lf in leaves:
         ref = lf.source
@@ -143,20 +146,21 @@ def shared_items(leaves: Iterable[Any], owner: int = -1, skip: Container[str] = 
             dt, size = ref.dtype, ref.size
             if type(size) is not tuple:
                 size = tuple(size)
-            rows.append((lf.key, names.get(dt) or dtype_name(dt), size, prod(size) * dt.itemsize))
-    return _new_items(map(add, rows, repeat((owner,)))), _digest(rows)
+            keys.append(lf.key)
+            dtypes.append(names.get(dt) or dtype_name(dt))
+            shapes.append(size)
+            nbytes.append(prod(size) * dt.itemsize)
+    return _new_items(zip(keys, dtypes, shapes, nbytes, repeat(owner))), _digest(keys, dtypes, shapes)
 
 
-def _digest(rows: list[tuple[str, str, tuple[int, ...], int]]) -> str:
-    """SHA-1 of the keys, dtypes and shapes of ``rows``, each column hashed whole (lengths
-    first, so that no two lists hash the same bytes) rather than formatted row by row."""
+def _digest(keys: list[str], dtypes: list[str], shapes: list[tuple[int, ...]]) -> str:
+    """SHA-1 of the columns of a shared list, each hashed whole (lengths first, so that no two
+    lists hash the same bytes) rather than formatted row by row."""
     h = hashlib.sha1()
-    if rows:
-        keys, dtypes, shapes, _nbytes = zip(*rows)
-        h.update(array("q", (len(rows), *map(len, keys), *map(len, shapes))).tobytes())
-        h.update(array("q", chain.from_iterable(shapes)).tobytes())
-        h.update("\0".join(keys).encode("utf-8", "surrogatepass"))
-        h.update("\0".join(dtypes).encode())
+    h.update(array("q", (len(keys), *map(len, keys), *map(len, shapes))).tobytes())
+    h.update(array("q", chain.from_iterable(shapes)).tobytes())
+    h.update("\0".join(keys).encode("utf-8", "surrogatepass"))
+    h.update("\0".join(dtypes).encode())
     return h.hexdigest()
 
 
