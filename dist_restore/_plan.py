@@ -18,7 +18,7 @@ import collections
 from collections.abc import Iterable, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,9 +28,13 @@ from dist_restore._keypath import RawPath, join_index, join_key
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class PlannedLeaf:
+class PlannedLeaf(NamedTuple):
     """One tensor-like value to produce.
+
+    A named tuple rather than a frozen dataclass, as ``SharedItem``: one is made per tensor of
+    the plan, and it builds ~4x faster (a frozen dataclass's ``__init__`` was half of planning
+    10,000 small tensors). Compared and hashed by identity, as the dataclass was (``eq=False``):
+    a leaf holds tensors, whose ``==`` is elementwise.
 
     Attributes:
         key: Dotted key path.
@@ -44,6 +48,14 @@ class PlannedLeaf:
     path: RawPath
     source: Any
     target: torch.Tensor | None
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    __hash__ = object.__hash__
 
 
 @dataclass(frozen=True, slots=True)
