@@ -158,7 +158,10 @@ def _digest(keys: list[str], dtypes: list[str], shapes: list[tuple[int, ...]]) -
     lists hash the same bytes) rather than formatted row by row."""
     h = hashlib.sha1()
     h.update(array("q", (len(keys), *map(len, keys), *map(len, shapes))).tobytes())
-    h.update(array("q", chain.from_iterable(shapes)).tobytes())
+    try:
+        h.update(array("q", chain.from_iterable(shapes)).tobytes())
+    except (TypeError, OverflowError):  # a damaged file's odd sizes: left to the checks that name them
+        h.update(repr(shapes).encode())
     h.update("\0".join(keys).encode("utf-8", "surrogatepass"))
     h.update("\0".join(dtypes).encode())
     return h.hexdigest()
