@@ -149,9 +149,9 @@ def first_out_of_bounds(leaves: Iterable[PlannedLeaf]) -> tuple[PlannedLeaf, str
     for leaf in leaves:
         src = leaf.source
         if type(src) is TensorRef:
-            size = src.size
-            if len(size) == 1:
-                n, st = size[0], src.stride[0]
+            size, stride = src.size, src.stride
+            if len(size) == 1 == len(stride):
+                n, st = size[0], stride[0]
                 if n == 0:
                     continue
                 lo = hi = src.storage_offset
