@@ -300,6 +300,9 @@ def _open_for(open_index: Any, f: int, key: str) -> Any:
         raise type(e)(f"{e} (rank file {f} holds part of {key!r})") from e
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # targets that are surely not DTensors
+
+
 def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """Split planned leaves into ``(read as before, reshard)``.
 
@@ -312,7 +315,9 @@ def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     plain, reshard = [], []
     for lf in leaves:
         src, t = lf.source, lf.target
-        if is_dtensor(t):
+        if (t is None or type(t) in _PLAIN_TENSORS) and not isinstance(src, DTensorRef):
+            plain.append(lf)  # the common case, decided without a call
+        elif is_dtensor(t):
             reshard.append(lf)
         elif isinstance(src, DTensorRef):
             if t is None or tuple(t.shape) == tuple(src.local.size):

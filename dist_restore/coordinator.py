@@ -4,9 +4,11 @@ The protocol of :meth:`RestoreCoordinator.restore`, in order:
 
 1. **plan** (all ranks): index this rank's file, match the target, select the shared
    entries; nothing is read or modified. (all ranks) ``all_gather`` of each rank's
-   status, key report and shared-entry list. Any failure -> every rank raises the same
-   :class:`RestoreError`; ``strict`` and a missing/unexpected key anywhere -> likewise.
-   Every rank derives the same owners and bucket layout from the gathered lists.
+   status, key report and a digest of its shared-entry list. Any failure -> every rank
+   raises the same :class:`RestoreError`; ``strict`` and a missing/unexpected key
+   anywhere -> likewise. (src -> all) src's shared non-tensor values, if any; only where
+   the digests differ, src's list and then every rank's (to compare them). Every rank
+   derives the same owners and bucket layout from the same list.
 2. **read** (all ranks): read this rank's own entries, plus the shared ones it owns,
    straight into the targets. (all ranks) ``all_gather`` of the status.
 3. **exchange** (owner -> all): shared tensors travel in flat byte buckets per
@@ -26,7 +28,6 @@ Every collective has a timeout: a rank that died or hung makes the others raise
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -41,7 +42,7 @@ import torch
 from dist_restore import _shm
 from dist_restore._gc import paused
 from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
-from dist_restore._plan import PlannedLeaf, assemble, plan_read, view_out_of_bounds
+from dist_restore._plan import PlannedLeaf, assemble, first_out_of_bounds, plan_read
 from dist_restore._dtensor import DTensorRef
 from dist_restore._exchange import BucketIO, prepare_buckets
 from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
@@ -51,9 +52,9 @@ from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_
 from dist_restore._report import RankReport, RestoreReport, format_ranks
 from dist_restore._shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
                                   unmatched_patterns)
+from dist_restore._shared import shared_items as shared_items_of
 from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
-from dist_restore._unpickle import TensorRef
 from dist_restore.errors import RestoreError
 from dist_restore.reader import CheckpointReader
 
@@ -451,10 +452,9 @@ class RestoreCoordinator:
         if not same and read_manifest(path) is None:
             _check_saved_world(index, nfiles, world)
         plan = plan_read(state_dict, *index.walkable)
-        for leaf in plan.leaves:
-            problem = view_out_of_bounds(leaf.source)
-            if problem:
-                raise RuntimeError(f"{index.file}: key {leaf.key!r}: {problem}")
+        bad = first_out_of_bounds(plan.leaves)
+        if bad:
+            raise RuntimeError(f"{index.file}: key {bad[0].key!r}: {bad[1]}")
         dtensor_keys = {lf.key for lf in plan.leaves if isinstance(lf.source, DTensorRef)}
         if not same:
             for lf in plan.leaves:
@@ -484,28 +484,26 @@ class RestoreCoordinator:
             if own_index is not None:
                 files_opened.add(own)
         eff_mode = mode if same else "broadcast"
+        # in broadcast mode src owns every shared item: built so here, they are the canonical
+        # list as they are whenever every rank's digest agrees (_canonical_shared)
+        owner = src if eff_mode == "broadcast" else -1
         shared_items: list[SharedItem] = []
+        digest = _NO_ITEMS
         shared_objects: dict[str, Any] = {}
         unmatched: list[str] = []
         if same and mode != "local" and shared is not None:
-            chosen: list[str] = []  # every selected key, to name the patterns that select nothing
-            for lf in plain:
-                if select(lf.key):
-                    chosen.append(lf.key)
-                    if isinstance(lf.source, TensorRef) and lf.key not in dtensor_keys and index.native_order:
-                        ref = lf.source
-                        shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size),
-                                                       ref.nbytes))
+            picked = [lf for lf in plain if select(lf.key)]
+            chosen = [lf.key for lf in picked]  # every selected key, to name the patterns that select nothing
+            if index.native_order:
+                shared_items, digest = shared_items_of(picked, owner, dtensor_keys)
             for key, _p, value in objects:
                 if select(key):
                     chosen.append(key)
                     shared_objects[key] = value
             unmatched = unmatched_patterns(shared, chosen)
         elif not same and world > 1:  # every rank planned against src's file: src reads, all receive
-            for lf in plain:
-                if isinstance(lf.source, TensorRef) and index.native_order:
-                    ref = lf.source
-                    shared_items.append(SharedItem(lf.key, _dtype_name(ref.dtype), tuple(ref.size), ref.nbytes))
+            if index.native_order:
+                shared_items, digest = shared_items_of(plain, owner)
         local["index"] = index
         local["plan"] = dataclasses.replace(plan, leaves=tuple(plain), missing=tuple(missing))
         local["object_paths"] = {key: p for key, p, _v in objects}
@@ -527,9 +525,11 @@ class RestoreCoordinator:
             "ok": True,
             "report": RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched),
                                  tuple(unmatched)),
-            # the others send a digest of theirs; src's list follows by broadcast (_canonical_shared)
+            # a digest of the shared list: src's list itself travels only if some rank's differs, and
+            # src's shared values only if it has any (_canonical_shared)
             "n_shared": len(shared_items) + len(shared_objects),
-            "digest": _digest(shared_items),
+            "n_objects": len(shared_objects),
+            "digest": digest,
             "token": uuid.uuid4().hex if pg.rank == 0 else None,
             "host": _shm.host_id() if self._shm else None,
             "note": note,
@@ -577,23 +577,30 @@ class RestoreCoordinator:
 
     def _canonical_shared(self, gathered: list[dict[str, Any]], mode: str, src: int, mine: list[SharedItem],
                           my_objects: dict[str, Any]) -> tuple[list[SharedItem], dict[str, Any] | None]:
-        """The shared list every rank follows: src's (one broadcast), checked against every rank's."""
+        """The shared list every rank follows: src's, checked against every rank's.
+
+        (all ranks) When every digest agrees, every rank's list is src's: no list travels,
+        only src's shared non-tensor values (one broadcast, if it has any). Otherwise src's
+        list follows (one broadcast: it never rides in the padded all-gather), then every
+        rank's full list (one all-gather) to compare them.
+        """
         if mode == "local":
             return [], None
-        if self._pg.world_size == 1:
+        pg = self._pg
+        if pg.world_size == 1:
             return [], my_objects
+        if len({p["digest"] for p in gathered}) == 1:  # the common case: one list everywhere
+            objects = pg.broadcast_object(my_objects if pg.rank == src else None, src) \
+                if gathered[src]["n_objects"] else {}
+            if mode == "broadcast":  # mine were built owned by src (_plan)
+                return mine, objects
+            return assign_owners(mine, mode, pg.world_size, src), objects  # type: ignore[arg-type]
         if not gathered[src]["n_shared"]:
             src_list, objects = [], {}
         else:  # (src -> all) one broadcast: its list never rides in the padded all-gather
-            mine_t = ([tuple(i) for i in map(_astuple, mine)], my_objects) if self._pg.rank == src else None
-            src_list, objects = self._pg.broadcast_object(mine_t, src)
-        gathered[src]["shared"] = src_list
-        same = len({p["digest"] for p in gathered}) == 1  # the common case: one list everywhere
-        if same and mode == "broadcast":
-            return [SharedItem(*t, src) for t in gathered[src]["shared"]], objects
-        canon = [SharedItem(*t) for t in gathered[src]["shared"]]
-        if same:
-            return assign_owners(canon, mode, self._pg.world_size, src), objects
+            mine_t = ([i[:4] for i in mine], my_objects) if pg.rank == src else None
+            src_list, objects = pg.broadcast_object(mine_t, src)
+        canon = [SharedItem(*t) for t in src_list]
         # (all ranks, since all see the digests differ) gather the full lists to compare them
         try:
             lists = self._pg.all_gather_object(mine)
@@ -661,26 +668,7 @@ def _memory_file_places(read_status: list[dict[str, Any]], ios: list[BucketIO]) 
     return places
 
 
-def _astuple(i: SharedItem) -> tuple[Any, ...]:
-    return (i.key, i.dtype, i.shape, i.nbytes)  # plain tuples: no class to resolve when unpickled
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``str(dtype)``, cached: it costs ~1 us a call, and there is one per shared tensor."""
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype)
-    return name
-
-
-def _digest(items: list[SharedItem]) -> str:
-    h = hashlib.sha1()
-    for i in items:
-        h.update(f"{i.key}\0{i.dtype}\0{i.shape}\n".encode())
-    return h.hexdigest()
+_NO_ITEMS = shared_items_of([])[1]  # the digest of an empty shared list
 
 
 def _describe(e: BaseException) -> str:

@@ -16,7 +16,7 @@ from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, 
 from dist_restore._regions import LayoutError
 from dist_restore._reshard import ShardPlan, plan_shards, split_leaves
 from dist_restore._slices import read_jobs
-from dist_restore._plan import ReadPlan, assemble, plan_read, view_out_of_bounds
+from dist_restore._plan import ReadPlan, assemble, first_out_of_bounds, plan_read
 from dist_restore._read import MapLocation, ReadStats, Verify, produce
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import CheckpointError, CorruptCheckpointError, StateDictMismatchError
@@ -192,11 +192,9 @@ class CheckpointReader:
             more = f" (and {len(plan.mismatched) - 1} more mismatch(es))" if len(plan.mismatched) > 1 else ""
             raise StateDictMismatchError(msg + more, file=index.file,
                                          rank=self._rank_info.global_rank, key=key)
-        for leaf in plan.leaves:
-            problem = view_out_of_bounds(leaf.source)
-            if problem:
-                raise CorruptCheckpointError(problem, file=index.file,
-                                             rank=self._rank_info.global_rank, key=leaf.key)
+        bad = first_out_of_bounds(plan.leaves)
+        if bad:
+            raise CorruptCheckpointError(bad[1], file=index.file, rank=self._rank_info.global_rank, key=bad[0].key)
         return plan
 
     def execute(self, index: CheckpointIndex, plan: ReadPlan, state_dict: STATE_DICT | None, *,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import random
+from typing import NamedTuple
 
-from dist_restore._shared import SharedItem, assign_owners, make_buckets, make_selector
+import pytest
+import torch
+
+from dist_restore._shared import SharedItem, assign_owners, make_buckets, make_selector, shared_items
+from dist_restore._unpickle import StorageRef, TensorRef
 
 
 def test_prefix_selects_subtree_not_siblings() -> None:
@@ -96,3 +101,69 @@ def test_buckets_split_by_dtype_and_owner_and_skip_empty() -> None:
     buckets = make_buckets(items, 1 << 20)
     assert [(b.owner, b.dtype, [i.key for i in b.items]) for b in buckets] == [
         (0, "torch.float32", ["a"]), (0, "torch.int64", ["b"]), (1, "torch.float32", ["c"])]
+
+
+def _spread_reference(items: list[SharedItem], world: int) -> list[int]:
+    """The spread rule written plainly: largest first, to the least-loaded rank, ties to the lower."""
+    load = [0] * world
+    owner = {}
+    for j in sorted(range(len(items)), key=lambda j: (-items[j].nbytes, j)):
+        r = min(range(world), key=lambda q: (load[q], q))
+        owner[j] = r
+        load[r] += items[j].nbytes
+    return [owner[j] for j in range(len(items))]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_spread_matches_the_plain_rule(seed: int) -> None:
+    rng = random.Random(seed)
+    world = rng.randint(1, 9)
+    items = _items([rng.choice([0, 4, 8, 64, 4096, rng.randint(0, 10_000)]) for _ in range(rng.randint(0, 60))])
+    got = assign_owners(items, "spread", world, 0)
+    assert [i.owner for i in got] == _spread_reference(items, world)
+    assert [i[:4] for i in got] == [i[:4] for i in items]
+    assert all(type(i) is SharedItem for i in got)
+
+
+class _Leaf(NamedTuple):
+    key: str
+    source: object
+
+
+def _ref(dtype: torch.dtype, size: tuple[int, ...]) -> TensorRef:
+    n = 1
+    for s in size:
+        n *= s
+    return TensorRef(StorageRef("0", dtype, n, "cpu"), dtype, 0, size, tuple(range(len(size))))
+
+
+def test_shared_items_and_digest() -> None:
+    leaves = [_Leaf("a", _ref(torch.float32, (3, 4))), _Leaf("b", "not a tensor ref"),
+              _Leaf("c", _ref(torch.bfloat16, ())), _Leaf("d", _ref(torch.int64, (5,)))]
+    items, digest = shared_items(leaves, 2, skip={"d"})
+    assert items == [SharedItem("a", "torch.float32", (3, 4), 48, 2), SharedItem("c", "torch.bfloat16", (), 2, 2)]
+    assert all(type(i) is SharedItem for i in items)
+    assert shared_items(leaves, -1, skip={"d"})[1] == digest  # the owner is not part of it
+    assert shared_items([], 0)[1] != digest
+    others = [
+        [_Leaf("a", _ref(torch.float32, (4, 3))), _Leaf("c", _ref(torch.bfloat16, ()))],  # shape
+        [_Leaf("a", _ref(torch.float32, (3, 4))), _Leaf("c", _ref(torch.float16, ()))],  # dtype
+        [_Leaf("a", _ref(torch.float32, (3, 4))), _Leaf("e", _ref(torch.bfloat16, ()))],  # key
+        [_Leaf("c", _ref(torch.bfloat16, ())), _Leaf("a", _ref(torch.float32, (3, 4)))],  # order
+        [_Leaf("a", _ref(torch.float32, (3, 4)))],  # one fewer
+        [_Leaf("a", _ref(torch.float32, (3, 4, 1))), _Leaf("c", _ref(torch.bfloat16, ()))],  # rank of the shape
+    ]
+    assert len({digest, *(shared_items(o, 2)[1] for o in others)}) == len(others) + 1
+    # boundaries between keys, and between shapes, are part of what is hashed
+    assert shared_items([_Leaf("a\0b", _ref(torch.float32, (2,)))], 0)[1] != \
+        shared_items([_Leaf("a", _ref(torch.float32, (2,))), _Leaf("b", _ref(torch.float32, ()))], 0)[1]
+    assert shared_items([_Leaf("a", _ref(torch.float32, (2, 3))), _Leaf("b", _ref(torch.float32, ()))], 0)[1] != \
+        shared_items([_Leaf("a", _ref(torch.float32, (2,))), _Leaf("b", _ref(torch.float32, (3,)))], 0)[1]
+
+
+def test_digest_of_odd_sizes_does_not_raise() -> None:
+    """Sizes a damaged file may hold (not int64s) still hash; the read checks name them later."""
+    odd = [_Leaf("a", _ref(torch.float32, (2,))), _Leaf("b", _ref(torch.float32, (2,)))]
+    odd[1].source.size = (2**70,)
+    items, digest = shared_items(odd, 0)
+    assert len(items) == 2 and digest != shared_items(odd[:1], 0)[1]

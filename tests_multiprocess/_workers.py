@@ -245,3 +245,27 @@ def write_and_restore_with_timedeltas(rank: int, world: int, path: str) -> dict[
     res = coord.restore(path, None, shared="shared", timeout=timedelta(seconds=20))
     return {"own": res.state_dict["own"].tolist(), "shared": res.state_dict["shared"].tolist(),
             "bytes_read": res.stats.bytes_read, "timeout": coord._pg.timeout}
+
+
+def edit_rank_file(path: Path, rank: int, edit: str) -> None:
+    """Make rank ``rank``'s shared entries differ from the others': ``dtype`` (``shared.s0``
+    as float64) or ``missing`` (no ``shared.s2``)."""
+    file = path / f"checkpoint_{rank}.pt"
+    sd = torch.load(file, weights_only=True)
+    if edit == "dtype":
+        sd["shared"]["s0"] = sd["shared"]["s0"].double()
+    else:
+        del sd["shared"]["s2"]
+    torch.save(sd, file)
+
+
+def restore_whole_and_compare(rank: int, world: int, path: str, mode: str, shared_memory: bool = True
+                              ) -> dict[str, Any]:
+    """Restore everything in this rank's file (no target); the error, or the keys that differ."""
+    try:
+        res = RestoreCoordinator(timeout=60, shared_memory=shared_memory).restore(
+            path, None, shared="shared", shared_mode=mode)
+    except RestoreError as e:
+        return {"error": {"phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}}
+    return {"error": None, "bad": compare(res.state_dict, Path(path) / f"checkpoint_{rank}.pt"),
+            "bytes_read": res.stats.bytes_read}

@@ -312,3 +312,32 @@ def test_timedelta_timeouts_on_real_ranks(tmp_path: Path) -> None:
     assert [o["own"] for o in out] == [[0.0] * 4, [1.0] * 4]
     assert all(o["shared"] == list(map(float, range(6))) and o["timeout"] == 30.0 for o in out)
     assert out[0]["bytes_read"] == 16 + 24 and out[1]["bytes_read"] == 16
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["broadcast", "spread"])
+def test_shared_entry_of_another_dtype_on_one_rank_fails_every_rank(tmp_path: Path, mode: str) -> None:
+    """The ranks' shared lists differ (their digests do): they compare them and name the entry."""
+    world = 3
+    w.write_checkpoint(tmp_path, world)
+    w.edit_rank_file(tmp_path, 2, "dtype")
+    out = run_ranks(w.restore_whole_and_compare, world, args=(str(tmp_path), mode), timeout=90)
+    for o in out:
+        assert o["error"] is not None and o["error"]["phase"] == "plan" and o["error"]["ranks"] == [2], o
+        assert ("shared entry 'shared.s0' is torch.float64 (1024,) here, torch.float32 (1024,) on rank 0"
+                in o["error"]["text"])
+        assert "a shared entry must have one dtype and shape on every rank" in o["error"]["text"]
+    assert len({o["error"]["text"] for o in out}) == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["spread", "local"])
+def test_shared_entry_missing_on_one_rank(tmp_path: Path, mode: str) -> None:
+    """Rank 1's file lacks one shared entry: the others still restore theirs bit-exact (spread:
+    from the ranks that have it), and so does rank 1 the rest."""
+    world = 3
+    w.write_checkpoint(tmp_path, world)
+    w.edit_rank_file(tmp_path, 1, "missing")
+    out = run_ranks(w.restore_whole_and_compare, world, args=(str(tmp_path), mode), timeout=90)
+    for r, o in enumerate(out):
+        assert o["error"] is None and o["bad"] == [], f"rank {r}: {o}"
