@@ -401,7 +401,7 @@ class FileIndex(CheckpointIndex):
         self._cols: tuple[list[Any], list[int]] | None = None
         self._cache: list[Any] = [_MISSING] * nrows
         self._storage_refs: list[StorageRef | None] = [None] * nsto
-        self._sto_rows: list[tuple[int, ...]] | None = None
+        self._data_list: list[int] | None = None
         self._made = self._sto_used = 0
         self._left = nrows
         self._tree: Any = _MISSING
@@ -455,7 +455,7 @@ class FileIndex(CheckpointIndex):
         """A storage key's number (``KeyError`` for keys the file lacks)."""
         if self._snum_dict is not None:
             return self._snum_dict[key]
-        if self._ordinal and self._sto_rows is None:
+        if self._ordinal:
             if type(key) is str and key.isdigit() and key == str(i := int(key)) and i < self._nsto:
                 return i
             raise KeyError(key)
@@ -464,14 +464,16 @@ class FileIndex(CheckpointIndex):
         return self._snum_dict[key]
 
     def data_offset(self, storage_key: str, buf: Any = None) -> int:
+        if self._data_list is not None:
+            return self._data_list[self._snum(storage_key)]
         return self._srow(self._snum(storage_key))[1]
 
     def data_offsets(self, storage_keys: list[str]) -> list[int] | None:
         snum = self._snum
-        if len(storage_keys) <= _BULK and self._sto_rows is None:
+        if len(storage_keys) <= _BULK and self._data_list is None:
             return self._sto["data"][[snum(k) for k in storage_keys]].tolist()  # type: ignore[no-any-return]
-        rows, snum_d = self._bulk_storages(), self._snum_dict
-        return [rows[snum_d[k]][1] for k in storage_keys]  # type: ignore[index]
+        data, snum_d = self._bulk_storages(), self._snum_dict
+        return [data[snum_d[k]] for k in storage_keys]  # type: ignore[index]
 
     def entry_at(self, path: RawPath) -> Any:
         v = self._skeleton
@@ -525,6 +527,7 @@ class FileIndex(CheckpointIndex):
             self._made += 1
             if self._made > _BULK and self._left > 1:
                 rows = self._cols = (self._rows.tolist(), self._dims.tolist())
+                self._bulk_storages()
         if rows is not None:
             k, d_code, n, f, s_num, a, off = rows[0][row]
             dims = rows[1]
@@ -542,7 +545,8 @@ class FileIndex(CheckpointIndex):
                 md["conj"] = True
             if f & _F_NEG:
                 md["neg"] = True
-        t = TensorRef(self._storage(s_num), self._dtypes[d_code], off, tuple(dims[a : a + n]),
+        ref = self._storage_refs[s_num]
+        t = TensorRef(ref if ref is not None else self._storage(s_num), self._dtypes[d_code], off, tuple(dims[a : a + n]),
                       tuple(dims[a + n : a + 2 * n]), metadata=md)
         grad, param = bool(f & _F_GRAD), bool(f & _F_PARAM)
         if k == KIND_TENSOR:
@@ -558,6 +562,10 @@ class FileIndex(CheckpointIndex):
     def _storage(self, i: int) -> StorageRef:
         ref = self._storage_refs[i]
         if ref is None:
+            self._sto_used += 1
+            if self._sto_used > _BULK and self._data_list is None:
+                self._bulk_storages()
+                return self._storage_refs[i]  # type: ignore[return-value]
             _h, _d, _n, _c, dt, loc, numel = self._srow(i)
             ref = self._storage_refs[i] = StorageRef(str(i) if self._ordinal else self._skeys[i],
                                                      self._dtypes[dt], numel, self._locations[loc])
@@ -565,20 +573,24 @@ class FileIndex(CheckpointIndex):
 
     def _srow(self, i: int) -> tuple[int, ...]:
         """Storage ``i``: (header offset, data offset, size, crc, dtype, location, numel)."""
-        rows = self._sto_rows
-        if rows is None:
-            self._sto_used += 1
-            if self._sto_used <= _BULK:
-                return self._sto[i].tolist()  # type: ignore[no-any-return]
-            rows = self._bulk_storages()
-        return rows[i]
+        return self._sto[i].tolist()  # type: ignore[no-any-return]
 
-    def _bulk_storages(self) -> list[tuple[int, ...]]:
-        """Many storages are wanted: the table as tuples, and the key lookup as a dict."""
-        if self._sto_rows is None:
-            self._sto_rows = self._sto.tolist()
-            self._snum_dict = dict(zip(self._skeys, range(self._nsto)))
-        return self._sto_rows
+    def _bulk_storages(self) -> list[int]:
+        """Many storages are wanted: make them all at once, with loops that run in C (the
+        data offsets as a list, the key lookup and the records as dicts, every StorageRef)."""
+        if self._data_list is None:
+            s, keys = self._sto, self._skeys
+            self._data_list = s["data"].tolist()
+            self._snum_dict = dict(zip(keys, range(self._nsto)))
+            dtypes = np.array(self._dtypes + [None], dtype=object)
+            locs = np.array(self._locations + [None], dtype=object)
+            made = list(map(StorageRef, keys, dtypes[s["dtype"]].tolist(), s["numel"].tolist(),
+                            locs[s["loc"]].tolist()))
+            self._storage_refs = [old if old is not None else new for old, new in zip(self._storage_refs, made)]
+            names = [f"{self._prefix}data/{k}" for k in keys]
+            self.records = dict(zip(keys, map(ZipRecord, names, s["header"].tolist(), s["size"].tolist(),
+                                              s["crc"].tolist())))
+        return self._data_list
 
     def _build(self, v: Any) -> Any:
         if type(v) is int:
@@ -600,11 +612,15 @@ class _Records(Mapping[str, ZipRecord]):
 
     def __init__(self, ix: FileIndex) -> None:
         self._ix = ix
+        self._made: dict[str, ZipRecord] = {}
 
     def __getitem__(self, key: str) -> ZipRecord:
-        ix = self._ix  # made anew each time: cheaper than keeping 60,000 of them
-        header, _data, size, crc = ix._srow(ix._snum(key))[:4]
-        return ZipRecord(f"{ix._prefix}data/{key}", header, size, crc)
+        rec = self._made.get(key)
+        if rec is None:  # a few records; many: the index turns into a dict of them all
+            ix = self._ix
+            header, _data, size, crc = ix._srow(ix._snum(key))[:4]
+            rec = self._made[key] = ZipRecord(f"{ix._prefix}data/{key}", header, size, crc)
+        return rec
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ix._skeys)
