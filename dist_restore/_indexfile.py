@@ -54,6 +54,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -404,6 +405,7 @@ class FileIndex(CheckpointIndex):
         self._data_list: list[int] | None = None
         self._made = self._sto_used = 0
         self._left = nrows
+        self._all_after = max(_BULK, nrows // 8)
         self._tree: Any = _MISSING
         self._entries = None
         self._data_offsets = {}
@@ -514,17 +516,40 @@ class FileIndex(CheckpointIndex):
         """The reference (or value) of one leaf of the skeleton."""
         v = self._cache[row]
         if v is _MISSING:
+            self._made += 1
+            if self._made >= self._all_after:  # most rows are wanted: make them all at once
+                self._make_all()
+                return self._cache[row]
             v = self._cache[row] = self._make(row)
             self._left -= 1
             if not self._left:
                 self._cols = None  # every row is made: the lists are not needed any more
         return v
 
+    def _make_all(self) -> None:
+        """Every row not made yet, in one loop (a full restore: ~2x faster than one by one)."""
+        rows, dims = self._cols if self._cols is not None else (self._rows.tolist(), self._dims.tolist())
+        self._cols = (rows, dims)  # for _make, below
+        self._bulk_storages()
+        srefs, dtypes, cache = self._storage_refs, self._dtypes, self._cache
+        plain = KIND_TENSOR
+        special = _F_CONJ | _F_NEG
+        for row, (k, d, n, f, s, a, off) in enumerate(rows):
+            if cache[row] is not _MISSING:
+                continue
+            if k == plain and not f & special:
+                b = a + n
+                cache[row] = TensorRef(srefs[s], dtypes[d], off, tuple(dims[a:b]), tuple(dims[b : b + n]),  # type: ignore[arg-type]
+                                       bool(f & _F_GRAD), bool(f & _F_PARAM))
+            else:
+                cache[row] = self._make(row)
+        self._left = 0
+        self._cols = None
+
     def _make(self, row: int) -> Any:
         # a few rows: read from the arrays one by one; many: turn the columns into lists once
         rows = self._cols
         if rows is None:
-            self._made += 1
             if self._made > _BULK and self._left > 1:
                 rows = self._cols = (self._rows.tolist(), self._dims.tolist())
                 self._bulk_storages()
@@ -586,10 +611,13 @@ class FileIndex(CheckpointIndex):
             locs = np.array(self._locations + [None], dtype=object)
             made = list(map(StorageRef, keys, dtypes[s["dtype"]].tolist(), s["numel"].tolist(),
                             locs[s["loc"]].tolist()))
-            self._storage_refs = [old if old is not None else new for old, new in zip(self._storage_refs, made)]
+            if any(r is not None for r in self._storage_refs):  # keep the ones handed out already
+                made = [old if old is not None else new for old, new in zip(self._storage_refs, made)]
+            self._storage_refs = made
             names = [f"{self._prefix}data/{k}" for k in keys]
-            self.records = dict(zip(keys, map(ZipRecord, names, s["header"].tolist(), s["size"].tolist(),
-                                              s["crc"].tolist())))
+            # tuple.__new__ straight: the named tuple's own __new__ is a Python function
+            self.records = dict(zip(keys, map(tuple.__new__, repeat(ZipRecord), zip(
+                names, s["header"].tolist(), s["size"].tolist(), s["crc"].tolist()))))
         return self._data_list
 
     def _build(self, v: Any) -> Any:
