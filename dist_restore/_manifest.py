@@ -264,6 +264,17 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
             raise_with_path(e, path, "reading it for its checksum")
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``path`` and fsync it; errors name the path."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # write, flush, fsync: errors that name no file (a full disk)
+        raise_with_path(e, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one.
 
@@ -272,13 +283,10 @@ def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None) -> N
     """
     tmp = temp_path(path) if tmp is None else tmp
     try:
+        write_synced(tmp, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:  # write, flush, fsync: errors that name no file (a full disk)
+        except OSError as e:
             raise_with_path(e, tmp)
     except BaseException:
         _unlink_quietly(tmp)

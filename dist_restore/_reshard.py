@@ -329,17 +329,6 @@ def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return plain, reshard
 
 
-def entry_at(tree: Any, path: RawPath) -> Any:
-    """The value at a raw path of an index tree; ``KeyError`` when the tree lacks it."""
-    v = tree
-    for p in path:
-        try:
-            v = v[p]
-        except (KeyError, IndexError, TypeError):
-            raise KeyError(path) from None
-    return v
-
-
 @dataclass
 class ShardPlan:
     """A rank's resharding reads, checked: every file opened, every entry matched.

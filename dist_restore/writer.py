@@ -60,6 +60,7 @@ from dist_restore._manifest import (  # noqa: I001
     remove_stale_temp_files,
     temp_path,
     write_manifest,
+    write_synced,
 )
 from dist_restore._index import read_index
 from dist_restore._indexfile import build_index_file, index_checksum, index_path
@@ -224,13 +225,7 @@ class CheckpointWriter:
             return None
         tmp = temp_path(final)
         try:
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                raise_with_path(e, tmp)
+            write_synced(tmp, data)
         except BaseException:
             _unlink_quietly(tmp)
             raise
