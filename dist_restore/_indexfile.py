@@ -164,14 +164,18 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
         return c
 
     def tensor_row(kind: int, ref: TensorRef, flags: int) -> None:
-        if ref.state or ref.storage.key not in snum:
+        s = snum.get(ref.storage.key)
+        if ref.state or s is None:
             raise _Unsupported
-        md = ref.metadata or {}
-        if set(md) - {"conj", "neg"}:
-            raise _Unsupported
-        flags |= (_F_CONJ if md.get("conj") else 0) | (_F_NEG if md.get("neg") else 0)
-        rows.append((kind, code(dtypes, ref.dtype), len(ref.size), flags, snum[ref.storage.key], len(dims),
-                     ref.storage_offset))
+        md = ref.metadata
+        if md:
+            if set(md) - {"conj", "neg"}:
+                raise _Unsupported
+            flags |= (_F_CONJ if md.get("conj") else 0) | (_F_NEG if md.get("neg") else 0)
+        d = dtypes.get(ref.dtype)
+        if d is None:
+            d = dtypes[ref.dtype] = len(dtypes)
+        rows.append((kind, d, len(ref.size), flags, s, len(dims), ref.storage_offset))
         dims.extend(ref.size)
         dims.extend(ref.stride)
 
@@ -216,11 +220,11 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
     except _Unsupported:
         return None
     ordinal = skeys == [str(i) for i in range(len(skeys))]
-    storages = np.zeros(len(skeys), dtype=_STORAGE)
-    for i, k in enumerate(skeys):
-        rec, ref = index.records[k], index.storages[k]
-        storages[i] = (rec.header_offset, offsets[i], rec.size, rec.crc32, code(dtypes, ref.dtype),
-                       code(locations, ref.location), ref.numel)
+    records, refs = index.records, index.storages
+    storages = np.array([(rec.header_offset, off, rec.size, rec.crc32, code(dtypes, ref.dtype),
+                          code(locations, ref.location), ref.numel)
+                         for rec, ref, off in zip(map(records.__getitem__, skeys), map(refs.__getitem__, skeys),
+                                                  offsets)], dtype=_STORAGE).reshape(-1)
     sections = {
         "tree": pickle.dumps((skel, objects, dtensors), protocol=4),
         "rows": np.array(rows, dtype=_ROW).tobytes() if rows else b"",

@@ -256,3 +256,12 @@ def test_a_damaged_pickle_is_not_hidden_by_the_index_file(tmp_path: Path) -> Non
     f.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch in data.pkl"):
         CheckpointReader(RankInfo(0, 1)).read(d)
+
+
+@pytest.mark.parametrize("sd", [{}, {"a": 1, "b": [1, (2, None)]}, {"t": torch.ones(0), "s": torch.tensor(3)}],
+                         ids=["empty", "values only", "empty and 0-d tensors"])
+def test_small_and_empty_state_dicts(tmp_path: Path, sd: dict[str, Any]) -> None:
+    _write(tmp_path, sd)
+    assert read_index(tmp_path / "checkpoint_0.pt").source == "index file"
+    _same(CheckpointReader(RankInfo(0, 1)).read(tmp_path)[0], torch.load(tmp_path / "checkpoint_0.pt",
+                                                                         weights_only=True))
