@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dist_restore import RestoreCoordinator, RestoreError  # noqa: E402
 from dist_restore._timeout import to_seconds  # noqa: E402
 
+from _teardown import exit_now  # noqa: E402  (launch/, the script's own folder)
+
 log = logging.getLogger("dist_restore.launch")
 
 
@@ -194,16 +196,5 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _exit(code: int) -> None:
-    """Leave without the interpreter's teardown: a process group that a DeviceMesh (FSDP2,
-    DTensor targets) still references outlives ``destroy_process_group`` and would be freed
-    during finalization, where gloo's worker threads abort the process now and then
-    ("terminate called without an active exception"; pytorch/pytorch#179291)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit(main())
+    exit_now(main())

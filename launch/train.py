@@ -44,6 +44,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from dist_restore import RestoreError  # noqa: E402
 from dist_restore._timeout import to_seconds  # noqa: E402
+
+from _teardown import exit_now  # noqa: E402  (launch/, the script's own folder)
 from dist_restore.trainer import TrainingState, resume_latest, save_training_state  # noqa: E402
 
 log = logging.getLogger("dist_restore.train")
@@ -196,16 +198,5 @@ def train(args: argparse.Namespace, rank: int, world: int, distributed: bool) ->
     return 0
 
 
-def _exit(code: int) -> None:
-    """Leave without the interpreter's teardown: a process group that a DeviceMesh (FSDP2,
-    DTensor targets) still references outlives ``destroy_process_group`` and would be freed
-    during finalization, where gloo's worker threads abort the process now and then
-    ("terminate called without an active exception"; pytorch/pytorch#179291)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit(main())
+    exit_now(main())
