@@ -138,13 +138,17 @@ class CheckpointIndex:
 
     def entry_at(self, path: RawPath) -> Any:
         """The value at a raw path of the tree; ``KeyError`` when the tree lacks it."""
-        v = self.tree
+        v = self.walkable[0]
         for p in path:
             try:
                 v = v[p]
             except (KeyError, IndexError, TypeError):
                 raise KeyError(path) from None
-        return v
+        return self._resolved(v)
+
+    def _resolved(self, node: Any) -> Any:
+        """A node of :attr:`walkable`'s tree as :attr:`tree` holds it (the same here)."""
+        return node
 
     def data_offsets(self, storage_keys: list[str]) -> list[int] | None:
         """The data offsets of these records when known without reading their local

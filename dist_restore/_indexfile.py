@@ -64,7 +64,6 @@ import torch
 from dist_restore._crc import crc32
 from dist_restore._dtensor import DLayout, DTensorRef, MeshInfo
 from dist_restore._index import CheckpointIndex, IndexEntry, iter_leaves
-from dist_restore._keypath import RawPath
 from dist_restore._regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
 from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
@@ -481,14 +480,8 @@ class FileIndex(CheckpointIndex):
         data, snum_d = self._bulk_storages(), self._snum_dict
         return [data[snum_d[k]] for k in storage_keys]  # type: ignore[index]
 
-    def entry_at(self, path: RawPath) -> Any:
-        v = self._skeleton
-        for p in path:
-            try:
-                v = v[p]
-            except (KeyError, IndexError, TypeError):
-                raise KeyError(path) from None
-        return self.leaf(v) if type(v) is int else self._build(v)
+    def _resolved(self, node: Any) -> Any:
+        return self.leaf(node) if type(node) is int else self._build(node)
 
     @property
     def entries(self) -> dict[str, IndexEntry]:  # type: ignore[override]

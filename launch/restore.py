@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dist_restore import RestoreCoordinator, RestoreError  # noqa: E402
 from dist_restore._timeout import to_seconds  # noqa: E402
 
-from _teardown import exit_now  # noqa: E402  (launch/, the script's own folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch/: its shared helper, however it is loaded
+from _teardown import exit_now  # noqa: E402
 
 log = logging.getLogger("dist_restore.launch")
 
