@@ -202,7 +202,7 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
                 objects.append((k, p, v))
 
     def walk(t: Any, s: Any, key: str, path: RawPath) -> None:
-        raw = leaf is not None
+        raw = skeleton
         if raw and type(s) is int:
             s = leaf(s)  # type: ignore[misc]
             raw = False

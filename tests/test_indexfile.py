@@ -21,6 +21,8 @@ from dist_restore._indexfile import FileIndex, index_path
 from dist_restore._manifest import check_checkpoint, read_manifest
 from dist_restore.errors import CorruptCheckpointError
 
+from _util import assert_same, assert_same_ties
+
 
 def _state(seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
@@ -52,28 +54,6 @@ def _write(d: Path, sd: dict[str, Any] | None = None, *, rank: int = 0, world: i
     return d
 
 
-def _same(a: Any, b: Any, where: str = "") -> None:
-    assert type(a) is type(b), (where, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), where
-        assert a.is_conj() == b.is_conj() and a.requires_grad == b.requires_grad, where
-        assert torch.equal(a.resolve_conj(), b.resolve_conj()), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
 def test_index_file_holds_what_the_pickle_says(tmp_path: Path) -> None:
     d = _write(tmp_path)
     f = d / "checkpoint_0.pt"
@@ -83,7 +63,7 @@ def test_index_file_holds_what_the_pickle_says(tmp_path: Path) -> None:
     for key, e in ref.entries.items():
         got = ix.entries[key]
         if e.kind == "object":
-            _same(got.value, e.value, key)
+            assert_same(got.value, e.value, key)
         assert got == e, key  # dtype, shapes, strides, offsets, storage key, file offset, value
     assert dict(ix.records) == ref.records
     assert {k: (s.dtype, s.numel, s.location) for k, s in ix.storages.items()} == \
@@ -96,8 +76,8 @@ def test_restores_through_the_index_equal_torch_load(tmp_path: Path) -> None:
     expect = torch.load(d / "checkpoint_0.pt", weights_only=True)
     reader = CheckpointReader(RankInfo(0, 1))
     got = reader.read(d)[0]
-    _same(got, expect)
-    assert _ptr(got["views"]["a"]) == _ptr(got["views"]["b"]) == _ptr(got["views"]["t"])  # still tied
+    assert_same(got, expect)
+    assert_same_ties(got, expect)  # views of one storage stay views of one storage
     assert isinstance(got["model"]["p"], torch.nn.Parameter) and got["model"]["p"].requires_grad
     # partial, into targets and into None leaves; missing and unexpected keys as ever
     target = {"model": {"w": torch.zeros(6, 4), "i8": None, "nope": None},
@@ -173,8 +153,8 @@ def test_a_bad_index_file_is_never_used(tmp_path: Path, kind: str, caplog: pytes
         got = CheckpointReader(RankInfo(0, 1)).read(d)[0]
     if kind != "deleted":
         assert "index file not used" in caplog.text
-    _same(got, torch.load(d / "checkpoint_0.pt", weights_only=True))
-    _same(got["model"]["w"], _state(3)["model"]["w"])
+    assert_same(got, torch.load(d / "checkpoint_0.pt", weights_only=True))
+    assert_same(got["model"]["w"], _state(3)["model"]["w"])
 
 
 def test_an_index_of_another_rank_file_is_never_used_without_a_manifest(tmp_path: Path) -> None:
@@ -184,7 +164,7 @@ def test_an_index_of_another_rank_file_is_never_used_without_a_manifest(tmp_path
         (d / "dist_restore_manifest.json").unlink()
     shutil.copy(b / "checkpoint_0.idx", a / "checkpoint_0.idx")
     assert read_index(a / "checkpoint_0.pt").source == "pickle"
-    _same(CheckpointReader(RankInfo(0, 1)).read(a)[0]["model"]["w"], _state(1)["model"]["w"])
+    assert_same(CheckpointReader(RankInfo(0, 1)).read(a)[0]["model"]["w"], _state(1)["model"]["w"])
     # a rank file replaced in place by one of the same size: its directory differs
     shutil.copy(b / "checkpoint_0.pt", a / "checkpoint_0.pt")
     shutil.copy(tmp_path / "b" / "checkpoint_0.idx", a / "checkpoint_0.idx")
@@ -237,11 +217,11 @@ def test_consolidate_through_index_files_writes_what_the_pickles_give(tmp_path: 
     b = consolidate(tmp_path / "plain", tmp_path / f"b.{fmt}", format=fmt)
     assert (a.tensors, a.tensor_bytes, a.bytes_read) == (b.tensors, b.tensor_bytes, b.bytes_read)
     if fmt == "torch":
-        _same(torch.load(a.out, weights_only=True), torch.load(b.out, weights_only=True))
+        assert_same(torch.load(a.out, weights_only=True), torch.load(b.out, weights_only=True))
     else:
         from safetensors.torch import load_file
 
-        _same(load_file(a.out), load_file(b.out))
+        assert_same(load_file(a.out), load_file(b.out))
 
 
 def test_a_damaged_pickle_is_not_hidden_by_the_index_file(tmp_path: Path) -> None:
@@ -263,5 +243,5 @@ def test_a_damaged_pickle_is_not_hidden_by_the_index_file(tmp_path: Path) -> Non
 def test_small_and_empty_state_dicts(tmp_path: Path, sd: dict[str, Any]) -> None:
     _write(tmp_path, sd)
     assert read_index(tmp_path / "checkpoint_0.pt").source == "index file"
-    _same(CheckpointReader(RankInfo(0, 1)).read(tmp_path)[0], torch.load(tmp_path / "checkpoint_0.pt",
+    assert_same(CheckpointReader(RankInfo(0, 1)).read(tmp_path)[0], torch.load(tmp_path / "checkpoint_0.pt",
                                                                          weights_only=True))
