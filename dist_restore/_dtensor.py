@@ -247,10 +247,15 @@ def _parse_mesh(mesh: Any) -> MeshInfo:
     layout = f.get("_layout")
     groups: tuple[tuple[int, ...], ...] | None = None
     if isinstance(layout, _Stub):
-        axes = []
-        for ax in layout.fields()["axes"]:
-            af = ax.fields()
-            axes.append((af["shape"], af["stride"]))
+        lf = layout.fields()
+        if "axes" in lf:  # torch >= 2.12: a _FlatLayout per mesh dimension
+            axes = []
+            for ax in lf["axes"]:
+                af = ax.fields()
+                axes.append((af["shape"], af["stride"]))
+        else:  # torch 2.9-2.11: one CuTe layout, a (possibly nested) mode per mesh dimension
+            s, d = lf["shape"], lf["stride"]
+            axes = list(zip(s, d)) if isinstance(s, tuple) and isinstance(d, tuple) else [(s, d)]
         shape = []
         for s, _d in axes:
             n = 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.distributed._mesh_layout import _MeshLayout
+from torch.distributed._mesh_layout import _FlatLayout, _MeshLayout
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import Replicate as TReplicate
 from torch.distributed.tensor.placement_types import Shard as TShard
@@ -189,3 +189,45 @@ def test_mesh_ranks_beyond_the_files_are_named() -> None:
     with pytest.raises(R.LayoutError, match="places shards on rank 3, but the checkpoint has 3"):
         plan_job("w", ("w",), _ref(layout), torch.zeros(8), R.full_runs((8,)), home=0, own=0, nfiles=3,
                  reading=set(), spread=0)
+
+
+def _mesh_stub(layout_state: dict, rank_map: tuple[int, ...], names: tuple[str, ...], coord: list[int]):
+    from dist_restore._dtensor import STUBS
+
+    layout = STUBS["_MeshLayout"]()
+    layout.__setstate__(layout_state)
+    mesh = STUBS["DeviceMesh"]()
+    mesh.__setstate__({"_layout": layout, "_flatten_rank_map": rank_map, "_mesh_dim_names": names,
+                       "_coordinate_on_dim": coord, "_rank": 3})
+    return mesh
+
+
+def _flat_stub(shape: tuple, stride: tuple):
+    from dist_restore._dtensor import STUBS
+
+    ax = STUBS["_FlatLayout"]()
+    ax.__setstate__({"shape": shape, "stride": stride})
+    return ax
+
+
+@pytest.mark.parametrize("which", ["root", "submesh", "flattened"])
+def test_mesh_layout_of_older_torch(which: str) -> None:
+    """torch 2.9-2.11 pickle a DeviceMesh's ``_layout`` as one CuTe layout (``shape``/``stride``,
+    a mode per mesh dim; seen on a GPU machine with torch 2.11), torch 2.12+ as ``axes`` of
+    ``_FlatLayout``: both give the same mesh, groups included."""
+    from dist_restore._dtensor import _parse_mesh
+
+    rank_map = tuple(range(8))
+    old, new = {
+        "root": ({"shape": (2, 4), "stride": (4, 1)}, [((2,), (4,)), ((4,), (1,))]),
+        "submesh": ({"shape": (4,), "stride": (1,)}, [((4,), (1,))]),
+        "flattened": ({"shape": ((2, 4),), "stride": ((4, 1),)}, [((2, 4), (4, 1))]),
+    }[which]
+    got_old = _parse_mesh(_mesh_stub(old, rank_map, ("a",), [1]))
+    got_new = _parse_mesh(_mesh_stub({"axes": tuple(_flat_stub(*ax) for ax in new)}, rank_map, ("a",), [1]))
+    assert got_old == got_new
+    ref = _MeshLayout([_FlatLayout(*ax) for ax in new])
+    assert got_new.shape == ref.top_level_sizes
+    expect = {"root": [list(range(8))], "submesh": [[0, 1, 2, 3], [4, 5, 6, 7]],
+              "flattened": [list(range(8))]}[which]
+    assert [list(g) for g in got_old.groups] == expect
