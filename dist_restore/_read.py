@@ -7,7 +7,9 @@ preallocated target, or into a new storage holding the span of elements its view
 CPU targets get a ``memmove`` from the mapping (small records) or a ``preadv`` straight into
 the target in 8 MiB requests (large ones: a cold file is read in large requests, a few in
 flight on a small I/O pool, across records, each CRC'd as it lands; see
-:mod:`dist_restore._pio`); strided or non-CPU ones a ``copy_`` from a view of the mapping.
+:mod:`dist_restore._pio`). Large contiguous CUDA targets get the same reads into a few
+pinned host buffers, each sent on by an asynchronous copy to the device while the next
+requests are read. Strided or other device targets get a ``copy_`` from a view of the mapping.
 Whole storage records are checked against the zip's CRC32 before their bytes are used.
 Exotic tensors (quantized, sparse, nested, ...), legacy non-zip files and files of the
 other byte order go through ``torch.load(weights_only=True)``, with a warning.
@@ -128,6 +130,7 @@ _SMALL = 256 << 10  # below this: one memmove from the mapping; above: preadv
 _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a disk's full speed
 _DEPTH = 2  # I/O threads (= requests in flight) at least...
 _MAX_THREADS = 8  # ...and up to torch.get_num_threads() and this (warm reads are memory-bound)
+_DEVICE_DEPTH = 4  # pinned-buffer reads in flight to a CUDA device (plus 2 buffers being copied)
 _DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
 
 
@@ -168,8 +171,11 @@ class _RankFile:
             raise
         self.whole = torch.frombuffer(self.mm, dtype=torch.uint8)
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Future[int], int, _Job]] = deque()
+        self._pending: deque[tuple[Future[int], int, _Job, Any]] = deque()
         self._devices: dict[str, torch.device] = {}
+        self._slots: list[torch.Tensor] = []  # pinned staging buffers for CUDA targets
+        self._free: deque[tuple[int, Any]] = deque()  # (slot, event of its last copy)
+        self._cuda_used: set[torch.device] = set()
 
     def __enter__(self) -> _RankFile:
         return self
@@ -178,6 +184,8 @@ class _RankFile:
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # pipelined reads write into targets: let them end
         self._pending.clear()
+        for dev in self._cuda_used:  # the copies to the device are complete when we return
+            torch.cuda.synchronize(dev)
         os.close(self.fd)
 
     def is_small_whole(self, skey: str, group: list[PlannedLeaf]) -> bool:
@@ -285,6 +293,11 @@ class _RankFile:
         hi_b = max(hi for lo, hi in spans) * isz
         whole_record = self.check and hi_b > lo_b and lo_b == 0 and hi_b == rec.size
         stats.bytes_read += max(0, hi_b - lo_b)
+        if len(group) == 1 and hi_b - lo_b >= _SMALL:
+            dst = self._cuda_target(group[0], spans[0])
+            if dst is not None:
+                self._staged(dst, offset + lo_b, hi_b - lo_b, whole_record, rec, skey, group[0].key)
+                return
         if len(group) == 1:
             dst = self._direct_target(group[0], spans[0])
             if dst is not None:
@@ -329,21 +342,54 @@ class _RankFile:
         for lo in range(0, nbytes, _CHUNK):
             hi = min(nbytes, lo + _CHUNK)
             fut = self._pool.submit(read_part, self.fd, addr, file_off, lo, hi, _CHUNK, crc)  # type: ignore[union-attr]
-            self._pending.append((fut, hi - lo, job))
+            self._pending.append((fut, hi - lo, job, None))
             while len(self._pending) > workers:
                 self._settle(*self._pending.popleft())
+
+    def _staged(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool, rec: Any, skey: str,
+                key: str) -> None:
+        """Read a range into the CUDA tensor ``t``: ``_CHUNK`` requests into pinned host
+        buffers on the I/O pool (CRC'd as they land, as in :meth:`_pipelined`), each sent on
+        by an asynchronous copy on the current stream once it has landed; a buffer is reused
+        when its copy is done. Host reads, CRC32 and the transfers to the device overlap."""
+        workers = max(_DEPTH, min(torch.get_num_threads(), _MAX_THREADS))
+        self._ensure_pool(workers)
+        depth = min(workers, _DEVICE_DEPTH)
+        if not self._slots:
+            self._slots = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(depth + 2)]
+            self._free.extend((i, None) for i in range(len(self._slots)))
+        self._cuda_used.add(t.device)
+        job = _Job(crc, rec, skey, key, -(-nbytes // _CHUNK))
+        flat = t.view(-1).view(torch.uint8) if t.numel() else t
+        for lo in range(0, nbytes, _CHUNK):
+            hi = min(nbytes, lo + _CHUNK)
+            while len(self._pending) >= depth or not self._free:
+                self._settle(*self._pending.popleft())
+            slot, event = self._free.popleft()
+            if event is not None:
+                event.synchronize()  # its last copy to the device has read it
+            buf = self._slots[slot]
+            fut = self._pool.submit(read_part, self.fd, buf.data_ptr() - lo, file_off, lo, hi, _CHUNK, crc)  # type: ignore[union-attr]
+            self._pending.append((fut, hi - lo, job, (slot, flat[lo:hi])))
 
     def drain(self) -> None:
         """Wait for every pipelined read, checking their CRCs in file order."""
         while self._pending:
             self._settle(*self._pending.popleft())
 
-    def _settle(self, fut: Future[int], n: int, job: _Job) -> None:
+    def _settle(self, fut: Future[int], n: int, job: _Job, to_device: Any) -> None:
         try:
             got = fut.result()
         except EOFError as e:
             raise CorruptCheckpointError(f"file changed size while being read ({e})",
                                          file=self.index.file, key=job.key) from None
+        if to_device is not None:  # a pinned buffer has landed: send it on to the device
+            slot, dst = to_device
+            with torch.cuda.device(dst.device):
+                dst.copy_(self._slots[slot][:n], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            self._free.append((slot, event))
         job.running = got if job.first else crc32_combine(job.running, got, n)
         job.first = False
         job.left -= 1
@@ -383,6 +429,25 @@ class _RankFile:
             self.values[lf.path] = finish_tensor(t, ref)
             return t
         if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+            return None
+        return t
+
+    def _cuda_target(self, lf: PlannedLeaf, span: tuple[int, int]) -> torch.Tensor | None:
+        """The contiguous CUDA tensor a lone contiguous view's bytes can be staged into, if
+        any; allocates it for ``None`` targets mapped to a CUDA device."""
+        ref: TensorRef = lf.source
+        lo, hi = span
+        if hi - lo != ref.numel or ref.metadata or not ref.is_contiguous():
+            return None
+        t = lf.target
+        if t is None:
+            dev = self._device(ref.storage.location, lf.key)
+            if dev.type != "cuda":
+                return None
+            t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype, device=dev)
+            self.values[lf.path] = finish_tensor(t, ref)
+            return t
+        if t.device.type != "cuda" or not t.is_contiguous() or t.is_conj() or t.is_neg():
             return None
         return t
 
