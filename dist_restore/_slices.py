@@ -23,7 +23,7 @@ import torch
 from dist_restore import _iovec
 from dist_restore._crc import crc32 as _crc32
 from dist_restore._index import CheckpointIndex
-from dist_restore._read import ReadStats, _file_view, _RankFile
+from dist_restore._read import _SMALL, ReadStats, _file_view, _RankFile
 from dist_restore._regions import Box
 from dist_restore._reshard import ShardJob
 from dist_restore._unpickle import TensorRef
@@ -83,6 +83,29 @@ def _pread_exact(fd: int, addr: int, nbytes: int, offset: int) -> None:
         done += got
 
 
+def _pooled(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequence[Box], rec: Any, skey: str,
+            verify: bool) -> bool:
+    """Read a large piece that is one contiguous byte range into one contiguous target
+    slice on the file's I/O pool (CPU targets: :meth:`_RankFile._pipelined`, straight into
+    the target; CUDA targets: :meth:`_RankFile._staged`, through pinned buffers): requests in
+    flight across pieces, each CRC'd by its thread as it lands. ``False``: not such a piece."""
+    if len(boxes) != 1 or boxes[0].numel * src.element_size() < _SMALL:
+        return False
+    b = boxes[0]
+    d = job.target[_slices(b.dst_start, b.size)]
+    s = src[_slices(b.src_start, b.size)]
+    if not (s.is_contiguous() and d.is_contiguous()) or d.is_conj() or d.is_neg() or s.is_conj() or s.is_neg():
+        return False
+    if d.device.type not in ("cpu", "cuda"):
+        return False
+    nbytes = b.numel * src.element_size()
+    whole = verify and nbytes == rec.size  # a slice of a record cannot be checked
+    read = rf._pipelined if d.device.type == "cpu" else rf._staged
+    read(d, s.storage_offset() * src.element_size(), nbytes, whole, rec, skey, job.key)
+    rf.stats.bytes_read += nbytes
+    return True
+
+
 def _span_bytes(ref: TensorRef, boxes: Sequence[Box]) -> tuple[int, int]:
     """``[lo, hi)`` byte span of the record that ``boxes`` of ``ref``'s view touch."""
     lo, hi = None, 0
@@ -137,9 +160,11 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     src = _file_view(rf.whole, off, ref, lo, hi)
                     # (a record not aligned for its dtype is a copy, not the mapping: no preadv then)
                     direct = rf.fd if src.untyped_storage().data_ptr() == rf.whole.data_ptr() else None
+                    rec = index.records[ref.storage.key]
+                    if direct is not None and _pooled(rf, src, job, piece.boxes, rec, ref.storage.key, verify):
+                        continue
                     n = copy_boxes(src, job.target, piece.boxes, direct, index.file_size)
                     stats.bytes_read += n
-                    rec = index.records[ref.storage.key]
                     if verify and n and n == rec.size:  # the whole record was copied: check it
                         if _crc32(_record_bytes(rf, off, job.target, piece.boxes, n)) != rec.crc32:
                             raise CorruptCheckpointError(
@@ -153,3 +178,4 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     elif since_drop >= _DROP:  # many small ones: the whole mapping, now and then
                         rf._drop(0, index.file_size)
                         since_drop = 0
+                rf.drain()  # the pooled reads' CRCs, in file order, before the file is closed

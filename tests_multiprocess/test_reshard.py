@@ -288,3 +288,37 @@ def test_lost_last_file_without_manifest_is_not_a_smaller_world(saved, tmp_path:
     for o in out:
         assert "the saved DeviceMesh spans 4 ranks, but the checkpoint has 3 rank file(s)" in o["error"]
         assert o["untouched"]
+
+
+@pytest.mark.timeout(180)
+def test_large_pieces_by_the_io_pool(tmp_path: Path) -> None:
+    """Pieces of 256 KiB and more go by the I/O pool (requests in flight, each CRC'd by its
+    thread): grown 2 -> 4 (half a record each: not checkable) and read whole in one process
+    (whole records: CRC-checked; a flipped byte names the file and the key)."""
+    import struct
+    import zipfile
+
+    from dist_restore import CheckpointReader, RankInfo
+    from dist_restore.errors import CorruptCheckpointError
+
+    path = tmp_path / "big"
+    run_ranks(w.save_big, 2, args=(str(path),), timeout=120)
+    out = run_ranks(w.restore_big, 4, args=(str(path),), timeout=150)
+    piece = w.BIG[0] // 4 * w.BIG[1] * 4
+    assert [o["ok"] for o in out] == [True] * 4
+    assert [o["bytes_read"] for o in out] == [piece] * 4 and all(o["files_opened"] <= 2 for o in out)
+    full = w._big_full()
+    res = CheckpointReader(RankInfo(0, 2)).load(path, {"w": torch.zeros(*w.BIG)})
+    assert torch.equal(res.state_dict["w"], full)
+    assert res.bytes_read == res.bytes_verified == full.nbytes
+    f = path / "checkpoint_1.pt"
+    with zipfile.ZipFile(f) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(f.read_bytes())
+    h = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[h + 26:h + 30])
+    data[h + 30 + name_len + extra_len + 300_000] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch") as e:
+        CheckpointReader(RankInfo(0, 2)).load(path, {"w": torch.zeros(*w.BIG)})
+    assert "checkpoint_1.pt" in str(e.value) and e.value.key == "w"
