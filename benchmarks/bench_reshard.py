@@ -164,8 +164,11 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         return 0
 
     def run_naive() -> int:
-        loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu")
-                  for f in plan_files}
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        with torch.serialization.safe_globals([_StridedShard]):  # torch < 2.12 does not allow it
+            loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu")
+                      for f in plan_files}
         nbytes = sum(os.path.getsize(ours / f"checkpoint_{f}.pt") for f in plan_files)
         with torch.no_grad():
             for job in naive_jobs:

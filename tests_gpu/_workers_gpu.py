@@ -113,14 +113,16 @@ def restore_fsdp_one_rank(rank: int, world: int, path: str) -> dict[str, Any]:
     opt.step()
     opt.zero_grad()
     sd = _state(m, opt)
+    # where each target lives (AdamW keeps its ``step`` tensors on the CPU): restored in place
+    where = {k: v.device for k, v in _flat(sd).items() if isinstance(v, torch.Tensor)}
     res = RestoreCoordinator(timeout=60).restore(path, sd)
     bad = []
     for k, v in _flat(res.state_dict).items():
         if not isinstance(v, torch.Tensor) or k.startswith("extra.rank_value"):
             continue
         f = _full(v)
-        if f.device.type != dev.type:
-            bad.append(f"{k}: on {f.device}")
+        if v.device != where.get(k, v.device) or (k.startswith("model.") and f.device.type != dev.type):
+            bad.append(f"{k}: on {v.device}")
         elif k not in full or f.shape != full[k].shape or _bytes(f) != _bytes(full[k]):
             bad.append(f"{k}: differs")
     for k, p in m.named_parameters():
