@@ -372,6 +372,16 @@ class _RankFile:
             fut = self._pool.submit(read_part, self.fd, buf.data_ptr() - lo, file_off, lo, hi, _CHUNK, crc)  # type: ignore[union-attr]
             self._pending.append((fut, hi - lo, job, (slot, flat[lo:hi])))
 
+    def submit(self, fn: Any, *args: Any, nbytes: int, key: str) -> None:
+        """Run ``fn(*args)`` (a read that checks no CRC) on the I/O pool, in flight with the
+        other requests; its errors surface, in file order, where the pool's reads settle."""
+        workers = max(_DEPTH, min(torch.get_num_threads(), _MAX_THREADS))
+        self._ensure_pool(workers)
+        fut = self._pool.submit(_no_crc, fn, *args)  # type: ignore[union-attr]
+        self._pending.append((fut, nbytes, _Job(False, None, "", key, 1), None))
+        while len(self._pending) > workers:
+            self._settle(*self._pending.popleft())
+
     def drain(self) -> None:
         """Wait for every pipelined read, checking their CRCs in file order."""
         while self._pending:
@@ -469,6 +479,11 @@ class _RankFile:
         last = hi // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _no_crc(fn: Any, *args: Any) -> int:
+    fn(*args)
+    return 0
 
 
 def _file_view(whole: torch.Tensor, data_offset: int, ref: TensorRef, lo: int, hi: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from dist_restore import _iovec
 from dist_restore._crc import crc32 as _crc32
 from dist_restore._index import CheckpointIndex
-from dist_restore._read import _SMALL, ReadStats, _file_view, _RankFile
+from dist_restore._read import _CHUNK, _SMALL, ReadStats, _file_view, _RankFile
 from dist_restore._regions import Box
 from dist_restore._reshard import ShardJob
 from dist_restore._unpickle import TensorRef
@@ -41,14 +42,16 @@ def _slices(start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 def copy_boxes(src: torch.Tensor, dst: torch.Tensor, boxes: Sequence[Box], fd: int | None = None,
-               file_size: int = 0) -> int:
+               file_size: int = 0, submit: Any = None) -> int:
     """``dst[box] = src[box]`` for every box; returns the bytes copied.
 
     With ``fd`` (the ``file_size``-byte file ``src`` maps, from offset 0) and a plain CPU
     target, a box whose source bytes are one contiguous range of the file is read by
     ``preadv`` straight into the target: into one buffer when the target slice is contiguous
     too, else into each of its rows (a column slice of a row-major target: one iovec per
-    row). No page faults on the mapping, which only the ``copy_`` fallback touches."""
+    row). No page faults on the mapping, which only the ``copy_`` fallback touches. With
+    ``submit`` (``submit(fn, *args, nbytes=)``: run a read on an I/O pool), the rows of a large
+    box go there in groups of about ``_CHUNK`` bytes, in flight together."""
     n = 0
     isz = src.element_size()
     for b in boxes:
@@ -65,8 +68,16 @@ def copy_boxes(src: torch.Tensor, dst: torch.Tensor, boxes: Sequence[Box], fd: i
             lead = d.shape[:-1]
             steps = np.asarray(d.stride()[:-1], dtype=np.int64) * isz
             starts = np.indices(lead, dtype=np.int64).reshape(len(lead), -1).T @ steps + d.data_ptr()
-            iov = _iovec.iovecs(starts.tolist(), [d.shape[-1] * isz] * len(starts))
-            _iovec.vectored(fd, 0, iov, s.storage_offset() * isz, file_size)
+            row = d.shape[-1] * isz
+            iov = _iovec.iovecs(starts.tolist(), [row] * len(starts))
+            if submit is not None and nbytes >= _SMALL:
+                per = max(1, _CHUNK // row)  # rows per request
+                for i in range(0, len(iov), per):
+                    part = iov[i:i + per]
+                    submit(_iovec.vectored, fd, 0, part, s.storage_offset() * isz + i * row, file_size,
+                           nbytes=len(part) * row)
+            else:
+                _iovec.vectored(fd, 0, iov, s.storage_offset() * isz, file_size)
         else:
             d.copy_(s)
         n += nbytes
@@ -163,7 +174,8 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     rec = index.records[ref.storage.key]
                     if direct is not None and _pooled(rf, src, job, piece.boxes, rec, ref.storage.key, verify):
                         continue
-                    n = copy_boxes(src, job.target, piece.boxes, direct, index.file_size)
+                    n = copy_boxes(src, job.target, piece.boxes, direct, index.file_size,
+                                   submit=partial(rf.submit, key=job.key))
                     stats.bytes_read += n
                     if verify and n and n == rec.size:  # the whole record was copied: check it
                         if _crc32(_record_bytes(rf, off, job.target, piece.boxes, n)) != rec.crc32:

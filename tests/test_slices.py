@@ -73,3 +73,35 @@ def test_dtypes_by_preadv(tmp_path: Path, dtype: torch.dtype) -> None:
         assert torch.equal(dst[3:67, 5:75], src)
     finally:
         os.close(fd)
+
+
+def test_large_row_slices_go_to_the_pool_in_groups(tmp_path: Path) -> None:
+    """A column slice of a row-major target, 1 MiB in all: its rows go to ``submit`` in groups
+    of about ``_CHUNK`` bytes (made 64 KiB here: 16 rows of 4 KiB), and every byte lands where
+    slicing puts it."""
+    import dist_restore._slices as S
+
+    src = torch.arange(256 * 1024, dtype=torch.float32).reshape(256, 1024)
+    fd, view = _mapped(tmp_path / "s.bin", src)
+    calls = []
+
+    def submit(fn, *args, nbytes):
+        calls.append(nbytes)
+        fn(*args)
+
+    try:
+        dst = torch.zeros(256, 3000)
+        old = S._CHUNK
+        S._CHUNK = 64 << 10  # 16 rows of 4 KiB per request
+        try:
+            n = copy_boxes(view, dst, [Box((0, 0), (0, 7), (256, 1024))], fd, src.nbytes, submit=submit)
+        finally:
+            S._CHUNK = old
+        assert n == src.nbytes and torch.equal(dst[:, 7:1031], src)
+        assert calls == [16 * 4096] * 16
+        small = torch.zeros(8, 3000)  # 32 KiB: below the pool's threshold, read at once
+        calls.clear()
+        copy_boxes(view, small, [Box((0, 0), (0, 7), (8, 1024))], fd, src.nbytes, submit=submit)
+        assert calls == [] and torch.equal(small[:, 7:1031], src[:8])
+    finally:
+        os.close(fd)

@@ -191,13 +191,14 @@ def _big_full() -> torch.Tensor:
     return torch.randn(*BIG, generator=torch.Generator().manual_seed(5))
 
 
-def save_big(rank: int, world: int, path: str) -> dict[str, Any]:
-    """One large weight sharded by rows (as FSDP2 shards it), saved with plain torch.save."""
+def save_big(rank: int, world: int, path: str, dim: int = 0) -> dict[str, Any]:
+    """One large weight sharded on ``dim`` (0: by rows, as FSDP2 shards it; 1: by columns, as
+    a row-parallel layer's is), saved with plain torch.save."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
-    w = distribute_tensor(_big_full(), mesh, [Shard(0)])
+    w = distribute_tensor(_big_full(), mesh, [Shard(dim)])
     os.makedirs(path, exist_ok=True)
     torch.save({"w": w, "b": torch.arange(10.0)}, Path(path) / f"checkpoint_{rank}.pt")
     dist.barrier()

@@ -322,3 +322,14 @@ def test_large_pieces_by_the_io_pool(tmp_path: Path) -> None:
     with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch") as e:
         CheckpointReader(RankInfo(0, 2)).load(path, {"w": torch.zeros(*w.BIG)})
     assert "checkpoint_1.pt" in str(e.value) and e.value.key == "w"
+
+
+@pytest.mark.timeout(180)
+def test_large_column_slices_by_the_io_pool(tmp_path: Path) -> None:
+    """Saved split by columns, restored split by rows: each target row-block takes a column
+    slice from every file (one iovec per row), 384 KiB per piece: by the I/O pool."""
+    path = tmp_path / "cols"
+    run_ranks(w.save_big, 2, args=(str(path), 1), timeout=120)
+    out = run_ranks(w.restore_big, 2, args=(str(path),), timeout=150)
+    assert [o["ok"] for o in out] == [True, True]
+    assert [o["bytes_read"] for o in out] == [w.BIG[0] // 2 * w.BIG[1] * 4] * 2
