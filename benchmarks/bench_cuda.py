@@ -92,15 +92,18 @@ def main() -> None:
         tgt = {k: torch.zeros(numel, device=DEV) for k in (f"layers.{i}.w" for i in range(a.tensors))}
         stgt = {k: torch.zeros(16 << 10, device=DEV) for k in small}
         dev_buf = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
-        staged = _read._RankFile._cuda_target
+        direct = _read._RankFile._direct_target
+
+        def cpu_only(self, lf, span, kind="cpu"):  # the staged path off: what the reader did before
+            return None if kind == "cuda" else direct(self, lf, span, kind)
 
         def ours(verify: str, on: bool = True) -> Callable[[], object]:
             def run() -> object:
-                _read._RankFile._cuda_target = staged if on else (lambda self, lf, span: None)
+                _read._RankFile._direct_target = direct if on else cpu_only
                 try:
                     return CheckpointReader(RankInfo(0, 1), verify=verify).load(d, tgt)
                 finally:
-                    _read._RankFile._cuda_target = staged
+                    _read._RankFile._direct_target = direct
             return run
 
         def mmap_copy() -> None:

@@ -294,7 +294,7 @@ class _RankFile:
         whole_record = self.check and hi_b > lo_b and lo_b == 0 and hi_b == rec.size
         stats.bytes_read += max(0, hi_b - lo_b)
         if len(group) == 1 and hi_b - lo_b >= _SMALL:
-            dst = self._cuda_target(group[0], spans[0])
+            dst = self._direct_target(group[0], spans[0], "cuda")
             if dst is not None:
                 self._staged(dst, offset + lo_b, hi_b - lo_b, whole_record, rec, skey, group[0].key)
                 return
@@ -420,11 +420,12 @@ class _RankFile:
                 file=self.index.file, key=key)
         self.stats.bytes_verified += rec.size
 
-    def _direct_target(self, lf: PlannedLeaf, span: tuple[int, int]) -> torch.Tensor | None:
-        """The CPU tensor a lone contiguous view's bytes can be read straight into, if any.
+    def _direct_target(self, lf: PlannedLeaf, span: tuple[int, int], kind: str = "cpu") -> torch.Tensor | None:
+        """The contiguous tensor on a ``kind`` device (``"cpu"`` or ``"cuda"``) a lone
+        contiguous view's bytes can be read (CPU) or staged (CUDA) straight into, if any.
 
         Allocates it (with the saved strides) for ``None`` targets. ``None`` when the view
-        or the target is strided, conjugate, or not on the CPU: those go through ``copy_``.
+        or the target is strided, conjugate, or on another device: those go through ``copy_``.
         """
         ref: TensorRef = lf.source
         lo, hi = span
@@ -433,31 +434,12 @@ class _RankFile:
         t = lf.target
         if t is None:
             dev = self._device(ref.storage.location, lf.key)
-            if dev.type != "cpu":
-                return None
-            t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
-            self.values[lf.path] = finish_tensor(t, ref)
-            return t
-        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
-            return None
-        return t
-
-    def _cuda_target(self, lf: PlannedLeaf, span: tuple[int, int]) -> torch.Tensor | None:
-        """The contiguous CUDA tensor a lone contiguous view's bytes can be staged into, if
-        any; allocates it for ``None`` targets mapped to a CUDA device."""
-        ref: TensorRef = lf.source
-        lo, hi = span
-        if hi - lo != ref.numel or ref.metadata or not ref.is_contiguous():
-            return None
-        t = lf.target
-        if t is None:
-            dev = self._device(ref.storage.location, lf.key)
-            if dev.type != "cuda":
+            if dev.type != kind:
                 return None
             t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype, device=dev)
             self.values[lf.path] = finish_tensor(t, ref)
             return t
-        if t.device.type != "cuda" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        if t.device.type != kind or not t.is_contiguous() or t.is_conj() or t.is_neg():
             return None
         return t
 
