@@ -19,8 +19,9 @@ import ctypes
 import logging
 import mmap
 import os
+from array import array
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -129,6 +130,16 @@ _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a 
 _DEPTH = 2  # I/O threads (= requests in flight) at least...
 _MAX_THREADS = 8  # ...and up to torch.get_num_threads() and this (warm reads are memory-bound)
 _DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
+_SLICE = 4096  # records per slice of copy_whole's loop
+
+
+_Ints = Sequence[int] | np.ndarray | array  # what copy_whole takes: ints by index
+
+
+def _ints(a: _Ints, lo: int, hi: int) -> list[int]:
+    """``a[lo:hi]`` as a list of Python ints."""
+    part = a[lo:hi]
+    return part if isinstance(part, list) else part.tolist()  # type: ignore[union-attr]
 
 
 @dataclass
@@ -198,39 +209,70 @@ class _RankFile:
     def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf]) -> None:
         """:meth:`is_small_whole` records, in a tight loop: one memmove and one CRC32 each
         (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
-        index, stats = self.index, self.stats
+        records = self.index.records
         offsets = self._data_offsets(skeys)
         # parsing the local headers faulted in a page (and its neighbours) of every record:
-        # unmap them all, then the copied pages every _DROP_SMALL bytes, so that the mapped
-        # file does not stay resident next to the tensors it fills (RSS ~2x the payload)
-        dropped = index.records[skeys[0]].header_offset  # records come in file order
-        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
+        # unmap them all before the tensors are made
+        self._drop(records[skeys[0]].header_offset, offsets[-1] + records[skeys[-1]].size)
+        values = self.values
+        # machine ints, 8 bytes a record (a list of Python ints would take ~36)
+        addrs, sizes, crcs = array("q"), array("q"), array("q")
+        for lf, skey in zip(leaves, skeys):
+            t = lf.target
+            if t is None:
+                ref: TensorRef = lf.source
+                t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+                values[lf.path] = finish_tensor(t, ref)
+            addrs.append(t.data_ptr())
+            rec = records[skey]
+            sizes.append(rec.size)
+            crcs.append(rec.crc32)
+        self.copy_whole(addrs, offsets, sizes, crcs, lambda i: (skeys[i], leaves[i].key))
+
+    def copy_whole(self, addrs: _Ints, offsets: _Ints, sizes: _Ints, crcs: _Ints,
+                   names: Callable[[int], tuple[str, str]]) -> None:
+        """Whole small records, in file order, into memory at ``addrs``: one memmove and (with
+        ``check``) one CRC32 each, the mapped file pages unmapped again every
+        :data:`_DROP_SMALL` bytes.
+
+        Args:
+            addrs: Where each record's bytes go (``data_ptr()`` of a dense CPU tensor of its
+                size, kept alive by the caller).
+            offsets, sizes, crcs: Each record's data offset, size and zip CRC32, ascending
+                offsets.
+            names: ``i -> (storage key, entry key)`` of record ``i``, for an error message.
+        """
+        if not len(offsets):
+            return
+        stats = self.stats
+        # the copied pages unmapped every _DROP_SMALL bytes, so that the mapped file does not
+        # stay resident next to the tensors it fills (RSS ~2x the payload)
+        dropped, end = int(offsets[0]), int(offsets[-1]) + int(sizes[-1])
         base = self.whole.data_ptr()
-        memmove, values, check, records, crc32, drop_every = (
-            ctypes.memmove, self.values, self.check, index.records, _crc32, _DROP_SMALL)
+        memmove, check, crc32, drop_every = ctypes.memmove, self.check, _crc32, _DROP_SMALL
         read = 0  # bytes copied (and verified, with check): added to stats however the loop ends
         try:
             with memoryview(self.mm) as mv:
-                for skey, lf, off in zip(skeys, leaves, offsets):
-                    rec = records[skey]
-                    n = rec.size
-                    if check and crc32(mv[off : off + n]) != rec.crc32:
-                        self._check_crc(None, rec, skey, lf.key)  # raises
-                    t = lf.target
-                    if t is None:
-                        ref: TensorRef = lf.source
-                        t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
-                        values[lf.path] = finish_tensor(t, ref)
-                    memmove(t.data_ptr(), base + off, n)
-                    read += n
-                    if off + n - dropped >= drop_every:
-                        self._drop(dropped, off + n)
-                        dropped = off + n
+                # in slices: lists of a few thousand ints at a time, not of every record at once
+                for lo in range(0, len(offsets), _SLICE):
+                    hi = lo + _SLICE
+                    for i, (addr, off, n, want) in enumerate(zip(_ints(addrs, lo, hi), _ints(offsets, lo, hi),
+                                                                 _ints(sizes, lo, hi), _ints(crcs, lo, hi)), lo):
+                        if check and crc32(mv[off : off + n]) != want:
+                            skey, key = names(i)
+                            raise CorruptCheckpointError(
+                                f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
+                                file=self.index.file, key=key)
+                        memmove(addr, base + off, n)
+                        read += n
+                        if off + n - dropped >= drop_every:
+                            self._drop(dropped, off + n)
+                            dropped = off + n
         finally:
             stats.bytes_read += read
             if check:
                 stats.bytes_verified += read
-        self._drop(dropped, offsets[-1] + records[skeys[-1]].size)
+        self._drop(dropped, end)
 
     def _data_offsets(self, skeys: list[str]) -> list[int]:
         """Data offsets of many records: their local headers parsed at once with numpy."""
