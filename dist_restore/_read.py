@@ -129,7 +129,7 @@ _SMALL = 256 << 10  # below this: one memmove from the mapping; above: preadv
 _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a disk's full speed
 _DEPTH = 2  # I/O threads (= requests in flight) at least...
 _MAX_THREADS = 8  # ...and up to torch.get_num_threads() and this (warm reads are memory-bound)
-_DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
+_DROP_SMALL = 2 << 20  # ... and in these, for small records: their tensors cost more RSS besides
 _SLICE = 4096  # records per slice of copy_whole's loop
 
 
