@@ -56,7 +56,7 @@ import time
 from collections.abc import Iterator, Mapping
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -343,6 +343,19 @@ def _check_committed(path: Path, rank_file: Path, data: bytes) -> None:
                              f"committed: {info.index_size} bytes, {info.index_checksum})")
 
 
+class Columns(NamedTuple):
+    """An index file's tables as stored (see the module docstring), for a reader that takes
+    the common rows in bulk, without an object per row (:mod:`dist_restore._readall`)."""
+
+    rows: np.ndarray  # _ROW records, one per leaf
+    dims: np.ndarray  # int64 sizes then strides
+    storages: np.ndarray  # _STORAGE records
+    dtypes: list[torch.dtype]  # by dtype code
+    locations: list[str]  # by location code
+    skeleton: Any  # the containers, leaves replaced by row numbers
+    objects: dict[int, Any]  # {row: value} of the value rows
+
+
 class FileIndex(CheckpointIndex):
     """A rank file's index loaded from its index file: entries are made when used.
 
@@ -482,6 +495,16 @@ class FileIndex(CheckpointIndex):
 
     def _resolved(self, node: Any) -> Any:
         return self.leaf(node) if type(node) is int else self._build(node)
+
+    @property
+    def columns(self) -> Columns:
+        """The tables this index was loaded from."""
+        return Columns(self._rows, self._dims, self._sto, self._dtypes, self._locations, self._skeleton,
+                       self._objects)
+
+    def storage_key(self, i: int) -> str:
+        """The key of storage record number ``i`` (``data/{key}``)."""
+        return str(i) if self._ordinal else self._skeys[i]
 
     @property
     def entries(self) -> dict[str, IndexEntry]:  # type: ignore[override]
