@@ -13,11 +13,13 @@ import os
 import sys
 import time
 import zlib
+from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from dist_restore._dtensor import DLayout, DTensorRef
@@ -245,6 +247,23 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
                 push((f"{k}[{i}]", p + (i,), v[i]))
         else:
             yield k, p, v
+
+
+def shares_containers(tree: Any) -> bool:
+    """Whether one dict, list or tuple object occurs at two places of ``tree`` (as the pickle
+    memo can make it): the containers cannot then be filled in place, place by place."""
+    ids = array("q")
+    stack = [tree]
+    pop, add = stack.pop, ids.append
+    while stack:
+        v = pop()
+        if isinstance(v, Mapping):
+            add(id(v))
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            add(id(v))
+            stack.extend(v)
+    return len(ids) > 1 and len(np.unique(np.frombuffer(ids, dtype=np.int64))) < len(ids)
 
 
 @gc_paused

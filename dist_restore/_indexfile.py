@@ -83,6 +83,7 @@ _ROW = np.dtype([("kind", "u1"), ("dtype", "u1"), ("ndim", "u1"), ("flags", "u1"
 _STORAGE = np.dtype([("header", "<i8"), ("data", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("dtype", "u1"),
                      ("loc", "u1"), ("numel", "<i8")])
 _MISSING = object()
+_SPENT = object()  # a skeleton handed over by FileIndex.take_skeleton
 _BULK = 2048  # rows (storages) read one by one before the columns are turned into lists
 
 
@@ -352,7 +353,6 @@ class Columns(NamedTuple):
     storages: np.ndarray  # _STORAGE records
     dtypes: list[torch.dtype]  # by dtype code
     locations: list[str]  # by location code
-    skeleton: Any  # the containers, leaves replaced by row numbers
     objects: dict[int, Any]  # {row: value} of the value rows
 
 
@@ -499,8 +499,24 @@ class FileIndex(CheckpointIndex):
     @property
     def columns(self) -> Columns:
         """The tables this index was loaded from."""
-        return Columns(self._rows, self._dims, self._sto, self._dtypes, self._locations, self._skeleton,
-                       self._objects)
+        return Columns(self._rows, self._dims, self._sto, self._dtypes, self._locations, self._objects)
+
+    def take_skeleton(self) -> Any:
+        """The skeleton (the containers, every leaf a row number), handed over for the caller
+        to fill in place: this index is spent (anything that needs its skeleton raises)."""
+        skel = self._skeleton
+        self._skel = _SPENT
+        return skel
+
+    @property
+    def _skeleton(self) -> Any:
+        if self._skel is _SPENT:
+            raise RuntimeError(f"the index of {self.file} was spent by a full read; index the file again")
+        return self._skel
+
+    @_skeleton.setter
+    def _skeleton(self, skel: Any) -> None:
+        self._skel = skel
 
     def storage_key(self, i: int) -> str:
         """The key of storage record number ``i`` (``data/{key}``)."""

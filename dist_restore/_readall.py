@@ -5,7 +5,7 @@ Through the general path (:func:`._plan.plan_read`, :func:`._read.produce`,
 and raw path and a ``{path: tensor}`` item, all alive next to the tensors at the peak: ~1 KB a
 tensor (60,000 small ones: ~100 MiB beyond their bytes). Here an index file's tables
 (:class:`._indexfile.Columns`) are classified at once with numpy. Every *common* row, a tensor
-that is the whole of a small storage record of its own (offset 0, contiguous, same dtype),
+that is the whole of a small storage record of its own (offset 0, torch.empty's strides),
 placed on the CPU, with nothing else to set (no requires_grad, Parameter, conj/neg bits), gets
 its tensor straight from the tables while the result's containers are built; then the records
 are copied into those tensors in file order by :meth:`._read._RankFile.copy_whole` (CRC32
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_restore._index import CheckpointIndex, iter_leaves
+from dist_restore._index import CheckpointIndex, iter_leaves, shares_containers
 from dist_restore._indexfile import KIND_TENSOR, KIND_VALUE, Columns, FileIndex
 from dist_restore._keypath import RawPath
 from dist_restore._paths import raise_with_path
@@ -55,11 +55,12 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
     cols = index.columns
     code, shapes = _common_rows(cols, _cpu_locations(index, cols.locations, map_location))
     rows, sto = cols.rows, cols.storages
-    general = _read_general(index, cols, np.flatnonzero((code < 0) & (rows["kind"] != KIND_VALUE)),
+    skeleton = index.take_skeleton()
+    general = _read_general(index, skeleton, np.flatnonzero((code < 0) & (rows["kind"] != KIND_VALUE)),
                             map_location, verify, stats)
     made: list[torch.Tensor | None] = [None] * len(rows)
-    result = _build(index, cols, code, shapes, general, made)
-    del general
+    result = _build(index, skeleton, cols, code, shapes, general, made)
+    del general, skeleton
     common = np.flatnonzero(code >= 0)
     if len(common):
         snum = rows["storage"][common].astype(np.int64)
@@ -71,7 +72,7 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
         try:
             with _RankFile(index, {}, map_location, verify == "crc32", stats) as rf:
                 rf.copy_whole(addr, sto["data"][snum], sto["size"][snum], sto["crc"][snum],
-                              lambda i: (index.storage_key(int(snum[i])), _key_of(cols.skeleton, int(common[i]))))
+                              lambda i: (index.storage_key(int(snum[i])), _key_of(result, int(addr[i]))))
         except OSError as e:  # fstat, mmap, madvise: errors that name no file
             raise_with_path(e, index.file)
     return result
@@ -105,9 +106,11 @@ def _common_rows(cols: Columns, cpu: np.ndarray) -> tuple[np.ndarray, list[tuple
     s = np.where(tensors, snum, 0)
     size = sto["size"][s]
     ok = ((kind == KIND_TENSOR) & (rows["flags"] == 0) & (rows["offset"] == 0) & (uses[s] == 1)
-          & (rows["dtype"] == sto["dtype"][s]) & (size > 0) & (size < _SMALL) & cpu[sto["loc"][s]])
+          & (size > 0) & (size < _SMALL) & cpu[sto["loc"][s]])
     ndim = rows["ndim"]
-    numel = sto["numel"][s]
+    # the elements the record holds, in the row's dtype (its storage may be untyped: bytes)
+    isz = np.array([d.itemsize for d in cols.dtypes] + [1], dtype=np.int64)[rows["dtype"]]
+    numel = np.where(size % isz == 0, size // isz, -1)
     for k in np.unique(ndim[ok]).tolist():
         sel = np.flatnonzero(ok & (ndim == k))
         if k == 0:
@@ -132,7 +135,7 @@ def _common_rows(cols: Columns, cpu: np.ndarray) -> tuple[np.ndarray, list[tuple
     return code, shapes
 
 
-def _read_general(index: FileIndex, cols: Columns, wanted: np.ndarray, map_location: MapLocation,
+def _read_general(index: FileIndex, skeleton: Any, wanted: np.ndarray, map_location: MapLocation,
                   verify: Verify, stats: ReadStats) -> dict[int, Any]:
     """``{row: tensor}`` of the rows that are not common, through the general path."""
     if not len(wanted):
@@ -140,7 +143,7 @@ def _read_general(index: FileIndex, cols: Columns, wanted: np.ndarray, map_locat
     want = set(wanted.tolist())
     leaves: list[PlannedLeaf] = []
     rows: dict[RawPath, int] = {}
-    for key, path, row in iter_leaves(cols.skeleton):
+    for key, path, row in iter_leaves(skeleton):
         if type(row) is int and row in want:
             leaves.append(PlannedLeaf(key, path, index.leaf(row), None))
             rows[path] = row
@@ -153,12 +156,15 @@ def _read_general(index: FileIndex, cols: Columns, wanted: np.ndarray, map_locat
     return {rows[path]: v for path, v in produced.items()}
 
 
-def _build(index: FileIndex, cols: Columns, code: np.ndarray, shapes: list[tuple[int, ...]],
+def _build(index: FileIndex, skeleton: Any, cols: Columns, code: np.ndarray, shapes: list[tuple[int, ...]],
            general: dict[int, Any], made: list[torch.Tensor | None]) -> Any:
-    """The result's containers over the skeleton (as :func:`._plan.assemble` builds them),
-    a new tensor for every common row (into ``made``, by row), the others' values."""
+    """The result over the skeleton, as :func:`._plan.assemble` builds it: a new tensor for
+    every common row (into ``made``, by row), the others' values. The skeleton's dicts and
+    lists become the result's, filled in place (no second container per container), unless
+    one of them occurs twice in it (then each place gets new ones)."""
     codes = memoryview(code)  # Python ints by item, not a list of them all
     dtypes, objects, empty = cols.dtypes, cols.objects, torch.empty
+    in_place = not shares_containers(skeleton)
 
     def leaf(row: int) -> Any:
         c = codes[row]
@@ -177,26 +183,36 @@ def _build(index: FileIndex, cols: Columns, code: np.ndarray, shapes: list[tuple
     def build(node: Any) -> Any:
         if type(node) is int:
             return leaf(node)
-        if isinstance(node, Mapping):
-            out = type(node)() if type(node) in _PLAIN_MAPPINGS else {}
+        kind = type(node)
+        if kind in _PLAIN_MAPPINGS:
+            out = node if in_place else kind()
             for k, v in node.items():
                 out[k] = build(v)
             return out
-        if type(node) is list:
+        if isinstance(node, Mapping):
+            out = {}
+            for k, v in node.items():
+                out[k] = build(v)
+            return out
+        if kind is list:
+            if in_place:
+                for i, v in enumerate(node):
+                    node[i] = build(v)
+                return node
             return [build(v) for v in node]
         if _is_sequence(node):
             return _rebuild_tuple(node, [build(v) for v in node])
         return node
 
     try:
-        return build(cols.skeleton)
+        return build(skeleton)
     finally:
         del build  # a recursive closure is a reference cycle (see _plan.plan_read)
 
 
-def _key_of(skeleton: Any, row: int) -> str:
-    """The dotted key of a row (for an error message)."""
-    for key, _path, v in iter_leaves(skeleton):
-        if type(v) is int and v == row:
+def _key_of(result: Any, addr: int) -> str:
+    """The dotted key of the common row whose tensor is at ``addr`` (for an error message)."""
+    for key, _path, v in iter_leaves(result):
+        if isinstance(v, torch.Tensor) and v.numel() and v.data_ptr() == addr:
             return key
-    return f"<row {row}>"
+    return "?"

@@ -264,6 +264,7 @@ def _mixed_state() -> dict[str, Any]:
         "neg": torch.randn(3, dtype=torch.complex64, generator=g).conj()._neg_view(),
         "wide": torch.arange(12, dtype=torch.int32).view(3, 4),
         "bool": torch.tensor([[True], [False]]),
+        "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),  # its storage record is untyped (bytes)
     }
     return sd
 
@@ -329,3 +330,18 @@ def test_full_read_of_a_row_named_twice_gives_one_tensor(tmp_path: Path) -> None
     got = read_all(ix)
     assert got["a"] is got["again"] and torch.equal(got["a"], torch.arange(4.0))
     assert torch.equal(got["b"], torch.ones(2))
+
+
+def test_full_read_of_a_skeleton_that_shares_a_container(tmp_path: Path) -> None:
+    """A dict at two places of the skeleton (the writer makes none) is not filled in place
+    twice: each place gets its own, with the values (an int value is not taken for a row)."""
+    d = _write(tmp_path, {"a": {"t": torch.arange(3.0), "n": 5}, "b": 1})
+    ix = read_index(d / "checkpoint_0.pt")
+    assert isinstance(ix, FileIndex)
+    sub = ix._skeleton["a"]
+    ix._skeleton = {"a": sub, "again": sub, "b": ix._skeleton["b"]}
+    from dist_restore._readall import read_all
+
+    got = read_all(ix)
+    assert got["a"] is not got["again"] and got["a"]["n"] == got["again"]["n"] == 5 and got["b"] == 1
+    assert got["a"]["t"] is got["again"]["t"] and torch.equal(got["a"]["t"], torch.arange(3.0))
