@@ -267,7 +267,7 @@ def shares_containers(tree: Any) -> bool:
 
 
 @gc_paused
-def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> CheckpointIndex:
+def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True, tables: bool = False) -> CheckpointIndex:
     """Index one ``torch.save`` file without reading its tensor data.
 
     Args:
@@ -275,6 +275,9 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> 
         use_index_file: Load the index from ``checkpoint_{rank}.idx`` beside the file
             when there is one that matches it (written by :class:`CheckpointWriter`);
             otherwise, or when it does not match, parse the file itself.
+        tables: Parse the file into an index file's tables where they describe it (see
+            :mod:`dist_restore._pickletables`): a few bytes a tensor instead of a reference
+            object each, for reading the whole file.
 
     Raises:
         FileNotFoundError: no such file.
@@ -304,6 +307,12 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> 
                     "legacy format (truncated or corrupt?)", file=path)
             return _legacy_index(path, size, t0)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            if tables:
+                from dist_restore._pickletables import pickle_tables
+
+                indexed = pickle_tables(path, mm, size, t0)
+                if indexed is not None:
+                    return indexed
             return _zip_index(path, mm, size, t0)
     except OSError as e:  # pread, mmap: errors that name no file
         raise_with_path(e, path)

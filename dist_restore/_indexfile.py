@@ -394,21 +394,52 @@ class FileIndex(CheckpointIndex):
                 raise IndexFileError(f"section {name!r} out of bounds")
             return memoryview(data)[off : off + n]
 
+        nrows, nsto = int(h["rows"]), int(h["storages"])
+        ordinal = h["ordinal_keys"] is True
+        skeys = None if ordinal else bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
+        rows = np.frombuffer(section("rows"), dtype=_ROW)
+        sto = np.frombuffer(section("storages"), dtype=_STORAGE)
+        if len(rows) != nrows or len(sto) != nsto or (skeys is not None and len(skeys) != nsto):
+            raise IndexFileError("row or storage counts disagree with the header")
+        dtypes = [_dtype(n) for n in h["dtypes"]]
+        locations = [str(n) for n in h["locations"]]
+        dims = np.frombuffer(section("dims"), dtype="<i8")
+        self._set_tables(file, size, str(h["prefix"]), dtypes, locations, rows, dims, sto, skeys,
+                         lambda: unpickle_refs(bytes(section("tree")), str(index_path(file)))[0], t0)
+
+    @classmethod
+    def from_tables(cls, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
+                    rows: np.ndarray, dims: np.ndarray, storages: np.ndarray, skeys: list[str] | None,
+                    tree: bytes, t0: float) -> FileIndex:
+        """An index of these tables, made in memory (from a rank file's pickle: see
+        :mod:`dist_restore._pickletables`), checked and loaded as an index file's are.
+
+        Args:
+            skeys: The storage keys, ``None`` when they are ``"0"``, ``"1"``, ... in order.
+            tree: The index file's tree section: a pickle of ``(skeleton, objects, dtensors)``.
+
+        Raises:
+            IndexFileError: the tables point outside themselves or the rank file.
+        """
+        ix = cls.__new__(cls)
+        ix.source = "pickle"  # type: ignore[misc]
+        ix._set_tables(file, size, prefix, dtypes, locations, rows, dims, storages, skeys,
+                       lambda: unpickle_refs(tree, str(file))[0], t0)
+        return ix
+
+    def _set_tables(self, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
+                    rows: np.ndarray, dims: np.ndarray, sto: np.ndarray, skeys: list[str] | None,
+                    tree: Callable[[], Any], t0: float) -> None:
+        nrows, nsto = len(rows), len(sto)
         self.file, self.file_size, self.format = file, size, "zip"
         self.native_order = True
-        self._prefix = str(h["prefix"])
-        self._dtypes = [_dtype(n) for n in h["dtypes"]]
-        self._locations = [str(n) for n in h["locations"]]
-        nrows, nsto = int(h["rows"]), int(h["storages"])
-        self._rows = np.frombuffer(section("rows"), dtype=_ROW)
-        self._dims = np.frombuffer(section("dims"), dtype="<i8")
-        self._sto = np.frombuffer(section("storages"), dtype=_STORAGE)
-        self._ordinal = h["ordinal_keys"] is True
-        skeys = None if self._ordinal else bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
-        if len(self._rows) != nrows or len(self._sto) != nsto or (skeys is not None and len(skeys) != nsto):
-            raise IndexFileError("row or storage counts disagree with the header")
+        self._prefix = prefix
+        self._dtypes = dtypes
+        self._locations = locations
+        self._rows, self._dims, self._sto = rows, dims, sto
+        self._ordinal = skeys is None
         self._check_columns(size)
-        skel, objects, dtensors = unpickle_refs(bytes(section("tree")), str(index_path(file)))[0]
+        skel, objects, dtensors = tree()
         if not isinstance(objects, dict) or not isinstance(dtensors, dict):
             raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
         self._skeleton, self._objects, self._dtensors = skel, objects, dtensors

@@ -135,7 +135,7 @@ class CheckpointReader:
         t0 = time.perf_counter()
         file = self.file_path(path)
         self.check_committed(path, verify=verify)
-        index = self._index(file)
+        index = self._index(file, tables=state_dict is None)
         stats = ReadStats()
         if state_dict is None and readable(index):  # everything: no plan, no object per entry
             sd = self._read_all(index, map_location, stats)
@@ -182,9 +182,9 @@ class CheckpointReader:
                 "incomplete checkpoint: no commit manifest; temp files present: "
                 + ", ".join(temps[:10]) + (" ..." if len(temps) > 10 else ""), file=d, rank=rank)
 
-    def _index(self, file: Path) -> CheckpointIndex:
+    def _index(self, file: Path, *, tables: bool = False) -> CheckpointIndex:
         try:
-            return read_index(file)
+            return read_index(file, tables=tables)
         except CheckpointError as e:
             if e.rank is None:
                 raise type(e)(e.reason, file=e.file or file, rank=self._rank_info.global_rank,
