@@ -18,10 +18,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import operator
 import os
-from array import array
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,16 +130,10 @@ _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a 
 _DEPTH = 2  # I/O threads (= requests in flight) at least...
 _MAX_THREADS = 8  # ...and up to torch.get_num_threads() and this (warm reads are memory-bound)
 _DROP_SMALL = 2 << 20  # ... and in these, for small records: their tensors cost more RSS besides
-_SLICE = 4096  # records per slice of copy_whole's loop
 
-
-_Ints = Sequence[int] | np.ndarray | array  # what copy_whole takes: ints by index
-
-
-def _ints(a: _Ints, lo: int, hi: int) -> list[int]:
-    """``a[lo:hi]`` as a list of Python ints."""
-    part = a[lo:hi]
-    return part if isinstance(part, list) else part.tolist()  # type: ignore[union-attr]
+_data_ptr = torch.Tensor.data_ptr
+_size = operator.attrgetter("size")
+_crc = operator.attrgetter("crc32")
 
 
 @dataclass
@@ -211,63 +205,52 @@ class _RankFile:
         (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
         records = self.index.records
         offsets = self._data_offsets(skeys)
+        end = offsets[-1] + records[skeys[-1]].size
         # parsing the local headers faulted in a page (and its neighbours) of every record:
         # unmap them all before the tensors are made
-        self._drop(records[skeys[0]].header_offset, offsets[-1] + records[skeys[-1]].size)
-        values = self.values
-        # machine ints, 8 bytes a record (a list of Python ints would take ~36)
-        addrs, sizes, crcs = array("q"), array("q"), array("q")
-        for lf, skey in zip(leaves, skeys):
-            t = lf.target
-            if t is None:
+        self._drop(records[skeys[0]].header_offset, end)
+        targets = [lf.target for lf in leaves]
+        for i, lf in enumerate(leaves):
+            if lf.target is None:
                 ref: TensorRef = lf.source
-                t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
-                values[lf.path] = finish_tensor(t, ref)
-            addrs.append(t.data_ptr())
-            rec = records[skey]
-            sizes.append(rec.size)
-            crcs.append(rec.crc32)
-        self.copy_whole(addrs, offsets, sizes, crcs, lambda i: (skeys[i], leaves[i].key))
+                t = targets[i] = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+                self.values[lf.path] = finish_tensor(t, ref)
+        recs = list(map(records.__getitem__, skeys))
+        # iterators in C: no Python frame, no list of ints per column
+        self.copy_whole(zip(map(_data_ptr, targets), offsets, map(_size, recs), map(_crc, recs)),  # type: ignore[arg-type]
+                        offsets[0], end, lambda i: (skeys[i], leaves[i].key))
 
-    def copy_whole(self, addrs: _Ints, offsets: _Ints, sizes: _Ints, crcs: _Ints,
+    def copy_whole(self, records: Iterable[tuple[int, int, int, int]], start: int, end: int,
                    names: Callable[[int], tuple[str, str]]) -> None:
-        """Whole small records, in file order, into memory at ``addrs``: one memmove and (with
-        ``check``) one CRC32 each, the mapped file pages unmapped again every
-        :data:`_DROP_SMALL` bytes.
+        """Whole small records, in file order, into memory: one memmove and (with ``check``)
+        one CRC32 each, the mapped file pages unmapped again every :data:`_DROP_SMALL` bytes
+        (the mapped file would stay resident next to the tensors it fills: RSS ~2x the payload).
 
         Args:
-            addrs: Where each record's bytes go (``data_ptr()`` of a dense CPU tensor of its
-                size, kept alive by the caller).
-            offsets, sizes, crcs: Each record's data offset, size and zip CRC32, ascending
-                offsets.
+            records: ``(address, data offset, size, zip CRC32)`` of each record, ascending
+                offsets; the address is the ``data_ptr()`` of a dense CPU tensor of its size,
+                kept alive by the caller.
+            start, end: The first record's data offset; the end of the last one's data.
             names: ``i -> (storage key, entry key)`` of record ``i``, for an error message.
         """
-        if not len(offsets):
-            return
         stats = self.stats
-        # the copied pages unmapped every _DROP_SMALL bytes, so that the mapped file does not
-        # stay resident next to the tensors it fills (RSS ~2x the payload)
-        dropped, end = int(offsets[0]), int(offsets[-1]) + int(sizes[-1])
+        dropped = start
         base = self.whole.data_ptr()
         memmove, check, crc32, drop_every = ctypes.memmove, self.check, _crc32, _DROP_SMALL
         read = 0  # bytes copied (and verified, with check): added to stats however the loop ends
         try:
             with memoryview(self.mm) as mv:
-                # in slices: lists of a few thousand ints at a time, not of every record at once
-                for lo in range(0, len(offsets), _SLICE):
-                    hi = lo + _SLICE
-                    for i, (addr, off, n, want) in enumerate(zip(_ints(addrs, lo, hi), _ints(offsets, lo, hi),
-                                                                 _ints(sizes, lo, hi), _ints(crcs, lo, hi)), lo):
-                        if check and crc32(mv[off : off + n]) != want:
-                            skey, key = names(i)
-                            raise CorruptCheckpointError(
-                                f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
-                                file=self.index.file, key=key)
-                        memmove(addr, base + off, n)
-                        read += n
-                        if off + n - dropped >= drop_every:
-                            self._drop(dropped, off + n)
-                            dropped = off + n
+                for i, (addr, off, n, want) in enumerate(records):
+                    if check and crc32(mv[off : off + n]) != want:
+                        skey, key = names(i)
+                        raise CorruptCheckpointError(
+                            f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
+                            file=self.index.file, key=key)
+                    memmove(addr, base + off, n)
+                    read += n
+                    if off + n - dropped >= drop_every:
+                        self._drop(dropped, off + n)
+                        dropped = off + n
         finally:
             stats.bytes_read += read
             if check:

@@ -16,7 +16,8 @@ general path, as before.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from dist_restore._reshard import split_leaves
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 _MISSING = object()
+_SLICE = 4096  # records turned into Python ints at a time
 
 
 def readable(index: CheckpointIndex) -> bool:
@@ -71,7 +73,8 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
         del made
         try:
             with _RankFile(index, {}, map_location, verify == "crc32", stats) as rf:
-                rf.copy_whole(addr, sto["data"][snum], sto["size"][snum], sto["crc"][snum],
+                data, size, crc = sto["data"][snum], sto["size"][snum], sto["crc"][snum]
+                rf.copy_whole(_slices(addr, data, size, crc), int(data[0]), int(data[-1] + size[-1]),
                               lambda i: (index.storage_key(int(snum[i])), _key_of(result, int(addr[i]))))
         except OSError as e:  # fstat, mmap, madvise: errors that name no file
             raise_with_path(e, index.file)
@@ -208,6 +211,13 @@ def _build(index: FileIndex, skeleton: Any, cols: Columns, code: np.ndarray, sha
         return build(skeleton)
     finally:
         del build  # a recursive closure is a reference cycle (see _plan.plan_read)
+
+
+def _slices(*cols: np.ndarray) -> Iterator[tuple[int, ...]]:
+    """The columns' rows as tuples of Python ints, a few thousand made at a time (not a list of
+    every record's ints at once)."""
+    return chain.from_iterable(zip(*(c[lo : lo + _SLICE].tolist() for c in cols))
+                               for lo in range(0, len(cols[0]), _SLICE))
 
 
 def _key_of(result: Any, addr: int) -> str:
