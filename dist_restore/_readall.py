@@ -4,14 +4,15 @@ Through the general path (:func:`._plan.plan_read`, :func:`._read.produce`,
 :func:`._plan.assemble`) a full restore makes, per tensor, a reference, a planned leaf, its key
 and raw path and a ``{path: tensor}`` item, all alive next to the tensors at the peak: ~1 KB a
 tensor (60,000 small ones: ~100 MiB beyond their bytes). Here an index file's tables
-(:class:`._indexfile.Columns`) are classified at once with numpy. Every *common* row, a tensor
+(:class:`._indexfile.Columns`: loaded from the index file, or made from a ``torch.save`` file's
+pickle by :mod:`._pickletables`) are classified at once with numpy. Every *common* row, a tensor
 that is the whole of a small storage record of its own (offset 0, torch.empty's strides),
 placed on the CPU, with nothing else to set (no requires_grad, Parameter, conj/neg bits), gets
-its tensor straight from the tables while the result's containers are built; then the records
-are copied into those tensors in file order by :meth:`._read._RankFile.copy_whole` (CRC32
-checked). What stays per tensor is the tensor itself and a few machine words. Every other
-row (views, tied storages, large records, DTensor shards, other devices, ...) goes through the
-general path, as before.
+its tensor straight from the tables while the result's containers (the skeleton's own, filled
+in place) are built; then the records are copied into those tensors in file order by
+:meth:`._read._RankFile.copy_whole` (CRC32 checked). What stays per tensor is the tensor itself
+and a few machine words. Every other row (views, tied storages, large records, DTensor shards,
+other devices, ...) goes through the general path, as before.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _SLICE = 4096  # records turned into Python ints at a time
 
 
 def readable(index: CheckpointIndex) -> bool:
-    """Whether :func:`read_all` can read this index (one loaded from an index file)."""
+    """Whether :func:`read_all` can read this index (one in tables: a :class:`FileIndex`)."""
     return isinstance(index, FileIndex)
 
 
@@ -46,7 +47,7 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
     """Everything in the file, as ``torch.load(weights_only=True)`` returns it.
 
     Args:
-        index: An index :func:`readable` accepts.
+        index: An index :func:`readable` accepts; it is spent (its skeleton becomes the result).
 
     Raises:
         CorruptCheckpointError: a record's CRC32 does not match, or a view lies outside its
@@ -68,17 +69,27 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
         snum = rows["storage"][common].astype(np.int64)
         order = np.argsort(sto["data"][snum], kind="stable")  # file order
         common, snum = common[order], snum[order]
-        addr = np.fromiter((made[r].data_ptr() for r in common.tolist()), dtype=np.int64,  # type: ignore[union-attr]
-                           count=len(common))
+        addr = np.fromiter((0 if (t := made[r]) is None else t.data_ptr() for r in common.tolist()),
+                           dtype=np.int64, count=len(common))
         del made
-        try:
-            with _RankFile(index, {}, map_location, verify == "crc32", stats) as rf:
-                data, size, crc = sto["data"][snum], sto["size"][snum], sto["crc"][snum]
-                rf.copy_whole(_slices(addr, data, size, crc), int(data[0]), int(data[-1] + size[-1]),
-                              lambda i: (index.storage_key(int(snum[i])), _key_of(result, int(addr[i]))))
-        except OSError as e:  # fstat, mmap, madvise: errors that name no file
-            raise_with_path(e, index.file)
+        made_here = addr != 0  # (a row the skeleton never names has no tensor to fill)
+        _copy(index, result, snum[made_here], addr[made_here], map_location, verify, stats)
     return result
+
+
+def _copy(index: FileIndex, result: Any, snum: np.ndarray, addr: np.ndarray, map_location: MapLocation,
+          verify: Verify, stats: ReadStats) -> None:
+    """Storage records ``snum`` (in file order) into the tensors at ``addr``."""
+    if not len(snum):
+        return
+    sto = index.columns.storages
+    data, size, crc = sto["data"][snum], sto["size"][snum], sto["crc"][snum]
+    try:
+        with _RankFile(index, {}, map_location, verify == "crc32", stats) as rf:
+            rf.copy_whole(_slices(addr, data, size, crc), int(data[0]), int(data[-1] + size[-1]),
+                          lambda i: (index.storage_key(int(snum[i])), _key_of(result, int(addr[i]))))
+    except OSError as e:  # fstat, mmap, madvise: errors that name no file
+        raise_with_path(e, index.file)
 
 
 def _cpu_locations(index: FileIndex, locations: list[str], map_location: MapLocation) -> np.ndarray:

@@ -320,7 +320,8 @@ def test_full_read_through_the_index_file_checks_crc32(tmp_path: Path, key: str)
 
 def test_full_read_of_a_row_named_twice_gives_one_tensor(tmp_path: Path) -> None:
     """An index file whose skeleton names one row twice (CheckpointWriter gives every leaf a
-    row of its own) still reads both leaves, as one tensor, as torch.load does for one object."""
+    row of its own) still reads both leaves, as one tensor, as torch.load does for one object;
+    one whose skeleton names a row nowhere reads the others."""
     d = _write(tmp_path, {"a": torch.arange(4.0), "b": torch.ones(2)})
     ix = read_index(d / "checkpoint_0.pt")
     assert isinstance(ix, FileIndex)
@@ -330,6 +331,10 @@ def test_full_read_of_a_row_named_twice_gives_one_tensor(tmp_path: Path) -> None
     got = read_all(ix)
     assert got["a"] is got["again"] and torch.equal(got["a"], torch.arange(4.0))
     assert torch.equal(got["b"], torch.ones(2))
+    ix = read_index(d / "checkpoint_0.pt")
+    ix._skeleton = {"a": ix._skeleton["a"]}  # and one that names a row nowhere
+    got = read_all(ix)
+    assert list(got) == ["a"] and torch.equal(got["a"], torch.arange(4.0))
 
 
 def test_full_read_of_a_skeleton_that_shares_a_container(tmp_path: Path) -> None:
