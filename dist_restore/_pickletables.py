@@ -210,10 +210,13 @@ class _TableUnpickler(pickle.Unpickler):
             return f
         if _unpickle._ALLOWED is None:
             _unpickle._ALLOWED = _unpickle._allowed_globals()
-        try:
-            return _unpickle._ALLOWED[(module, name)]
-        except KeyError:
-            raise _NotTables(f"global {module}.{name} (refused by the reference unpickler)") from None
+        if (module, name) not in _unpickle._ALLOWED:
+            raise _NotTables(f"global {module}.{name} (refused by the reference unpickler)")
+        if module in ("torch._utils", "torch._tensor") or module.startswith("torch.distributed"):
+            # another tensor rebuild (quantized, sparse, nested, meta, a subclass) or a DTensor's
+            # parts: stop here, not after the whole pickle
+            raise _NotTables(f"global {module}.{name} (a tensor the tables do not describe)")
+        return _unpickle._ALLOWED[(module, name)]
 
 
 class _Columns:
