@@ -63,17 +63,18 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
                             map_location, verify, stats)
     made: list[torch.Tensor | None] = [None] * len(rows)
     result = _build(index, skeleton, cols, code, shapes, general, made)
-    del general, skeleton
     common = np.flatnonzero(code >= 0)
+    del general, skeleton, code, shapes
     if len(common):
         snum = rows["storage"][common].astype(np.int64)
         order = np.argsort(sto["data"][snum], kind="stable")  # file order
         common, snum = common[order], snum[order]
         addr = np.fromiter((0 if (t := made[r]) is None else t.data_ptr() for r in common.tolist()),
                            dtype=np.int64, count=len(common))
-        del made
-        made_here = addr != 0  # (a row the skeleton never names has no tensor to fill)
-        _copy(index, result, snum[made_here], addr[made_here], map_location, verify, stats)
+        del made, common, order
+        if not addr.all():  # (a row the skeleton never names has no tensor to fill)
+            snum, addr = snum[addr != 0], addr[addr != 0]
+        _copy(index, result, snum, addr, map_location, verify, stats)
     return result
 
 
