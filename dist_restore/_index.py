@@ -13,11 +13,13 @@ import os
 import sys
 import time
 import zlib
+from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from dist_restore._dtensor import DLayout, DTensorRef
@@ -247,8 +249,25 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
             yield k, p, v
 
 
+def shares_containers(tree: Any) -> bool:
+    """Whether one dict, list or tuple object occurs at two places of ``tree`` (as the pickle
+    memo can make it): the containers cannot then be filled in place, place by place."""
+    ids = array("q")
+    stack = [tree]
+    pop, add = stack.pop, ids.append
+    while stack:
+        v = pop()
+        if isinstance(v, Mapping):
+            add(id(v))
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            add(id(v))
+            stack.extend(v)
+    return len(ids) > 1 and len(np.unique(np.frombuffer(ids, dtype=np.int64))) < len(ids)
+
+
 @gc_paused
-def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> CheckpointIndex:
+def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True, tables: bool = False) -> CheckpointIndex:
     """Index one ``torch.save`` file without reading its tensor data.
 
     Args:
@@ -256,6 +275,9 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> 
         use_index_file: Load the index from ``checkpoint_{rank}.idx`` beside the file
             when there is one that matches it (written by :class:`CheckpointWriter`);
             otherwise, or when it does not match, parse the file itself.
+        tables: Parse the file into an index file's tables where they describe it (see
+            :mod:`dist_restore._pickletables`): a few bytes a tensor instead of a reference
+            object each, for reading the whole file.
 
     Raises:
         FileNotFoundError: no such file.
@@ -285,6 +307,12 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True) -> 
                     "legacy format (truncated or corrupt?)", file=path)
             return _legacy_index(path, size, t0)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+            if tables:
+                from dist_restore._pickletables import pickle_tables
+
+                indexed = pickle_tables(path, mm, size, t0)
+                if indexed is not None:
+                    return indexed
             return _zip_index(path, mm, size, t0)
     except OSError as e:  # pread, mmap: errors that name no file
         raise_with_path(e, path)

@@ -56,7 +56,7 @@ import time
 from collections.abc import Iterator, Mapping
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -83,6 +83,7 @@ _ROW = np.dtype([("kind", "u1"), ("dtype", "u1"), ("ndim", "u1"), ("flags", "u1"
 _STORAGE = np.dtype([("header", "<i8"), ("data", "<i8"), ("size", "<i8"), ("crc", "<u4"), ("dtype", "u1"),
                      ("loc", "u1"), ("numel", "<i8")])
 _MISSING = object()
+_SPENT = object()  # a skeleton handed over by FileIndex.take_skeleton
 _BULK = 2048  # rows (storages) read one by one before the columns are turned into lists
 
 
@@ -343,6 +344,18 @@ def _check_committed(path: Path, rank_file: Path, data: bytes) -> None:
                              f"committed: {info.index_size} bytes, {info.index_checksum})")
 
 
+class Columns(NamedTuple):
+    """An index file's tables as stored (see the module docstring), for a reader that takes
+    the common rows in bulk, without an object per row (:mod:`dist_restore._readall`)."""
+
+    rows: np.ndarray  # _ROW records, one per leaf
+    dims: np.ndarray  # int64 sizes then strides
+    storages: np.ndarray  # _STORAGE records
+    dtypes: list[torch.dtype]  # by dtype code
+    locations: list[str]  # by location code
+    objects: dict[int, Any]  # {row: value} of the value rows
+
+
 class FileIndex(CheckpointIndex):
     """A rank file's index loaded from its index file: entries are made when used.
 
@@ -381,21 +394,52 @@ class FileIndex(CheckpointIndex):
                 raise IndexFileError(f"section {name!r} out of bounds")
             return memoryview(data)[off : off + n]
 
+        nrows, nsto = int(h["rows"]), int(h["storages"])
+        ordinal = h["ordinal_keys"] is True
+        skeys = None if ordinal else bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
+        rows = np.frombuffer(section("rows"), dtype=_ROW)
+        sto = np.frombuffer(section("storages"), dtype=_STORAGE)
+        if len(rows) != nrows or len(sto) != nsto or (skeys is not None and len(skeys) != nsto):
+            raise IndexFileError("row or storage counts disagree with the header")
+        dtypes = [_dtype(n) for n in h["dtypes"]]
+        locations = [str(n) for n in h["locations"]]
+        dims = np.frombuffer(section("dims"), dtype="<i8")
+        self._set_tables(file, size, str(h["prefix"]), dtypes, locations, rows, dims, sto, skeys,
+                         lambda: unpickle_refs(bytes(section("tree")), str(index_path(file)))[0], t0)
+
+    @classmethod
+    def from_tables(cls, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
+                    rows: np.ndarray, dims: np.ndarray, storages: np.ndarray, skeys: list[str] | None,
+                    tree: bytes, t0: float) -> FileIndex:
+        """An index of these tables, made in memory (from a rank file's pickle: see
+        :mod:`dist_restore._pickletables`), checked and loaded as an index file's are.
+
+        Args:
+            skeys: The storage keys, ``None`` when they are ``"0"``, ``"1"``, ... in order.
+            tree: The index file's tree section: a pickle of ``(skeleton, objects, dtensors)``.
+
+        Raises:
+            IndexFileError: the tables point outside themselves or the rank file.
+        """
+        ix = cls.__new__(cls)
+        ix.source = "pickle"  # type: ignore[misc]
+        ix._set_tables(file, size, prefix, dtypes, locations, rows, dims, storages, skeys,
+                       lambda: unpickle_refs(tree, str(file))[0], t0)
+        return ix
+
+    def _set_tables(self, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
+                    rows: np.ndarray, dims: np.ndarray, sto: np.ndarray, skeys: list[str] | None,
+                    tree: Callable[[], Any], t0: float) -> None:
+        nrows, nsto = len(rows), len(sto)
         self.file, self.file_size, self.format = file, size, "zip"
         self.native_order = True
-        self._prefix = str(h["prefix"])
-        self._dtypes = [_dtype(n) for n in h["dtypes"]]
-        self._locations = [str(n) for n in h["locations"]]
-        nrows, nsto = int(h["rows"]), int(h["storages"])
-        self._rows = np.frombuffer(section("rows"), dtype=_ROW)
-        self._dims = np.frombuffer(section("dims"), dtype="<i8")
-        self._sto = np.frombuffer(section("storages"), dtype=_STORAGE)
-        self._ordinal = h["ordinal_keys"] is True
-        skeys = None if self._ordinal else bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
-        if len(self._rows) != nrows or len(self._sto) != nsto or (skeys is not None and len(skeys) != nsto):
-            raise IndexFileError("row or storage counts disagree with the header")
+        self._prefix = prefix
+        self._dtypes = dtypes
+        self._locations = locations
+        self._rows, self._dims, self._sto = rows, dims, sto
+        self._ordinal = skeys is None
         self._check_columns(size)
-        skel, objects, dtensors = unpickle_refs(bytes(section("tree")), str(index_path(file)))[0]
+        skel, objects, dtensors = tree()
         if not isinstance(objects, dict) or not isinstance(dtensors, dict):
             raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
         self._skeleton, self._objects, self._dtensors = skel, objects, dtensors
@@ -482,6 +526,32 @@ class FileIndex(CheckpointIndex):
 
     def _resolved(self, node: Any) -> Any:
         return self.leaf(node) if type(node) is int else self._build(node)
+
+    @property
+    def columns(self) -> Columns:
+        """The tables this index was loaded from."""
+        return Columns(self._rows, self._dims, self._sto, self._dtypes, self._locations, self._objects)
+
+    def take_skeleton(self) -> Any:
+        """The skeleton (the containers, every leaf a row number), handed over for the caller
+        to fill in place: this index is spent (anything that needs its skeleton raises)."""
+        skel = self._skeleton
+        self._skel = _SPENT
+        return skel
+
+    @property
+    def _skeleton(self) -> Any:
+        if self._skel is _SPENT:
+            raise RuntimeError(f"the index of {self.file} was spent by a full read; index the file again")
+        return self._skel
+
+    @_skeleton.setter
+    def _skeleton(self, skel: Any) -> None:
+        self._skel = skel
+
+    def storage_key(self, i: int) -> str:
+        """The key of storage record number ``i`` (``data/{key}``)."""
+        return str(i) if self._ordinal else self._skeys[i]
 
     @property
     def entries(self) -> dict[str, IndexEntry]:  # type: ignore[override]

@@ -20,9 +20,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import operator
 import os
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -131,7 +132,11 @@ _CHUNK = 8 << 20  # one preadv request (and one CRC32 call): large enough for a 
 _DEPTH = 2  # I/O threads (= requests in flight) at least...
 _MAX_THREADS = 8  # ...and up to torch.get_num_threads() and this (warm reads are memory-bound)
 _DEVICE_DEPTH = 4  # pinned-buffer reads in flight to a CUDA device (plus 2 buffers being copied)
-_DROP_SMALL = 8 << 20  # ... and in these, for small records: their tensors cost more RSS besides
+_DROP_SMALL = 2 << 20  # ... and in these, for small records: their tensors cost more RSS besides
+
+_data_ptr = torch.Tensor.data_ptr
+_size = operator.attrgetter("size")
+_crc = operator.attrgetter("crc32")
 
 
 @dataclass
@@ -206,30 +211,50 @@ class _RankFile:
     def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf]) -> None:
         """:meth:`is_small_whole` records, in a tight loop: one memmove and one CRC32 each
         (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
-        index, stats = self.index, self.stats
+        records = self.index.records
         offsets = self._data_offsets(skeys)
+        end = offsets[-1] + records[skeys[-1]].size
         # parsing the local headers faulted in a page (and its neighbours) of every record:
-        # unmap them all, then the copied pages every _DROP_SMALL bytes, so that the mapped
-        # file does not stay resident next to the tensors it fills (RSS ~2x the payload)
-        dropped = index.records[skeys[0]].header_offset  # records come in file order
-        self._drop(dropped, offsets[-1] + index.records[skeys[-1]].size)
+        # unmap them all before the tensors are made
+        self._drop(records[skeys[0]].header_offset, end)
+        targets = [lf.target for lf in leaves]
+        for i, lf in enumerate(leaves):
+            if lf.target is None:
+                ref: TensorRef = lf.source
+                t = targets[i] = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+                self.values[lf.path] = finish_tensor(t, ref)
+        recs = list(map(records.__getitem__, skeys))
+        # iterators in C: no Python frame, no list of ints per column
+        self.copy_whole(zip(map(_data_ptr, targets), offsets, map(_size, recs), map(_crc, recs)),  # type: ignore[arg-type]
+                        offsets[0], end, lambda i: (skeys[i], leaves[i].key))
+
+    def copy_whole(self, records: Iterable[tuple[int, int, int, int]], start: int, end: int,
+                   names: Callable[[int], tuple[str, str]]) -> None:
+        """Whole small records, in file order, into memory: one memmove and (with ``check``)
+        one CRC32 each, the mapped file pages unmapped again every :data:`_DROP_SMALL` bytes
+        (the mapped file would stay resident next to the tensors it fills: RSS ~2x the payload).
+
+        Args:
+            records: ``(address, data offset, size, zip CRC32)`` of each record, ascending
+                offsets; the address is the ``data_ptr()`` of a dense CPU tensor of its size,
+                kept alive by the caller.
+            start, end: The first record's data offset; the end of the last one's data.
+            names: ``i -> (storage key, entry key)`` of record ``i``, for an error message.
+        """
+        stats = self.stats
+        dropped = start
         base = self.whole.data_ptr()
-        memmove, values, check, records, crc32, drop_every = (
-            ctypes.memmove, self.values, self.check, index.records, _crc32, _DROP_SMALL)
+        memmove, check, crc32, drop_every = ctypes.memmove, self.check, _crc32, _DROP_SMALL
         read = 0  # bytes copied (and verified, with check): added to stats however the loop ends
         try:
             with memoryview(self.mm) as mv:
-                for skey, lf, off in zip(skeys, leaves, offsets):
-                    rec = records[skey]
-                    n = rec.size
-                    if check and crc32(mv[off : off + n]) != rec.crc32:
-                        self._check_crc(None, rec, skey, lf.key)  # raises
-                    t = lf.target
-                    if t is None:
-                        ref: TensorRef = lf.source
-                        t = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
-                        values[lf.path] = finish_tensor(t, ref)
-                    memmove(t.data_ptr(), base + off, n)
+                for i, (addr, off, n, want) in enumerate(records):
+                    if check and crc32(mv[off : off + n]) != want:
+                        skey, key = names(i)
+                        raise CorruptCheckpointError(
+                            f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
+                            file=self.index.file, key=key)
+                    memmove(addr, base + off, n)
                     read += n
                     if off + n - dropped >= drop_every:
                         self._drop(dropped, off + n)
@@ -238,7 +263,7 @@ class _RankFile:
             stats.bytes_read += read
             if check:
                 stats.bytes_verified += read
-        self._drop(dropped, offsets[-1] + records[skeys[-1]].size)
+        self._drop(dropped, end)
 
     def _data_offsets(self, skeys: list[str]) -> list[int]:
         """Data offsets of many records: their local headers parsed at once with numpy."""

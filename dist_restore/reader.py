@@ -18,6 +18,7 @@ from dist_restore._reshard import ShardPlan, plan_shards, split_leaves
 from dist_restore._slices import read_jobs
 from dist_restore._plan import ReadPlan, assemble, first_out_of_bounds, plan_read
 from dist_restore._read import MapLocation, ReadStats, Verify, produce
+from dist_restore._readall import read_all, readable
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import CheckpointError, CorruptCheckpointError, StateDictMismatchError
 
@@ -134,19 +135,25 @@ class CheckpointReader:
         t0 = time.perf_counter()
         file = self.file_path(path)
         self.check_committed(path, verify=verify)
-        index = self._index(file)
-        plan = self.plan(index, state_dict)
-        if strict and (plan.missing or plan.unexpected):
-            raise StateDictMismatchError(_strict_message(plan), file=file, rank=self._rank_info.global_rank)
+        index = self._index(file, tables=state_dict is None)
         stats = ReadStats()
-        sd = self.execute(index, plan, state_dict, map_location=map_location, stats=stats)
+        if state_dict is None and readable(index):  # everything: no plan, no object per entry
+            sd = self._read_all(index, map_location, stats)
+            missing: tuple[str, ...] = ()
+            unexpected: tuple[str, ...] = ()
+        else:
+            plan = self.plan(index, state_dict)
+            if strict and (plan.missing or plan.unexpected):
+                raise StateDictMismatchError(_strict_message(plan), file=file, rank=self._rank_info.global_rank)
+            sd = self.execute(index, plan, state_dict, map_location=map_location, stats=stats)
+            missing, unexpected = plan.missing, plan.unexpected
         seconds = time.perf_counter() - t0
-        if plan.missing:
+        if missing:
             logger.warning("rank %d: %d key(s) missing from %s: %s", self._rank_info.global_rank,
-                           len(plan.missing), file, _preview(plan.missing))
+                           len(missing), file, _preview(missing))
         logger.debug("rank %d: read %d bytes from %s in %.3fs", self._rank_info.global_rank,
                      stats.bytes_read, file, seconds)
-        return ReadResult(sd, list(plan.missing), list(plan.unexpected), stats.bytes_read,
+        return ReadResult(sd, list(missing), list(unexpected), stats.bytes_read,
                           stats.bytes_verified, seconds, index.seconds, stats.fallback_loads)
 
     # -- the pieces, for the coordinator -------------------------------------------------
@@ -175,9 +182,9 @@ class CheckpointReader:
                 "incomplete checkpoint: no commit manifest; temp files present: "
                 + ", ".join(temps[:10]) + (" ..." if len(temps) > 10 else ""), file=d, rank=rank)
 
-    def _index(self, file: Path) -> CheckpointIndex:
+    def _index(self, file: Path, *, tables: bool = False) -> CheckpointIndex:
         try:
-            return read_index(file)
+            return read_index(file, tables=tables)
         except CheckpointError as e:
             if e.rank is None:
                 raise type(e)(e.reason, file=e.file or file, rank=self._rank_info.global_rank,
@@ -224,6 +231,13 @@ class CheckpointReader:
         tree, leaf = index.walkable
         return assemble(state_dict, tree, produced, leaf)
 
+    def _read_all(self, index: CheckpointIndex, map_location: MapLocation, stats: ReadStats) -> STATE_DICT:
+        try:
+            return read_all(index, map_location=map_location, verify=self._verify, stats=stats)
+        except CheckpointError as e:
+            if e.rank is None:
+                raise type(e)(e.reason, file=e.file, rank=self._rank_info.global_rank, key=e.key) from e
+            raise
 
     def plan_shards(self, index: CheckpointIndex, leaves: list[Any]) -> ShardPlan:
         """Plan DTensor targets (or DTensor entries into whole tensors) from this rank's file

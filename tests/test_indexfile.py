@@ -245,3 +245,108 @@ def test_small_and_empty_state_dicts(tmp_path: Path, sd: dict[str, Any]) -> None
     assert read_index(tmp_path / "checkpoint_0.pt").source == "index file"
     assert_same(CheckpointReader(RankInfo(0, 1)).read(tmp_path)[0], torch.load(tmp_path / "checkpoint_0.pt",
                                                                          weights_only=True))
+
+
+def _mixed_state() -> dict[str, Any]:
+    """Rows the bulk full read takes (whole small records of their own) next to every kind it
+    leaves to the general path."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(30, generator=g)
+    sd = _state(1)
+    sd["many"] = {i: {"step": torch.tensor(float(i)), "m": torch.randn(5, generator=g),
+                      "w": torch.randn(3, 2, generator=g).to(torch.float16)} for i in range(40)}
+    sd["odd"] = {
+        "large": torch.randn(70_000, generator=g),  # a record of 280,000 bytes: the pipelined read
+        "row_t": torch.randn(5, 1, generator=g).t(),  # shape (1, 5), strides (1, 1): not torch.empty's
+        "tail": base[20:],  # a view at an offset into a storage it shares with...
+        "head": base[:10],
+        "tied": {"a": base.view(5, 6), "b": base},  # ...two more views of it
+        "neg": torch.randn(3, dtype=torch.complex64, generator=g).conj()._neg_view(),
+        "wide": torch.arange(12, dtype=torch.int32).view(3, 4),
+        "bool": torch.tensor([[True], [False]]),
+        "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),  # its storage record is untyped (bytes)
+    }
+    return sd
+
+
+_GENERAL = {"model.p", "model.frozen", "model.empty", "model.grad", "views.a", "views.b", "views.t", "conj",
+            "odd.large", "odd.row_t", "odd.tail", "odd.head", "odd.tied.a", "odd.tied.b", "odd.neg"}
+
+
+def test_full_read_takes_common_rows_in_bulk_and_the_rest_as_ever(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``state_dict=None`` through an index file: equal to ``torch.load`` (types, strides, ties,
+    conj/neg bits, Parameters); only the rows that are not whole small records of their own
+    went through the general path; byte counts as the pickle path counts them."""
+    import dist_restore._readall as ra
+
+    d = _write(tmp_path / "own", _mixed_state())
+    assert read_index(d / "checkpoint_0.pt").source == "index file"
+    general: list[str] = []
+    produce = ra.produce
+    monkeypatch.setattr(ra, "produce", lambda index, leaves, **kw: general.extend(lf.key for lf in leaves)
+                        or produce(index, leaves, **kw))
+    expect = torch.load(d / "checkpoint_0.pt", weights_only=True)
+    reader = CheckpointReader(RankInfo(0, 1))
+    res = reader.load(d)
+    assert_same(res.state_dict, expect)
+    assert_same_ties(res.state_dict, expect)
+    assert set(general) == _GENERAL
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(d / "checkpoint_0.pt", plain / "checkpoint_0.pt")
+    ref = reader.load(plain)
+    assert (res.bytes_read, res.bytes_verified) == (ref.bytes_read, ref.bytes_verified)
+    assert res.missing_keys == res.unexpected_keys == []
+    for loc in ("cpu", torch.device("cpu"), {"cpu": "cpu"}):
+        assert_same(reader.read(d, map_location=loc)[0], expect)
+    assert_same(CheckpointReader(RankInfo(0, 1), verify="none").read(d)[0], expect)
+
+
+@pytest.mark.parametrize("key", ["many.17.m", "odd.tail"], ids=["common row", "general row"])
+def test_full_read_through_the_index_file_checks_crc32(tmp_path: Path, key: str) -> None:
+    d = _write(tmp_path, _mixed_state(), rank=1, world=2)
+    f = d / "checkpoint_1.pt"
+    entry = read_index(f).entries[key]
+    data = bytearray(f.read_bytes())
+    data[entry.file_offset + 1] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="CRC32 mismatch") as ei:
+        CheckpointReader(RankInfo(1, 2)).read(d)
+    assert ei.value.key == key and ei.value.rank == 1 and ei.value.file == str(f)
+    got = CheckpointReader(RankInfo(1, 2), verify="none").read(d)[0]  # read as it is
+    assert_same(got, torch.load(f, weights_only=True))
+
+
+def test_full_read_of_a_row_named_twice_gives_one_tensor(tmp_path: Path) -> None:
+    """An index file whose skeleton names one row twice (CheckpointWriter gives every leaf a
+    row of its own) still reads both leaves, as one tensor, as torch.load does for one object;
+    one whose skeleton names a row nowhere reads the others."""
+    d = _write(tmp_path, {"a": torch.arange(4.0), "b": torch.ones(2)})
+    ix = read_index(d / "checkpoint_0.pt")
+    assert isinstance(ix, FileIndex)
+    ix._skeleton = {"a": ix._skeleton["a"], "b": ix._skeleton["b"], "again": ix._skeleton["a"]}
+    from dist_restore._readall import read_all
+
+    got = read_all(ix)
+    assert got["a"] is got["again"] and torch.equal(got["a"], torch.arange(4.0))
+    assert torch.equal(got["b"], torch.ones(2))
+    ix = read_index(d / "checkpoint_0.pt")
+    ix._skeleton = {"a": ix._skeleton["a"]}  # and one that names a row nowhere
+    got = read_all(ix)
+    assert list(got) == ["a"] and torch.equal(got["a"], torch.arange(4.0))
+
+
+def test_full_read_of_a_skeleton_that_shares_a_container(tmp_path: Path) -> None:
+    """A dict at two places of the skeleton (the writer makes none) is not filled in place
+    twice: each place gets its own, with the values (an int value is not taken for a row)."""
+    d = _write(tmp_path, {"a": {"t": torch.arange(3.0), "n": 5}, "b": 1})
+    ix = read_index(d / "checkpoint_0.pt")
+    assert isinstance(ix, FileIndex)
+    sub = ix._skeleton["a"]
+    ix._skeleton = {"a": sub, "again": sub, "b": ix._skeleton["b"]}
+    from dist_restore._readall import read_all
+
+    got = read_all(ix)
+    assert got["a"] is not got["again"] and got["a"]["n"] == got["again"]["n"] == 5 and got["b"] == 1
+    assert got["a"]["t"] is got["again"]["t"] and torch.equal(got["a"]["t"], torch.arange(3.0))

@@ -36,7 +36,7 @@ from _util import (
     tensor_bytes,
     tensor_leaves,
 )
-from dist_restore import CheckpointReader, RankInfo
+from dist_restore import CheckpointReader, CheckpointWriter, RankInfo
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")]
@@ -317,6 +317,27 @@ def test_random_state_dicts_match_torch_load(data: st.DataObject) -> None:
         sd2, missing2 = READER.read(directory, None)
         assert_same(sd2, expected)
         assert missing2 == []
+        assert file_fingerprint(path) == before
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_random_state_dicts_through_index_files_match_torch_load(data: st.DataObject) -> None:
+    """Files of ``CheckpointWriter`` (with an index file) read whole (``state_dict=None``): the
+    common rows in bulk, the others through the general path; equal to ``torch.load``."""
+    pool = _Pool(torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed")))
+    sd = _dict(data.draw, pool, 1)
+    with tempfile.TemporaryDirectory() as d:
+        directory = Path(d)
+        CheckpointWriter(RankInfo(0, 1)).write(directory, sd)
+        path = directory / "checkpoint_0.pt"
+        before = file_fingerprint(path)
+        expected = oracle(path)
+        event("index file" if (directory / "checkpoint_0.idx").exists() else "no index file")
+        full = READER.load(directory)
+        assert_same(full.state_dict, expected)
+        assert_same_ties(full.state_dict, expected)
         assert file_fingerprint(path) == before
 
 

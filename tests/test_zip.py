@@ -53,6 +53,20 @@ def _agree(cd: bytes, n: int, cd_offset: int, size: int) -> bool:
     return True
 
 
+def _tables_agree(raw: bytes) -> None:
+    """``read_zip_tables`` holds, as columns, the entries ``read_zip_records`` parses (or is
+    ``None`` exactly when the vectorised parser is)."""
+    tables = _zip.read_zip_tables(raw, "f")
+    cd, n, _off = _directory(raw)
+    if tables is None:
+        assert _zip._records_vectorised(cd, n, len(raw)) is None
+        return
+    names = [x.decode("utf-8") for x in tables.names.tolist()]
+    assert tables.name_lengths.tolist() == [len(x) for x in tables.names.tolist()]
+    got = list(zip(names, tables.header_offset.tolist(), tables.size.tolist(), tables.crc32.tolist()))
+    assert got == [tuple(r) for r in _zip.read_zip_records(raw, "f").values()]
+
+
 def _torch_file(tmp_path: Path) -> Path:
     sd = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.tensor([1, 2], dtype=torch.int16),
           "l": [torch.zeros(3, dtype=torch.float64) for _ in range(5)], "n": 3}
@@ -65,6 +79,7 @@ def test_torch_save_file(tmp_path: Path) -> None:
     raw = _torch_file(tmp_path).read_bytes()
     cd, n, off = _directory(raw)
     assert _agree(cd, n, off, len(raw))
+    _tables_agree(raw)
 
 
 def test_zip64_fields_are_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +92,7 @@ def test_zip64_fields_are_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     cd, n, off = _directory(raw)
     assert b"\xff\xff\xff\xff" in cd
     assert _agree(cd, n, off, len(raw))
+    _tables_agree(raw)
     recs = _zip.read_zip_records(raw, "f")
     with zipfile.ZipFile(out) as z:
         assert [(i.filename, i.header_offset, i.file_size, i.CRC) for i in z.infolist()] == \

@@ -194,13 +194,15 @@ def test_missing_and_corrupt_source_file_named_with_key(saved, tmp_path: Path) -
 
 
 @pytest.mark.timeout(180)
-def test_reader_indexes_dtensor_entries_like_torch_load(saved) -> None:
-    """One process: the index's layout and local reads against torch.load of the same files."""
+@pytest.mark.parametrize("writer", [False, True], ids=["torch.save", "own writer"])
+def test_reader_indexes_dtensor_entries_like_torch_load(saved, writer: bool) -> None:
+    """One process: the index's layout and local reads against torch.load of the same files
+    (whole reads: through the pickle, or through the index file's tables)."""
     import torch.distributed.tensor  # noqa: F401 - torch.load needs it to allow DTensors
 
     from dist_restore import CheckpointReader, RankInfo
 
-    path = saved("fsdp_tp", 4)
+    path = saved("fsdp_tp", 4, writer)
     for rank in range(4):
         ref = torch.load(path / f"checkpoint_{rank}.pt", weights_only=True)
         reader = CheckpointReader(RankInfo(rank, 4))
