@@ -86,7 +86,7 @@ def _check(method: str, out: Path, full_path: Path) -> None:
     """The output holds every saved entry's full value (run once per method, untimed)."""
     import torch
 
-    from dist_restore._index import iter_leaves
+    from dist_restore._format.index import iter_leaves
 
     full = torch.load(full_path, weights_only=True)
     if method.endswith("st"):

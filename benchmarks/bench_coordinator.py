@@ -106,8 +106,8 @@ def write_checkpoint(path: Path, world: int, p: Payload, writer: bool = False) -
     ``writer``: as ``CheckpointWriter`` writes them (each rank file with its index file, and a
     commit manifest); else plain ``torch.save`` files."""
     from dist_restore import CheckpointWriter, RankInfo
-    from dist_restore._indexfile import index_checksum, index_path
-    from dist_restore._manifest import Manifest, RankFileInfo, file_checksum, write_manifest
+    from dist_restore._format.indexfile import index_checksum, index_path
+    from dist_restore._format.manifest import Manifest, RankFileInfo, file_checksum, write_manifest
 
     g = torch.Generator().manual_seed(0)
     shared = {f"t{i}": torch.randn(p.shared_elems, generator=g) for i in range(p.n_shared)}

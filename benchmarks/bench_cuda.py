@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from dist_restore import CheckpointReader, RankInfo
-from dist_restore import _read
+from dist_restore._bytes import read as _read
 
 DEV = torch.device("cuda", 0)
 

@@ -145,8 +145,8 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
     import torch.distributed.checkpoint as dcp
 
     from dist_restore import RestoreCoordinator
-    from dist_restore._reshard import plan_shards, split_leaves  # noqa: F401 - the naive path's files
-    from dist_restore._slices import copy_boxes
+    from dist_restore._planning.reshard import plan_shards, split_leaves  # noqa: F401 - the naive path's files
+    from dist_restore._bytes.slices import copy_boxes
 
     m, opt = build(kind, world, layers, width, seed=2)
     sd = _sd(m, opt)
@@ -180,8 +180,8 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         return nbytes
 
     # the files and boxes dist_restore's plan picks; the naive way loads those files whole
-    from dist_restore._index import read_index
-    from dist_restore._plan import plan_read
+    from dist_restore._format.index import read_index
+    from dist_restore._planning.plan import plan_read
 
     nfiles = len(list(ours.glob("checkpoint_*.pt")))
     home = rank if nfiles == world else 0

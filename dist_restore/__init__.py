@@ -1,8 +1,8 @@
 """dist_restore: fast, correct, rank-aware restore of torch.save checkpoints."""
 
-from dist_restore._index import CheckpointIndex, IndexEntry, read_index
-from dist_restore._manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
-from dist_restore._report import RestoreReport
+from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
+from dist_restore._format.manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
+from dist_restore._protocol.report import RestoreReport
 from dist_restore._types import STATE_DICT, RankInfo
 from dist_restore.consolidate import ConsolidateResult, consolidate
 from dist_restore.coordinator import RestoreCoordinator, RestoreResult, RestoreStats

@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_restore._manifest import MANIFEST_NAME, Manifest, is_temp_file, read_manifest
+from dist_restore._format.manifest import MANIFEST_NAME, Manifest, is_temp_file, read_manifest
 from dist_restore.errors import CheckpointError
 
 _RANK_FILE = re.compile(r"checkpoint_(0|[1-9][0-9]*)\.pt")

@@ -14,8 +14,8 @@ from typing import Literal, TextIO
 
 from dist_restore._cli_util import (_human, _manifest_dict, _manifest_line, _msg, _name, _not_a_file,
                                     _scan, _table, _try_manifest)
-from dist_restore._index import read_index
-from dist_restore._manifest import MANIFEST_NAME, Manifest, RankFileInfo, check_checkpoint
+from dist_restore._format.index import read_index
+from dist_restore._format.manifest import MANIFEST_NAME, Manifest, RankFileInfo, check_checkpoint
 from dist_restore.errors import CheckpointError
 
 _VERIFY_HELP = """\

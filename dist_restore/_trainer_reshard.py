@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dist_restore._reshard import is_dtensor
+from dist_restore._planning.reshard import is_dtensor
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from dist_restore import _cli_consolidate
 from dist_restore._cli_util import (_dtype, _fail, _human, _manifest_dict, _manifest_line, _msg, _name,
                                     _scan, _shape, _short_repr, _table, _try_manifest)
 from dist_restore._cli_verify import _VERIFY_HELP, Problem, _verify
-from dist_restore._index import CheckpointIndex, IndexEntry, read_index
-from dist_restore._report import format_ranks
-from dist_restore._shared import make_selector
+from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
+from dist_restore._protocol.report import format_ranks
+from dist_restore._planning.shared import make_selector
 
 __all__ = ["Problem", "main"]
 

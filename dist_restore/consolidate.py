@@ -2,8 +2,8 @@
 
 :func:`consolidate` writes the full (unsharded) state dict of ``DIR/checkpoint_{rank}.pt``:
 every DTensor entry becomes a plain tensor of its global shape, assembled from the byte
-ranges of the rank files that hold it (the resharding plan of :mod:`._reshard`, the byte
-mover of :mod:`._slices`); every other entry comes from rank 0's file. It streams: tensors
+ranges of the rank files that hold it (the resharding plan of :mod:`dist_restore._planning.reshard`, the byte
+mover of :mod:`dist_restore._bytes.slices`); every other entry comes from rank 0's file. It streams: tensors
 are made in pickle order, a batch of at most ``batch_bytes`` (or one larger tensor) at a
 time, written out and freed, so the memory it needs is about the largest tensor plus one
 batch, however large the checkpoint. Nothing else is loaded: rank 0's file is indexed, the
@@ -31,17 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dist_restore._consolidate_io import ConsolidateProgress, open_index, stream
-from dist_restore._consolidate_plan import plan_safetensors, plan_torch
+from dist_restore._bytes.consolidate_io import ConsolidateProgress, open_index, stream
+from dist_restore._planning.consolidate_plan import plan_safetensors, plan_torch
 from dist_restore._gc import paused
-from dist_restore._index import CheckpointIndex
-from dist_restore._manifest import (MANIFEST_NAME, IncompleteCheckpointError, check_checkpoint, fsync_dir,
+from dist_restore._format.index import CheckpointIndex
+from dist_restore._format.manifest import (MANIFEST_NAME, IncompleteCheckpointError, check_checkpoint, fsync_dir,
                                     rank_file_count, temp_path, _unlink_quietly)
 from dist_restore._paths import raise_with_path
-from dist_restore._read import ReadStats
-from dist_restore._safetensors import SafetensorsWriter
-from dist_restore._shared import SharedSpec, make_selector
-from dist_restore._torchzip import TorchZipWriter
+from dist_restore._bytes.read import ReadStats
+from dist_restore._format.safetensors import SafetensorsWriter
+from dist_restore._planning.shared import SharedSpec, make_selector
+from dist_restore._format.torchzip import TorchZipWriter
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ The protocol of :meth:`RestoreCoordinator.restore`, in order:
 3. **exchange** (owner -> all): shared tensors travel in flat byte buckets per
    (owner, dtype), one ``broadcast`` each; a lone tensor lands directly in its target.
    How each rank packs and unpacks a bucket (in place, views, row copies, vectored
-   syscalls, or copies) is prepared at the end of the read phase (see :mod:`._exchange`).
+   syscalls, or copies) is prepared at the end of the read phase (see :mod:`dist_restore._protocol.exchange`).
    When every rank runs on one host, owners instead pack their buckets into a memory
-   file during the read phase and the others copy them out of it (see :mod:`._shm`).
+   file during the read phase and the others copy them out of it (see :mod:`dist_restore._bytes.shm`).
 4. **finish** (all ranks): agree that every copy succeeded (and broadcast what a rank
    could not copy from a memory file); assemble the result; closing barrier. (rank 0)
    log the report.
@@ -39,20 +39,20 @@ from typing import Any
 
 import torch
 
-from dist_restore import _shm
+from dist_restore._bytes import shm as _shm
 from dist_restore._gc import paused
-from dist_restore._pg import BarrierKind, CollectiveError, ProcessGroupWrapper
-from dist_restore._plan import PlannedLeaf, assemble, first_out_of_bounds, plan_read
-from dist_restore._dtensor import DTensorRef
-from dist_restore._exchange import BucketIO, prepare_buckets
-from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
-from dist_restore._reshard import is_dtensor, plan_shards, split_leaves
-from dist_restore._slices import read_jobs
-from dist_restore._read import MapLocation, ReadStats, Verify, produce, resolve_device
-from dist_restore._report import RankReport, RestoreReport, format_ranks
-from dist_restore._shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
+from dist_restore._protocol.pg import BarrierKind, CollectiveError, ProcessGroupWrapper
+from dist_restore._planning.plan import PlannedLeaf, assemble, first_out_of_bounds, plan_read
+from dist_restore._format.dtensor import DTensorRef
+from dist_restore._protocol.exchange import BucketIO, prepare_buckets
+from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
+from dist_restore._planning.reshard import is_dtensor, plan_shards, split_leaves
+from dist_restore._bytes.slices import read_jobs
+from dist_restore._bytes.read import MapLocation, ReadStats, Verify, produce, resolve_device
+from dist_restore._protocol.report import RankReport, RestoreReport, format_ranks
+from dist_restore._planning.shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
                                   unmatched_patterns)
-from dist_restore._shared import shared_items as shared_items_of
+from dist_restore._planning.shared import shared_items as shared_items_of
 from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import RestoreError
@@ -187,7 +187,7 @@ class RestoreCoordinator:
 
         DTensor targets (and DTensor entries restored into whole tensors) are resharded:
         each rank reads the byte ranges of the rank files that overlap its shard, whatever
-        the world size and layout that saved them (see :mod:`._reshard`).
+        the world size and layout that saved them (see :mod:`dist_restore._planning.reshard`).
 
         Before anything is read, every rank checks the checkpoint is committed: with a
         manifest, the world size and its own file's size (and checksum with ``verify``);

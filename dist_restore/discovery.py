@@ -25,8 +25,8 @@ import os
 import re
 from pathlib import Path
 
-from dist_restore._index import read_index
-from dist_restore._manifest import (
+from dist_restore._format.index import read_index
+from dist_restore._format.manifest import (
     MANIFEST_NAME,
     IncompleteCheckpointError,
     Manifest,

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from dist_restore._gc import gc_paused
-from dist_restore._index import CheckpointIndex, read_index
-from dist_restore._manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, rank_file_count, \
+from dist_restore._format.index import CheckpointIndex, read_index
+from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, rank_file_count, \
     read_manifest
-from dist_restore._regions import LayoutError
-from dist_restore._reshard import ShardPlan, plan_shards, split_leaves
-from dist_restore._slices import read_jobs
-from dist_restore._plan import ReadPlan, assemble, first_out_of_bounds, plan_read
-from dist_restore._read import MapLocation, ReadStats, Verify, produce
-from dist_restore._readall import read_all, readable
+from dist_restore._planning.regions import LayoutError
+from dist_restore._planning.reshard import ShardPlan, plan_shards, split_leaves
+from dist_restore._bytes.slices import read_jobs
+from dist_restore._planning.plan import ReadPlan, assemble, first_out_of_bounds, plan_read
+from dist_restore._bytes.read import MapLocation, ReadStats, Verify, produce
+from dist_restore._bytes.readall import read_all, readable
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import CheckpointError, CorruptCheckpointError, StateDictMismatchError
 

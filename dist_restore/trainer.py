@@ -41,11 +41,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from dist_restore._manifest import IncompleteCheckpointError, rank_file_count, read_manifest
-from dist_restore._read import MapLocation
+from dist_restore._format.manifest import IncompleteCheckpointError, rank_file_count, read_manifest
+from dist_restore._bytes.read import MapLocation
 from dist_restore._trainer_reshard import optimizer_target, strict_problems
 from dist_restore._timeout import Timeout, to_seconds
-from dist_restore._index import read_index
+from dist_restore._format.index import read_index
 from dist_restore._types import rank_file_name
 from dist_restore.coordinator import RestoreCoordinator, RestoreResult, _check_saved_world
 from dist_restore.discovery import find_latest_checkpoint

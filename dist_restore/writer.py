@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from dist_restore._manifest import (  # noqa: I001
+from dist_restore._format.manifest import (  # noqa: I001
     _unlink_quietly,
     MANIFEST_NAME,
     TMP_SUFFIX,
@@ -62,10 +62,10 @@ from dist_restore._manifest import (  # noqa: I001
     write_manifest,
     write_synced,
 )
-from dist_restore._index import read_index
-from dist_restore._indexfile import build_index_file, index_checksum, index_path
+from dist_restore._format.index import read_index
+from dist_restore._format.indexfile import build_index_file, index_checksum, index_path
 from dist_restore._paths import raise_with_path
-from dist_restore._pg import CollectiveError, ProcessGroupWrapper
+from dist_restore._protocol.pg import CollectiveError, ProcessGroupWrapper
 from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import RestoreError

@@ -67,8 +67,8 @@ def reshard_target(path: Path, world: int, how: str) -> dict | None:
     everything else ``None`` (loaded as saved). ``None`` when the world size is the same or
     the checkpoint has no DTensor (then the coordinator needs no target)."""
     from dist_restore import read_index
-    from dist_restore._dtensor import DTensorRef
-    from dist_restore._manifest import rank_file_count
+    from dist_restore._format.dtensor import DTensorRef
+    from dist_restore._format.manifest import rank_file_count
 
     if rank_file_count(path) == world:
         return None

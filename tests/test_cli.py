@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_restore import _cli_verify, cli, read_index
-from dist_restore._manifest import MANIFEST_NAME, Manifest, RankFileInfo, file_checksum, write_manifest
+from dist_restore._format.manifest import MANIFEST_NAME, Manifest, RankFileInfo, file_checksum, write_manifest
 from dist_restore.cli import main
 
 pytestmark = pytest.mark.timeout(60)

@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 import torch
 
-from dist_restore import _torchzip, consolidate, read_index
-from dist_restore._index import iter_leaves
-from dist_restore._regions import Box
-from dist_restore._segments import Segment, box_segments
-from dist_restore._unpickle import StorageRef, TensorRef
+from dist_restore import consolidate, read_index
+
+from dist_restore._format import torchzip as _torchzip
+from dist_restore._format.index import iter_leaves
+from dist_restore._planning.regions import Box
+from dist_restore._bytes.segments import Segment, box_segments
+from dist_restore._format.unpickle import StorageRef, TensorRef
 from dist_restore.cli import main
 from dist_restore import IncompleteCheckpointError
 from dist_restore.errors import CorruptCheckpointError

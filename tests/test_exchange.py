@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from _util import tensor_bytes
-from dist_restore import _exchange, _iovec
-from dist_restore._exchange import BucketIO, prepare_buckets
-from dist_restore._index import read_index
-from dist_restore._plan import plan_read
-from dist_restore._read import produce
-from dist_restore._shared import SharedItem, assign_owners, make_buckets
+from dist_restore._protocol import exchange as _exchange
+from dist_restore._bytes import iovec as _iovec
+from dist_restore._protocol.exchange import BucketIO, prepare_buckets
+from dist_restore._format.index import read_index
+from dist_restore._planning.plan import plan_read
+from dist_restore._bytes.read import produce
+from dist_restore._planning.shared import SharedItem, assign_owners, make_buckets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -261,7 +262,7 @@ def _packed(sizes: list[int]) -> tuple[list[int], int]:
 def _roundtrip_shm(path: Path, owner_target: Any, receiver_target: Any, bucket_bytes: int = 1 << 20,
                    aligned: bool = True) -> tuple[list[BucketIO], list[BucketIO], dict, Any]:
     """As :func:`_roundtrip`, through the owner's memory file (ranks on one host)."""
-    from dist_restore import _shm
+    from dist_restore._bytes import shm as _shm
 
     index = read_index(path)
     items = _items(index)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dist_restore import CheckpointReader, CheckpointWriter, RankInfo, read_index
-from dist_restore._indexfile import FileIndex, index_path
-from dist_restore._manifest import check_checkpoint, read_manifest
+from dist_restore._format.indexfile import FileIndex, index_path
+from dist_restore._format.manifest import check_checkpoint, read_manifest
 from dist_restore.errors import CorruptCheckpointError
 
 from _util import assert_same, assert_same_ties
@@ -147,7 +147,7 @@ def _damage(kind: str, d: Path, tmp: Path) -> None:
 def test_a_bad_index_file_is_never_used(tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
     d = _write(tmp_path / "ckpt", _state(3))
     _damage(kind, d, tmp_path)
-    with caplog.at_level(logging.DEBUG, logger="dist_restore._indexfile"):
+    with caplog.at_level(logging.DEBUG, logger="dist_restore._format.indexfile"):
         ix = read_index(d / "checkpoint_0.pt")
         assert ix.source == "pickle"
         got = CheckpointReader(RankInfo(0, 1)).read(d)[0]
@@ -188,7 +188,7 @@ def test_verify_warns_about_a_damaged_index_file(tmp_path: Path, caplog: pytest.
     d = _write(tmp_path)
     assert check_checkpoint(d, world_size=1, verify=True) is not None
     _damage("flipped byte", d, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="dist_restore._manifest"):
+    with caplog.at_level(logging.WARNING, logger="dist_restore._format.manifest"):
         assert check_checkpoint(d, world_size=1, verify=True) is not None  # the data is intact
     assert "index file checkpoint_0.idx is crc32:" in caplog.text
 
@@ -278,7 +278,7 @@ def test_full_read_takes_common_rows_in_bulk_and_the_rest_as_ever(tmp_path: Path
     """``state_dict=None`` through an index file: equal to ``torch.load`` (types, strides, ties,
     conj/neg bits, Parameters); only the rows that are not whole small records of their own
     went through the general path; byte counts as the pickle path counts them."""
-    import dist_restore._readall as ra
+    import dist_restore._bytes.readall as ra
 
     d = _write(tmp_path / "own", _mixed_state())
     assert read_index(d / "checkpoint_0.pt").source == "index file"
@@ -326,7 +326,7 @@ def test_full_read_of_a_row_named_twice_gives_one_tensor(tmp_path: Path) -> None
     ix = read_index(d / "checkpoint_0.pt")
     assert isinstance(ix, FileIndex)
     ix._skeleton = {"a": ix._skeleton["a"], "b": ix._skeleton["b"], "again": ix._skeleton["a"]}
-    from dist_restore._readall import read_all
+    from dist_restore._bytes.readall import read_all
 
     got = read_all(ix)
     assert got["a"] is got["again"] and torch.equal(got["a"], torch.arange(4.0))
@@ -345,7 +345,7 @@ def test_full_read_of_a_skeleton_that_shares_a_container(tmp_path: Path) -> None
     assert isinstance(ix, FileIndex)
     sub = ix._skeleton["a"]
     ix._skeleton = {"a": sub, "again": sub, "b": ix._skeleton["b"]}
-    from dist_restore._readall import read_all
+    from dist_restore._bytes.readall import read_all
 
     got = read_all(ix)
     assert got["a"] is not got["again"] and got["a"]["n"] == got["again"]["n"] == 5 and got["b"] == 1

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_restore import _manifest as m
-from dist_restore._manifest import (
+from dist_restore._format import manifest as m
+from dist_restore._format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     IncompleteCheckpointError,

@@ -122,7 +122,7 @@ def test_small_records_unmapped_in_many_windows_read_exactly(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Small records copied while their file pages are unmapped every few KiB: exact bytes,
     into allocated and preallocated targets alike, and a flipped bit is still caught."""
-    import dist_restore._read as rd
+    import dist_restore._bytes.read as rd
     from _util import oracle, tensor_bytes
     from dist_restore import CheckpointReader, CorruptCheckpointError, RankInfo, read_index
 

@@ -20,7 +20,7 @@ import torch
 from _util import save
 from dist_restore import (CheckpointReader, CheckpointWriter, RankInfo, RestoreCoordinator, RestoreError,
                           find_latest_checkpoint, read_index)
-from dist_restore._manifest import MANIFEST_NAME, check_checkpoint
+from dist_restore._format.manifest import MANIFEST_NAME, check_checkpoint
 from dist_restore.cli import main as cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,7 +109,7 @@ def test_io_error_while_indexing_names_the_file(tmp_path: Path, monkeypatch: pyt
 
 
 def test_mapping_error_while_reading_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dist_restore._read as rd
+    import dist_restore._bytes.read as rd
 
     f = save({"w": torch.zeros(3)}, tmp_path)
     index = read_index(f)
@@ -125,7 +125,7 @@ def test_mapping_error_while_reading_names_the_file(tmp_path: Path, monkeypatch:
 
 
 def test_io_error_during_checksum_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dist_restore._manifest as mf
+    import dist_restore._format.manifest as mf
 
     CheckpointWriter().write(tmp_path, {"w": torch.zeros(3)})
 

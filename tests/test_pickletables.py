@@ -19,9 +19,9 @@ import torch
 
 from _util import assert_same, assert_same_ties, oracle, rewrite_zip, save
 from dist_restore import CheckpointReader, RankInfo, read_index
-from dist_restore import _pickletables
-from dist_restore._indexfile import FileIndex
-from dist_restore._readall import read_all
+from dist_restore._format import pickletables as _pickletables
+from dist_restore._format.indexfile import FileIndex
+from dist_restore._bytes.readall import read_all
 
 READER = CheckpointReader(RankInfo(0, 1))
 

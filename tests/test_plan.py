@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from dist_restore._plan import PlannedLeaf, check_tensor, first_out_of_bounds, plan_read, view_out_of_bounds
-from dist_restore._unpickle import StorageRef, TensorRef
+from dist_restore._planning.plan import PlannedLeaf, check_tensor, first_out_of_bounds, plan_read, view_out_of_bounds
+from dist_restore._format.unpickle import StorageRef, TensorRef
 
 
 def _random_ref(rng: random.Random) -> TensorRef:

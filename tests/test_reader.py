@@ -528,7 +528,7 @@ def test_legacy_file_with_exotic_tensors(tmp_path: Path) -> None:
 def test_index_of_legacy_file_with_nested_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: indexing a legacy file holding a nested tensor raised RuntimeError
     ('NestedTensorImpl doesn't support sizes') from CheckpointIndex._entry."""
-    import dist_restore._index as index_mod
+    import dist_restore._format.index as index_mod
 
     # torch.load of a legacy nested tensor is itself unreliable on torch 2.13, so the legacy
     # load is replaced by what it returns when it works: the tree with the nested tensor.

@@ -522,7 +522,7 @@ def test_traceback_locals_do_not_alias_unmapped_file(tmp_path: Path) -> None:
 def test_large_records_split_across_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             threads: int, flip: int | None) -> None:
     """Records copied in pieces by several threads: exact bytes; a flip in any part is caught."""
-    import dist_restore._read as rd
+    import dist_restore._bytes.read as rd
 
     monkeypatch.setattr(rd, "_SMALL", 1000)
     monkeypatch.setattr(rd, "_CHUNK", 1000)  # requests that straddle pages, several in flight
@@ -565,7 +565,7 @@ def test_pipelined_reads_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                    flip: tuple[str, int] | None) -> None:
     """Many mid-sized records read on the I/O pool, several in flight, in several requests each:
     exact bytes against torch.load; a flip in any record names that record's key."""
-    import dist_restore._read as rd
+    import dist_restore._bytes.read as rd
 
     monkeypatch.setattr(rd, "_SMALL", 1000)
     monkeypatch.setattr(rd, "_CHUNK", 3000)  # requests that straddle pages
@@ -597,7 +597,7 @@ def test_pipelined_reads_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_file_truncated_after_mapping_before_a_large_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file that shrinks after it was opened: a clear error, not a SIGBUS from the mapping."""
-    import dist_restore._read as rd
+    import dist_restore._bytes.read as rd
 
     monkeypatch.setattr(rd, "_SMALL", 1000)
     path = _save(tmp_path, {"big": torch.arange(50_000, dtype=torch.float32), "small": torch.ones(3)})

@@ -15,8 +15,8 @@ from torch.distributed.tensor.placement_types import Replicate as TReplicate
 from torch.distributed.tensor.placement_types import Shard as TShard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from dist_restore import _regions as R
-from dist_restore._unpickle import unpickle_refs
+from dist_restore._planning import regions as R
+from dist_restore._format.unpickle import unpickle_refs
 from dist_restore.errors import UnsafeCheckpointError
 
 
@@ -154,7 +154,7 @@ def test_unpickler_stubs_run_no_torch_distributed_code() -> None:
 
 
 def _ref(layout):
-    from dist_restore._dtensor import DTensorRef
+    from dist_restore._format.dtensor import DTensorRef
 
     ref = DTensorRef(torch.float32, layout.shape, (1,), False)
     ref.__dict__["layout"] = layout  # the parsed layout, as the unpickler's spec would give
@@ -164,8 +164,8 @@ def _ref(layout):
 def test_replicas_are_read_once_and_spread_over_ranks() -> None:
     """A tensor replicated on 4 saving ranks, wanted whole by 2 restoring ranks: each reads it
     from one file, and the two pick different files."""
-    from dist_restore._dtensor import DLayout, MeshInfo
-    from dist_restore._reshard import plan_job
+    from dist_restore._format.dtensor import DLayout, MeshInfo
+    from dist_restore._planning.reshard import plan_job
 
     layout = DLayout((8,), (R.Replicate(),), MeshInfo((4,), None, (0,), 0, ((0, 1, 2, 3),)))
     picks = []
@@ -182,8 +182,8 @@ def test_replicas_are_read_once_and_spread_over_ranks() -> None:
 
 
 def test_mesh_ranks_beyond_the_files_are_named() -> None:
-    from dist_restore._dtensor import DLayout, MeshInfo
-    from dist_restore._reshard import plan_job
+    from dist_restore._format.dtensor import DLayout, MeshInfo
+    from dist_restore._planning.reshard import plan_job
 
     layout = DLayout((8,), (R.Shard(0),), MeshInfo((4,), None, (0,), 0, ((0, 1, 2, 3),)))
     with pytest.raises(R.LayoutError, match="places shards on rank 3, but the checkpoint has 3"):
@@ -192,7 +192,7 @@ def test_mesh_ranks_beyond_the_files_are_named() -> None:
 
 
 def _mesh_stub(layout_state: dict, rank_map: tuple[int, ...], names: tuple[str, ...], coord: list[int]):
-    from dist_restore._dtensor import STUBS
+    from dist_restore._format.dtensor import STUBS
 
     layout = STUBS["_MeshLayout"]()
     layout.__setstate__(layout_state)
@@ -203,7 +203,7 @@ def _mesh_stub(layout_state: dict, rank_map: tuple[int, ...], names: tuple[str, 
 
 
 def _flat_stub(shape: tuple, stride: tuple):
-    from dist_restore._dtensor import STUBS
+    from dist_restore._format.dtensor import STUBS
 
     ax = STUBS["_FlatLayout"]()
     ax.__setstate__({"shape": shape, "stride": stride})
@@ -215,7 +215,7 @@ def test_mesh_layout_of_older_torch(which: str) -> None:
     """torch 2.9-2.11 pickle a DeviceMesh's ``_layout`` as one CuTe layout (``shape``/``stride``,
     a mode per mesh dim; seen on a GPU machine with torch 2.11), torch 2.12+ as ``axes`` of
     ``_FlatLayout``: both give the same mesh, groups included."""
-    from dist_restore._dtensor import _parse_mesh
+    from dist_restore._format.dtensor import _parse_mesh
 
     rank_map = tuple(range(8))
     old, new = {

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dist_restore._report import KeyIssue, RankReport, RestoreReport, format_ranks
+from dist_restore._protocol.report import KeyIssue, RankReport, RestoreReport, format_ranks
 
 SHAPE_MSG = "shape (10, 4) in checkpoint, (12, 4) in target"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_restore import CheckpointReader, CorruptCheckpointError, RankInfo, RestoreCoordinator, RestoreError
-from dist_restore._manifest import IncompleteCheckpointError
+from dist_restore._format.manifest import IncompleteCheckpointError
 from dist_restore.writer import CheckpointWriter
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,7 +94,7 @@ def test_world_size_change_takes_plain_entries_from_src_and_says_so(tmp_path: Pa
 
 def _commit(d: Path, world: int) -> None:
     """A commit manifest for the rank files already in ``d`` (as CheckpointWriter writes it)."""
-    from dist_restore._manifest import Manifest, RankFileInfo, file_checksum, write_manifest
+    from dist_restore._format.manifest import Manifest, RankFileInfo, file_checksum, write_manifest
 
     ranks = [RankFileInfo(r, f"checkpoint_{r}.pt", os.path.getsize(d / f"checkpoint_{r}.pt"),
                           file_checksum(d / f"checkpoint_{r}.pt")) for r in range(world)]

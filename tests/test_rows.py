@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_restore import _rows
-from dist_restore._rows import ROW_MAX, RowPlan
+from dist_restore._bytes import rows as _rows
+from dist_restore._bytes.rows import ROW_MAX, RowPlan
 
 pytestmark = pytest.mark.timeout(60)
 

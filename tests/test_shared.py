@@ -8,8 +8,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from dist_restore._shared import SharedItem, assign_owners, make_buckets, make_selector, shared_items
-from dist_restore._unpickle import StorageRef, TensorRef
+from dist_restore._planning.shared import SharedItem, assign_owners, make_buckets, make_selector, shared_items
+from dist_restore._format.unpickle import StorageRef, TensorRef
 
 
 def test_prefix_selects_subtree_not_siblings() -> None:
@@ -35,7 +35,7 @@ def test_empty_prefix_is_refused(bad: str) -> None:
 
 
 def test_unmatched_patterns_named() -> None:
-    from dist_restore._shared import unmatched_patterns
+    from dist_restore._planning.shared import unmatched_patterns
 
     keys = ["model.w", "opt.lr"]
     assert unmatched_patterns(["model.", "emb", "*.bias", "opt"], keys) == ["emb", "*.bias"]

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from dist_restore import _iovec, _shm
+from dist_restore._bytes import iovec as _iovec
+
+from dist_restore._bytes import shm as _shm
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(_shm.host_id() is None, reason="no shareable memory files here")]

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_restore._regions import Box
-from dist_restore._slices import copy_boxes
+from dist_restore._planning.regions import Box
+from dist_restore._bytes.slices import copy_boxes
 
 
 def _mapped(path: Path, t: torch.Tensor, pad: int = 0) -> tuple[int, torch.Tensor]:
@@ -79,7 +79,7 @@ def test_large_row_slices_go_to_the_pool_in_groups(tmp_path: Path) -> None:
     """A column slice of a row-major target, 1 MiB in all: its rows go to ``submit`` in groups
     of about ``_CHUNK`` bytes (made 64 KiB here: 16 rows of 4 KiB), and every byte lands where
     slicing puts it."""
-    import dist_restore._slices as S
+    import dist_restore._bytes.slices as S
 
     src = torch.arange(256 * 1024, dtype=torch.float32).reshape(256, 1024)
     fd, view = _mapped(tmp_path / "s.bin", src)

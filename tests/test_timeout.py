@@ -16,7 +16,7 @@ import torch
 
 from _util import save
 from dist_restore import CheckpointWriter, RestoreCoordinator
-from dist_restore._pg import ProcessGroupWrapper
+from dist_restore._protocol.pg import ProcessGroupWrapper
 from dist_restore._timeout import to_seconds
 from dist_restore.trainer import TrainingState, restore_training_state, resume_latest, save_training_state
 

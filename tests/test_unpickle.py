@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from dist_restore import _unpickle
-from dist_restore._unpickle import StorageRef, TensorRef, unpickle_refs
+from dist_restore._format import unpickle as _unpickle
+from dist_restore._format.unpickle import StorageRef, TensorRef, unpickle_refs
 from dist_restore.errors import CheckpointError
 
 

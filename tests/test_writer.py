@@ -17,7 +17,7 @@ from torch.distributed.checkpoint._experimental.checkpoint_writer import Checkpo
 from torch.distributed.checkpoint._experimental.types import RankInfo as TorchRankInfo
 
 from dist_restore import CheckpointReader, RankInfo, RestoreError
-from dist_restore._manifest import (
+from dist_restore._format.manifest import (
     MANIFEST_NAME,
     IncompleteCheckpointError,
     check_checkpoint,

@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_restore import CheckpointWriter, RankInfo, _torchzip, _zip, consolidate
+from dist_restore import CheckpointWriter, RankInfo, consolidate
+
+from dist_restore._format import torchzip as _torchzip
+
+from dist_restore._format import zip as _zip
 from dist_restore.errors import CorruptCheckpointError
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_committed_checkpoint(path: Path, world: int, **kwargs: Any) -> None:
     """``_workers.write_checkpoint`` rank files plus a commit manifest over all of them."""
-    from dist_restore._manifest import Manifest, RankFileInfo, file_checksum, write_manifest
+    from dist_restore._format.manifest import Manifest, RankFileInfo, file_checksum, write_manifest
     from tests_multiprocess._workers import write_checkpoint
 
     write_checkpoint(path, world, **kwargs)
@@ -51,7 +51,7 @@ def write_committed_checkpoint(path: Path, world: int, **kwargs: Any) -> None:
 
 def node_local_dirs(src: Path, dst: Path, nnodes: int, nproc: int) -> list[Path]:
     """Copy ``src`` into ``dst/node{i}``: node ``i`` gets the manifest and ranks ``i*nproc..``."""
-    from dist_restore._manifest import MANIFEST_NAME
+    from dist_restore._format.manifest import MANIFEST_NAME
 
     dirs = []
     for node in range(nnodes):
@@ -217,7 +217,7 @@ def run_agents(entries: Sequence[Sequence[str]], *, nproc: int, port: int, run_i
 def _tensor_bytes(tree: Any) -> int:
     import torch
 
-    from dist_restore._index import iter_leaves
+    from dist_restore._format.index import iter_leaves
 
     return sum(v.nbytes for _k, _p, v in iter_leaves(tree) if isinstance(v, torch.Tensor))
 
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 1
     try:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
-        from dist_restore import _shm
+        from dist_restore._bytes import shm as _shm
 
         node = os.environ["GROUP_RANK"]  # each agent plays a host of its own: no memory files across
         _shm.host_id = lambda: f"simulated-node-{node}"

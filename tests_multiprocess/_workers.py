@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dist_restore import RestoreCoordinator, RestoreError
-from dist_restore._index import iter_leaves
+from dist_restore._format.index import iter_leaves
 
 SENTINEL = 7.0
 
@@ -88,7 +88,7 @@ def restore_and_compare(rank: int, world: int, path: str, mode: str, preallocate
     target = targets_like(file, preallocate=preallocate)
     keep = {k: v for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
     if rank == no_peer_file_on:
-        from dist_restore import _shm
+        from dist_restore._bytes import shm as _shm
 
         def refuse(self: Any, offer: Any) -> None:
             raise PermissionError(13, "Permission denied", f"/proc/{offer.pid}/fd/{offer.fd}")
@@ -180,7 +180,7 @@ def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int,
                                   shm: bool = False) -> dict[str, Any]:
     """``victim`` fails locally while packing (``buffer``, ``pack_into``) or unpacking
     (``unpack``, ``unpack_from``) a shared bucket."""
-    from dist_restore import _exchange
+    from dist_restore._protocol import exchange as _exchange
 
     if rank == victim:
         def boom(self: Any, *a: Any) -> Any:

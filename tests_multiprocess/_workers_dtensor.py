@@ -71,7 +71,7 @@ def _state(m: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def _flat(sd: dict[str, Any]) -> dict[str, Any]:
-    from dist_restore._index import iter_leaves
+    from dist_restore._format.index import iter_leaves
 
     return {k: v for k, _p, v in iter_leaves(sd)}
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dist_restore import RankInfo, RestoreError
-from dist_restore._manifest import MANIFEST_NAME
+from dist_restore._format.manifest import MANIFEST_NAME
 from dist_restore.writer import CheckpointWriter
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_restore import consolidate, read_index
-from dist_restore._index import iter_leaves
+from dist_restore._format.index import iter_leaves
 from dist_restore.cli import main
 from tests_multiprocess import _workers_consolidate as wc
 from tests_multiprocess.harness import run_ranks

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.multiprocess
 
 def _shared_bytes(path: Path) -> int:
     sd = torch.load(path / "checkpoint_0.pt", weights_only=True)["shared"]
-    from dist_restore._index import iter_leaves
+    from dist_restore._format.index import iter_leaves
 
     return sum(v.numel() * v.element_size() for _k, _p, v in iter_leaves(sd) if isinstance(v, torch.Tensor))
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dist_restore import read_index
-from dist_restore._regions import full_runs
-from dist_restore._reshard import dtensor_holders
+from dist_restore._planning.regions import full_runs
+from dist_restore._planning.reshard import dtensor_holders
 from tests_multiprocess import _workers_dtensor as w
 from tests_multiprocess.harness import run_ranks
 
@@ -229,7 +229,7 @@ def _plain(p: object) -> tuple:
     """A placement, torch's or ours, as plain values (``_StridedShard`` first: it is a Shard)."""
     from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
 
-    from dist_restore import _regions
+    from dist_restore._planning import regions as _regions
 
     if isinstance(p, _StridedShard):
         return ("shard", p.dim, p.split_factor)
@@ -263,7 +263,7 @@ def test_reader_fills_whole_tensors_from_every_file_and_checks_crc(saved, tmp_pa
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     f = broken / "checkpoint_2.pt"
-    from dist_restore._index import read_index
+    from dist_restore._format.index import read_index
 
     index = read_index(f)  # a model entry whose record holds exactly its local shard
     entry = next(e for e in index if e.key.startswith("model.") and e.nbytes == index.records[e.storage_key].size)

@@ -94,7 +94,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path: Path) -> None:
 
 
 def _flat(sd: dict) -> dict:
-    from dist_restore._index import iter_leaves
+    from dist_restore._format.index import iter_leaves
 
     return {k: v for k, _p, v in iter_leaves(sd)}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_restore._manifest import (
+from dist_restore._format.manifest import (
     MANIFEST_NAME,
     IncompleteCheckpointError,
     Manifest,

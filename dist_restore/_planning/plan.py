@@ -23,10 +23,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from dist_restore._dtensor import DTensorRef
-from dist_restore._index import SOURCE_TENSOR_TYPES, iter_leaves
-from dist_restore._keypath import RawPath, join_index, join_key
-from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
+from dist_restore._format.dtensor import DTensorRef
+from dist_restore._format.index import SOURCE_TENSOR_TYPES, iter_leaves
+from dist_restore._format.keypath import RawPath, join_index, join_key
+from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef
 
 
 class PlannedLeaf(NamedTuple):

@@ -1,16 +1,16 @@
 """Reading a whole rank file into new tensors (``state_dict=None``) without an object per entry.
 
-Through the general path (:func:`._plan.plan_read`, :func:`._read.produce`,
-:func:`._plan.assemble`) a full restore makes, per tensor, a reference, a planned leaf, its key
+Through the general path (:func:`dist_restore._planning.plan.plan_read`, :func:`dist_restore._bytes.read.produce`,
+:func:`dist_restore._planning.plan.assemble`) a full restore makes, per tensor, a reference, a planned leaf, its key
 and raw path and a ``{path: tensor}`` item, all alive next to the tensors at the peak: ~1 KB a
 tensor (60,000 small ones: ~100 MiB beyond their bytes). Here an index file's tables
-(:class:`._indexfile.Columns`: loaded from the index file, or made from a ``torch.save`` file's
-pickle by :mod:`._pickletables`) are classified at once with numpy. Every *common* row, a tensor
+(:class:`dist_restore._format.indexfile.Columns`: loaded from the index file, or made from a ``torch.save`` file's
+pickle by :mod:`dist_restore._format.pickletables`) are classified at once with numpy. Every *common* row, a tensor
 that is the whole of a small storage record of its own (offset 0, torch.empty's strides),
 placed on the CPU, with nothing else to set (no requires_grad, Parameter, conj/neg bits), gets
 its tensor straight from the tables while the result's containers (the skeleton's own, filled
 in place) are built; then the records are copied into those tensors in file order by
-:meth:`._read._RankFile.copy_whole` (CRC32 checked). What stays per tensor is the tensor itself
+:meth:`dist_restore._bytes.read._RankFile.copy_whole` (CRC32 checked). What stays per tensor is the tensor itself
 and a few machine words. Every other row (views, tied storages, large records, DTensor shards,
 other devices, ...) goes through the general path, as before.
 """
@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_restore._index import CheckpointIndex, iter_leaves, shares_containers
-from dist_restore._indexfile import KIND_TENSOR, KIND_VALUE, Columns, FileIndex
-from dist_restore._keypath import RawPath
+from dist_restore._format.index import CheckpointIndex, iter_leaves, shares_containers
+from dist_restore._format.indexfile import KIND_TENSOR, KIND_VALUE, Columns, FileIndex
+from dist_restore._format.keypath import RawPath
 from dist_restore._paths import raise_with_path
-from dist_restore._plan import _PLAIN_MAPPINGS, PlannedLeaf, _is_sequence, _rebuild_tuple, first_out_of_bounds
-from dist_restore._read import _SMALL, MapLocation, ReadStats, Verify, _RankFile, produce, resolve_device
-from dist_restore._reshard import split_leaves
+from dist_restore._planning.plan import _PLAIN_MAPPINGS, PlannedLeaf, _is_sequence, _rebuild_tuple, first_out_of_bounds
+from dist_restore._bytes.read import _SMALL, MapLocation, ReadStats, Verify, _RankFile, produce, resolve_device
+from dist_restore._planning.reshard import split_leaves
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 _MISSING = object()
@@ -173,7 +173,7 @@ def _read_general(index: FileIndex, skeleton: Any, wanted: np.ndarray, map_locat
 
 def _build(index: FileIndex, skeleton: Any, cols: Columns, code: np.ndarray, shapes: list[tuple[int, ...]],
            general: dict[int, Any], made: list[torch.Tensor | None]) -> Any:
-    """The result over the skeleton, as :func:`._plan.assemble` builds it: a new tensor for
+    """The result over the skeleton, as :func:`dist_restore._planning.plan.assemble` builds it: a new tensor for
     every common row (into ``made``, by row), the others' values. The skeleton's dicts and
     lists become the result's, filled in place (no second container per container), unless
     one of them occurs twice in it (then each place gets new ones)."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_restore import _iovec
+from dist_restore._bytes import iovec as _iovec
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """A ``torch.save`` file's index as an index file's tables, straight from its pickle.
 
-:func:`._index.read_index` unpickles ``data.pkl`` into a tree of references: per tensor a
+:func:`dist_restore._format.index.read_index` unpickles ``data.pkl`` into a tree of references: per tensor a
 ``TensorRef``, a ``StorageRef``, their tuples and a ``ZipRecord``, ~1 KB that a full read
 (``state_dict=None``) would keep alive next to the tensors it makes. For that read this module
-makes the tables :class:`CheckpointWriter`'s index file holds (:mod:`._indexfile`) instead: the
+makes the tables :class:`CheckpointWriter`'s index file holds (:mod:`dist_restore._format.indexfile`) instead: the
 rebuild callbacks append each tensor's fields to machine-int columns and leave a placeholder
 in the tree; the zip directory and the records' local headers are parsed into numpy columns;
-the tree becomes the skeleton, every leaf a row. :mod:`._readall` then reads the file from
+the tree becomes the skeleton, every leaf a row. :mod:`dist_restore._bytes.readall` then reads the file from
 those tables as it reads one with an index file.
 
-The unpickling is as safe as :func:`._unpickle.unpickle_refs`': the same allowlist, the dense
+The unpickling is as safe as :func:`dist_restore._format.unpickle.unpickle_refs`': the same allowlist, the dense
 rebuild functions replaced by ones that only record their arguments. Whatever the tables do not
 describe (exotic tensors, DTensors, Python attributes on a tensor, a bare storage, another byte
 order, an unusual zip), and every error, gives ``None``: the caller indexes the file as ever,
@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_restore import _unpickle
-from dist_restore._dtensor import DTensorRef
+from dist_restore._format import unpickle as _unpickle
+from dist_restore._format.dtensor import DTensorRef
 from dist_restore._gc import paused
-from dist_restore._indexfile import _F_CONJ, _F_GRAD, _F_NEG, _F_PARAM, _ROW, _STORAGE, KIND_TENSOR, KIND_VALUE, \
+from dist_restore._format.indexfile import _F_CONJ, _F_GRAD, _F_NEG, _F_PARAM, _ROW, _STORAGE, KIND_TENSOR, KIND_VALUE, \
     FileIndex
-from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef
-from dist_restore._zip import ZipTables, read_zip_tables
+from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef
+from dist_restore._format.zip import ZipTables, read_zip_tables
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _data_offsets(mm: mmap.mmap, header: np.ndarray, sizes: np.ndarray, size: in
 
 
 class _TableUnpickler(pickle.Unpickler):
-    """The restricted unpickler of :mod:`._unpickle`, its dense rebuild functions (and
+    """The restricted unpickler of :mod:`dist_restore._format.unpickle`, its dense rebuild functions (and
     ``persistent_load``) replaced by those of a :class:`_Columns`, which records them as rows.
 
     Nothing it holds refers back to it: it (and its memo, every object the pickle made) goes
@@ -340,7 +340,7 @@ class _Columns:
     # -- the skeleton --------------------------------------------------------------------------
 
     def skeleton(self, tree: Any) -> Any:
-        """The tree with every leaf a row (as :func:`._indexfile.build_index_file` makes it):
+        """The tree with every leaf a row (as :func:`dist_restore._format.indexfile.build_index_file` makes it):
         a tensor leaf its row (a second place of one tensor a copy of it), a value a new row."""
         seen = bytearray(len(self.kind))
 

@@ -7,7 +7,7 @@ preallocated target, or into a new storage holding the span of elements its view
 CPU targets get a ``memmove`` from the mapping (small records) or a ``preadv`` straight into
 the target in 8 MiB requests (large ones: a cold file is read in large requests, a few in
 flight on a small I/O pool, across records, each CRC'd as it lands; see
-:mod:`dist_restore._pio`). Large contiguous CUDA targets get the same reads into a few
+:mod:`dist_restore._bytes.pio`). Large contiguous CUDA targets get the same reads into a few
 pinned host buffers, each sent on by an asynchronous copy to the device while the next
 requests are read. Strided or other device targets get a ``copy_`` from a view of the mapping.
 Whole storage records are checked against the zip's CRC32 before their bytes are used.
@@ -31,15 +31,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dist_restore._crc import crc32 as _crc32
-from dist_restore._crc import crc32_combine
-from dist_restore._pio import read_part
-from dist_restore._index import CheckpointIndex, full_load
-from dist_restore._keypath import RawPath
+from dist_restore._bytes.crc import crc32 as _crc32
+from dist_restore._bytes.crc import crc32_combine
+from dist_restore._bytes.pio import read_part
+from dist_restore._format.index import CheckpointIndex, full_load
+from dist_restore._format.keypath import RawPath
 from dist_restore._paths import open_regular, raise_with_path
-from dist_restore._plan import PlannedLeaf
-from dist_restore._unpickle import TensorRef
-from dist_restore._zip import _LOCAL, _LOCAL_SIG
+from dist_restore._planning.plan import PlannedLeaf
+from dist_restore._format.unpickle import TensorRef
+from dist_restore._format.zip import _LOCAL, _LOCAL_SIG
 from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)

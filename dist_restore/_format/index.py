@@ -22,12 +22,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dist_restore._dtensor import DLayout, DTensorRef
+from dist_restore._format.dtensor import DLayout, DTensorRef
 from dist_restore._gc import gc_paused, paused
-from dist_restore._keypath import RawPath
+from dist_restore._format.keypath import RawPath
 from dist_restore._paths import open_regular, raise_with_path
-from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
-from dist_restore._zip import ZipRecord, data_offset, is_zip, read_zip_records
+from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
+from dist_restore._format.zip import ZipRecord, data_offset, is_zip, read_zip_records
 from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class CheckpointIndex:
         self._data_offsets: dict[str, int] = {}
 
     #: Where the index came from: ``"pickle"`` (the rank file's zip directory and
-    #: ``data.pkl``) or ``"index file"`` (``checkpoint_{rank}.idx``, see :mod:`._indexfile`).
+    #: ``data.pkl``) or ``"index file"`` (``checkpoint_{rank}.idx``, see :mod:`dist_restore._format.indexfile`).
     source = "pickle"
 
     @property
@@ -276,7 +276,7 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True, tab
             when there is one that matches it (written by :class:`CheckpointWriter`);
             otherwise, or when it does not match, parse the file itself.
         tables: Parse the file into an index file's tables where they describe it (see
-            :mod:`dist_restore._pickletables`): a few bytes a tensor instead of a reference
+            :mod:`dist_restore._format.pickletables`): a few bytes a tensor instead of a reference
             object each, for reading the whole file.
 
     Raises:
@@ -295,7 +295,7 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True, tab
             raise CorruptCheckpointError("file is empty", file=path)
         head = os.pread(fd, 4, 0)
         if is_zip(head) and use_index_file:
-            from dist_restore._indexfile import load_index_file
+            from dist_restore._format.indexfile import load_index_file
 
             indexed = load_index_file(path, fd, size, t0)
             if indexed is not None:
@@ -308,7 +308,7 @@ def read_index(file: str | os.PathLike[str], *, use_index_file: bool = True, tab
             return _legacy_index(path, size, t0)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             if tables:
-                from dist_restore._pickletables import pickle_tables
+                from dist_restore._format.pickletables import pickle_tables
 
                 indexed = pickle_tables(path, mm, size, t0)
                 if indexed is not None:

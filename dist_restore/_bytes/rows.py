@@ -16,7 +16,7 @@ references).
 
 Items larger than :data:`ROW_MAX` bytes, and sizes that occur once, are copied one by one
 with ``ctypes.memmove``. :attr:`RowPlan.singles` counts them; a caller with thousands of
-them is better served by vectored file I/O (:mod:`._iovec`).
+them is better served by vectored file I/O (:mod:`dist_restore._bytes.iovec`).
 """
 
 from __future__ import annotations

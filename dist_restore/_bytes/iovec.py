@@ -7,7 +7,7 @@ a range of it into up to ``IOV_MAX`` separate buffers, one ``pwritev`` gathers t
 all inside the kernel (about 0.7 ms for 10,000 tensors of 256 bytes on the 2-core dev
 machine). The iovec arrays are built with numpy from the tensors' addresses beforehand.
 The exchange uses this for buckets holding hundreds of tensors whose sizes occur once;
-:mod:`._rows` (one numpy copy per size, about twice as fast) for the others.
+:mod:`dist_restore._bytes.rows` (one numpy copy per size, about twice as fast) for the others.
 
 Linux only in practice (``memfd_create``, ``preadv``, ``pwritev``): :func:`available` is
 false elsewhere and callers copy tensor by tensor.

@@ -12,16 +12,16 @@ plus a few system calls at most:
 * ``views`` (receivers): every entry this rank wants is allocated here (a ``None``
   target): a plain buffer receives the bytes and the entries are views of it.
 * ``rows`` (CPU): the owner gathers its tensors into a plain buffer, receivers scatter it
-  into theirs, one compiled numpy copy per tensor size (see :mod:`._rows`).
+  into theirs, one compiled numpy copy per tensor size (see :mod:`dist_restore._bytes.rows`).
 * ``iovec`` (CPU, many tensors of sizes that occur once): the buffer is a memory file; the
   owner gathers its tensors into it with ``pwritev``, receivers scatter it into theirs with
-  ``preadv`` (see :mod:`._iovec`).
+  ``preadv`` (see :mod:`dist_restore._bytes.iovec`).
 * ``copy``: anything else (CUDA targets, strided or conjugate tensors, no memory files):
   a fused flatten on the owner, split + ``_foreach_copy_`` on receivers.
 
 When all ranks run on one host the bucket does not travel by broadcast: the owner packs it
 into its memory file with :meth:`BucketIO.pack_into` and receivers copy it out of their
-mapping of that file with :meth:`BucketIO.unpack_from`, in the same modes (see :mod:`._shm`).
+mapping of that file with :meth:`BucketIO.unpack_from`, in the same modes (see :mod:`dist_restore._bytes.shm`).
 
 Nothing here calls a collective or modifies a target; :meth:`BucketIO.unpack` and
 :meth:`BucketIO.unpack_from` are the only writes, and the coordinator calls them after the
@@ -37,16 +37,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dist_restore import _iovec, _rows
-from dist_restore._keypath import RawPath
-from dist_restore._plan import PlannedLeaf
-from dist_restore._read import finish_tensor
-from dist_restore._shared import Bucket, SharedItem
-from dist_restore._unpickle import TensorRef
+from dist_restore._bytes import iovec as _iovec
+
+from dist_restore._bytes import rows as _rows
+from dist_restore._format.keypath import RawPath
+from dist_restore._planning.plan import PlannedLeaf
+from dist_restore._bytes.read import finish_tensor
+from dist_restore._planning.shared import Bucket, SharedItem
+from dist_restore._format.unpickle import TensorRef
 
 Mode = Literal["direct", "views", "rows", "iovec", "copy"]
 #: More tensors than this whose size occurs once in a bucket: vectored file I/O beats
-#: one ``memmove`` call each (see :attr:`._rows.RowPlan.odd`).
+#: one ``memmove`` call each (see :attr:`dist_restore._bytes.rows.RowPlan.odd`).
 MAX_ODD = 256
 #: The device an allocated (``None`` target) leaf goes to.
 Placement = Callable[[PlannedLeaf], torch.device]

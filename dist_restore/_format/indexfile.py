@@ -1,6 +1,6 @@
 """The index file written beside each rank file: ``checkpoint_{rank}.idx``.
 
-A rank file's index (see :mod:`dist_restore._index`) is normally built by parsing the zip
+A rank file's index (see :mod:`dist_restore._format.index`) is normally built by parsing the zip
 directory and unpickling ``data.pkl`` with one Python callback per tensor: ~5-10 µs a tensor,
 most of the cost of restoring a few of 60,000 small ones. :class:`~dist_restore.CheckpointWriter`
 therefore writes the index once, with the bytes, as safetensors writes its header; a restore
@@ -61,13 +61,13 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from dist_restore._crc import crc32
-from dist_restore._dtensor import DLayout, DTensorRef, MeshInfo
-from dist_restore._index import CheckpointIndex, IndexEntry, iter_leaves
-from dist_restore._regions import Partial, Placement, Replicate, Shard
+from dist_restore._bytes.crc import crc32
+from dist_restore._format.dtensor import DLayout, DTensorRef, MeshInfo
+from dist_restore._format.index import CheckpointIndex, IndexEntry, iter_leaves
+from dist_restore._planning.regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
-from dist_restore._unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
-from dist_restore._zip import _EOCD, _EOCD64, _EOCD64_LOC, _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _U32, \
+from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
+from dist_restore._format.zip import _EOCD, _EOCD64, _EOCD64_LOC, _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _U32, \
     ZipRecord, data_offset, read_zip_records
 
 logger = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def load_index_file(rank_file: Path, fd: int, size: int, t0: float) -> FileIndex
 def _check_committed(path: Path, rank_file: Path, data: bytes) -> None:
     """In a directory with a commit manifest, the index file must be the one it commits
     (same size and CRC32): an index file edited or replaced after the commit is not used."""
-    from dist_restore._manifest import read_manifest
+    from dist_restore._format.manifest import read_manifest
 
     try:
         manifest = read_manifest(rank_file.parent)
@@ -346,7 +346,7 @@ def _check_committed(path: Path, rank_file: Path, data: bytes) -> None:
 
 class Columns(NamedTuple):
     """An index file's tables as stored (see the module docstring), for a reader that takes
-    the common rows in bulk, without an object per row (:mod:`dist_restore._readall`)."""
+    the common rows in bulk, without an object per row (:mod:`dist_restore._bytes.readall`)."""
 
     rows: np.ndarray  # _ROW records, one per leaf
     dims: np.ndarray  # int64 sizes then strides
@@ -412,7 +412,7 @@ class FileIndex(CheckpointIndex):
                     rows: np.ndarray, dims: np.ndarray, storages: np.ndarray, skeys: list[str] | None,
                     tree: bytes, t0: float) -> FileIndex:
         """An index of these tables, made in memory (from a rank file's pickle: see
-        :mod:`dist_restore._pickletables`), checked and loaded as an index file's are.
+        :mod:`dist_restore._format.pickletables`), checked and loaded as an index file's are.
 
         Args:
             skeys: The storage keys, ``None`` when they are ``"0"``, ``"1"``, ... in order.

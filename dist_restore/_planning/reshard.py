@@ -7,7 +7,7 @@ From the *home* file's entry alone (the saving mesh's rank map says which file s
 coordinate), :func:`plan_job` finds the source regions that overlap the target's region,
 picks one file for each (files this rank already reads first, then its own, then spread
 over ranks), and turns each overlap into boxes of local-tensor copies. Nothing here reads
-tensor data or calls a collective; :mod:`._slices` moves the bytes.
+tensor data or calls a collective; :mod:`dist_restore._bytes.slices` moves the bytes.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_restore._dtensor import DLayout, DTensorRef
-from dist_restore._keypath import RawPath
-from dist_restore._regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
+from dist_restore._format.dtensor import DLayout, DTensorRef
+from dist_restore._format.keypath import RawPath
+from dist_restore._planning.regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
     full_runs, local_shape, overlap, shard_runs, split_runs
-from dist_restore._unpickle import TensorRef
+from dist_restore._format.unpickle import TensorRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ def is_dtensor(t: Any) -> bool:
 
 
 def placements_of(key: str, placements: Sequence[Any]) -> tuple[Placement, ...]:
-    """torch's placement objects as :mod:`._regions` placements.
+    """torch's placement objects as :mod:`dist_restore._planning.regions` placements.
 
     Raises:
         LayoutError: a placement that is not a slice of the global tensor (``Partial``).
@@ -310,7 +310,7 @@ def split_leaves(leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     shape becomes an ordinary read of its local tensor; a DTensor target, or a DTensor entry
     read into a plain tensor of the global shape, is resharded.
     """
-    from dist_restore._plan import PlannedLeaf
+    from dist_restore._planning.plan import PlannedLeaf
 
     plain, reshard = [], []
     for lf in leaves:
@@ -362,7 +362,7 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
     Raises:
         LayoutError: an unmappable layout, or files that do not match the home file's layout.
     """
-    from dist_restore._plan import view_out_of_bounds
+    from dist_restore._planning.plan import view_out_of_bounds
 
     reading: set[int] = {own} if own is not None and own == home else set()
     jobs = []

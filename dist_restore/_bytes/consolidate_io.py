@@ -1,9 +1,9 @@
 """Making and writing a consolidated file's records: the bytes side of :mod:`.consolidate`.
 
-A record whose bytes are whole ranges of the rank files (:mod:`._segments`) is copied file to
+A record whose bytes are whole ranges of the rank files (:mod:`dist_restore._bytes.segments`) is copied file to
 file by the kernel, its CRC32 combined from the source records'; any other is assembled in
-memory with the resharding machinery (:func:`._reshard.plan_shards` against a full target,
-:func:`._slices.read_jobs`), a batch at a time, handed to the writer and freed. Every source
+memory with the resharding machinery (:func:`dist_restore._planning.reshard.plan_shards` against a full target,
+:func:`dist_restore._bytes.slices.read_jobs`), a batch at a time, handed to the writer and freed. Every source
 record a tensor comes from is checked against its zip CRC32 once, whole.
 """
 
@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from dist_restore._consolidate_plan import Unit
-from dist_restore._fcopy import new_buffer, range_crc32, start_writeback
-from dist_restore._index import CheckpointIndex, read_index
+from dist_restore._planning.consolidate_plan import Unit
+from dist_restore._bytes.fcopy import new_buffer, range_crc32, start_writeback
+from dist_restore._format.index import CheckpointIndex, read_index
 from dist_restore._paths import open_regular
-from dist_restore._plan import PlannedLeaf
-from dist_restore._read import ReadStats, produce
-from dist_restore._regions import LayoutError
-from dist_restore._reshard import plan_shards
-from dist_restore._segments import Segment, box_segments, tensor_segments
-from dist_restore._slices import read_jobs
+from dist_restore._planning.plan import PlannedLeaf
+from dist_restore._bytes.read import ReadStats, produce
+from dist_restore._planning.regions import LayoutError
+from dist_restore._planning.reshard import plan_shards
+from dist_restore._bytes.segments import Segment, box_segments, tensor_segments
+from dist_restore._bytes.slices import read_jobs
 from dist_restore._types import rank_file_name
-from dist_restore._unpickle import StorageRef, TensorRef
+from dist_restore._format.unpickle import StorageRef, TensorRef
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 __all__ = ["ConsolidateProgress", "open_index", "stream"]
@@ -196,7 +196,7 @@ def stream(d: Path, units: Sequence[Unit], indexes: dict[int, CheckpointIndex], 
     """Make every unit's bytes, a batch at a time, and hand them to ``writer`` in order;
     returns the bytes copied file to file.
 
-    A unit whose bytes are whole ranges of the rank files (see :mod:`._segments`) is copied
+    A unit whose bytes are whole ranges of the rank files (see :mod:`dist_restore._bytes.segments`) is copied
     file to file by the kernel; the others are made in memory (a batch of at most
     ``batch_bytes``, or one larger tensor), written and freed.
     """

@@ -36,9 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dist_restore._crc import crc32 as _crc32
+from dist_restore._bytes.crc import crc32 as _crc32
 from dist_restore._paths import raise_with_path
-from dist_restore._report import format_ranks
+from dist_restore._protocol.report import format_ranks
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class RankFileInfo:
         index_file: Its index file (``checkpoint_{rank}.idx``), when one was written.
         index_size: The index file's size in bytes.
         index_checksum: ``"crc32:%08x"`` of the index file but its last 4 bytes (see
-            :func:`dist_restore._indexfile.index_checksum`).
+            :func:`dist_restore._format.indexfile.index_checksum`).
     """
 
     rank: int
@@ -414,7 +414,7 @@ def _check_index_file(d: Path, info: RankFileInfo) -> None:
     rank file's pickle instead (an index file is never needed, and never trusted unchecked)."""
     if info.index_file is None:
         return
-    from dist_restore._indexfile import index_checksum
+    from dist_restore._format.indexfile import index_checksum
 
     try:
         got = index_checksum((d / info.index_file).read_bytes())

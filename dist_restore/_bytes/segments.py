@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dist_restore._regions import Box
-from dist_restore._unpickle import TensorRef
+from dist_restore._planning.regions import Box
+from dist_restore._format.unpickle import TensorRef
 
 
 @dataclass(frozen=True, slots=True)

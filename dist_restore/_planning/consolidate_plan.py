@@ -1,10 +1,10 @@
 """What a consolidated file holds, planned from rank 0's index alone: pure functions, no I/O.
 
-``torch``: the output's nested tree, tensors as :class:`._torchzip.TensorOut` descriptions of
+``torch``: the output's nested tree, tensors as :class:`dist_restore._format.torchzip.TensorOut` descriptions of
 storage records yet to be written, and those records (every DTensor a new record of its
 global shape; plain tensors keep rank 0's records, so views of one storage stay views of one
 storage). ``safetensors``: one contiguous tensor per dotted key. Each record is a :class:`Unit`
-saying where its bytes come from; :mod:`._consolidate_io` makes and writes them.
+saying where its bytes come from; :mod:`dist_restore._bytes.consolidate_io` makes and writes them.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from dist_restore._dtensor import DTensorRef
-from dist_restore._index import SOURCE_TENSOR_TYPES, CheckpointIndex, iter_leaves
-from dist_restore._keypath import RawPath, join_index, join_key
-from dist_restore._plan import view_out_of_bounds
-from dist_restore._safetensors import TensorSpec, unsupported
-from dist_restore._segments import contiguous_strides
-from dist_restore._torchzip import StorageOut, TensorOut
-from dist_restore._unpickle import TensorRef
+from dist_restore._format.dtensor import DTensorRef
+from dist_restore._format.index import SOURCE_TENSOR_TYPES, CheckpointIndex, iter_leaves
+from dist_restore._format.keypath import RawPath, join_index, join_key
+from dist_restore._planning.plan import view_out_of_bounds
+from dist_restore._format.safetensors import TensorSpec, unsupported
+from dist_restore._bytes.segments import contiguous_strides
+from dist_restore._format.torchzip import StorageOut, TensorOut
+from dist_restore._format.unpickle import TensorRef
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from dist_restore._unpickle import TensorRef
+from dist_restore._format.unpickle import TensorRef
 
 SharedMode = Literal["broadcast", "spread", "local"]
 SharedSpec = str | Sequence[str] | Callable[[str], bool] | None

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from dist_restore._dtensor import DTensorRef, DTensorType
-from dist_restore._dtensor import allowed_globals as dtensor_globals
+from dist_restore._format.dtensor import DTensorRef, DTensorType
+from dist_restore._format.dtensor import allowed_globals as dtensor_globals
 from dist_restore._gc import gc_paused
 from dist_restore.errors import CorruptCheckpointError, UnsafeCheckpointError
 

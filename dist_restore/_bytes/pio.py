@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from dist_restore._crc import crc32
+from dist_restore._bytes.crc import crc32
 
 __all__ = ["read_part"]
 
