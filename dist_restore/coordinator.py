@@ -42,11 +42,12 @@ import torch
 from dist_restore._bytes import shm as _shm
 from dist_restore._gc import paused
 from dist_restore._protocol.pg import BarrierKind, CollectiveError, ProcessGroupWrapper
-from dist_restore._planning.plan import PlannedLeaf, assemble, first_out_of_bounds, plan_read
+from dist_restore._planning.plan import PlannedLeaf, ReadPlan, assemble, first_out_of_bounds, plan_read
 from dist_restore._format.dtensor import DTensorRef
 from dist_restore._protocol.exchange import BucketIO, prepare_buckets
 from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
 from dist_restore._planning.reshard import is_dtensor, plan_shards, split_leaves
+from dist_restore._bytes.readall import read_all, readable
 from dist_restore._bytes.slices import read_jobs
 from dist_restore._bytes.read import MapLocation, ReadStats, Verify, produce, resolve_device
 from dist_restore._protocol.report import RankReport, RestoreReport, format_ranks
@@ -255,6 +256,9 @@ class RestoreCoordinator:
         ios: list[BucketIO] = []
         owner_file: _shm.OwnerFile | None = None
         try:
+            if local.get("whole"):
+                whole_sd = read_all(index, map_location=map_location, verify=self._reader._verify,
+                                    stats=read_stats)
             todo = [lf for lf in plan.leaves if lf.key not in received]
             values = produce(index, todo, map_location=map_location, verify=self._reader._verify,
                              stats=read_stats)
@@ -347,7 +351,8 @@ class RestoreCoordinator:
                 io.close()
             if owner_file is not None:  # every rank has agreed its copies are done (or failed)
                 owner_file.close()
-        result_sd = assemble(state_dict, index.walkable[0], values, index.walkable[1])
+        result_sd = whole_sd if local.get("whole") else assemble(state_dict, index.walkable[0], values,
+                                                                  index.walkable[1])
         try:
             pg.barrier()
         except CollectiveError as e:
@@ -448,7 +453,10 @@ class RestoreCoordinator:
             self._reader.check_committed(path, verify=verify, world_size=world)
         elif nfiles <= src:
             raise FileNotFoundError(f"checkpoint at {str(path)!r} has {nfiles} rank file(s); src={src} has none")
-        index = self._open(path, home, verify, checked=same)
+        whole = same and state_dict is None and (shared is None or mode == "local")
+        index = self._open(path, home, verify, checked=same, tables=whole)
+        if whole and readable(index):  # everything in its own file, nothing shared: no plan per entry
+            return self._plan_whole(index, local, mode)
         if not same and read_manifest(path) is None:
             _check_saved_world(index, nfiles, world)
         plan = plan_read(state_dict, *index.walkable)
@@ -535,6 +543,16 @@ class RestoreCoordinator:
             "note": note,
         }
 
+    def _plan_whole(self, index: Any, local: dict[str, Any], mode: str) -> dict[str, Any]:
+        """The plan of a rank that reads its whole own file and shares nothing
+        (``state_dict=None``): the read phase's :func:`read_all` makes the result from the
+        index's tables, without a planned leaf, reference or path per entry."""
+        local.update(index=index, plan=ReadPlan((), (), (), ()), object_paths={}, shared=[], shared_objects={},
+                     mode=mode, shards=None, own=(None, []), overrides={}, files_opened=1, whole=True)
+        return {"ok": True, "report": RankReport(self._pg.rank, (), (), (), ()), "n_shared": 0, "n_objects": 0,
+                "digest": _NO_ITEMS, "token": uuid.uuid4().hex if self._pg.rank == 0 else None,
+                "host": _shm.host_id() if self._shm else None, "note": None}
+
     def _per_rank(self, path: Any, verify: bool, state_dict: STATE_DICT | None, leaves: list[PlannedLeaf],
                   objects: list[tuple[str, Any, Any]], home: int, own: int | None, index: Any
                   ) -> tuple[Any, list[PlannedLeaf], dict[Any, Any], list[str]]:
@@ -556,11 +574,12 @@ class RestoreCoordinator:
         overrides |= {wanted[k]: None for k in lost}
         return own_index, got, overrides, lost
 
-    def _open(self, path: Any, file_rank: int, verify: bool, *, checked: bool) -> Any:
-        """Index rank file ``file_rank`` (checked against the manifest first, unless done)."""
+    def _open(self, path: Any, file_rank: int, verify: bool, *, checked: bool, tables: bool = False) -> Any:
+        """Index rank file ``file_rank`` (checked against the manifest first, unless done);
+        ``tables``: in columns, for :func:`read_all`, where the file allows."""
         if not checked:
             check_checkpoint(path, world_size=None, ranks=[file_rank], verify=verify)
-        return self._reader._index(Path(path) / rank_file_name(file_rank))
+        return self._reader._index(Path(path) / rank_file_name(file_rank), tables=tables)
 
     def _agree(self, phase: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """(all ranks) Exchange status; raise the same RestoreError everywhere on any failure."""

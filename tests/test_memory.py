@@ -52,6 +52,10 @@ _MEASURE = textwrap.dedent("""
         for s in sd["state"].values():
             for t in s.values():
                 t.fill_(1.0)
+    elif sys.argv[1] == "coordinator":  # no process group: a world of one
+        from dist_restore import RestoreCoordinator
+
+        sd = RestoreCoordinator().restore(sys.argv[2]).state_dict
     else:
         sd, missing = reader.read(sys.argv[1])
     peak = kib("VmHWM:") - base
@@ -97,20 +101,22 @@ _BOOKKEEPING_PER_TENSOR = 600
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("kind", ["torch.save", "own writer"])
+@pytest.mark.parametrize("kind", ["torch.save", "own writer", "coordinator"])
 def test_many_small_tensors_bookkeeping_per_tensor(tmp_path: Path, kind: str) -> None:
     """30,000 tiny tensors (256 bytes each: the bookkeeping, not the bytes, is the peak): a full
-    read's peak beyond its payload is at most 600 bytes a tensor more than torch.empty's."""
+    read's peak beyond its payload is at most 600 bytes a tensor more than torch.empty's; also
+    through ``RestoreCoordinator.restore(path)`` (a `torch.save` file)."""
     n, numel = 10_000, 64
     sd = _optimizer_state(n, numel)
-    if kind == "torch.save":
+    if kind in ("torch.save", "coordinator"):
         save(sd, tmp_path)
     else:
         from dist_restore import CheckpointWriter, RankInfo
 
         CheckpointWriter(RankInfo(0, 1)).write(tmp_path, sd)
         assert (tmp_path / "checkpoint_0.idx").exists()
-    floor, got = _measure("torch.empty", str(n), str(numel)), _measure(str(tmp_path))
+    floor = _measure("torch.empty", str(n), str(numel))
+    got = _measure("coordinator", str(tmp_path)) if kind == "coordinator" else _measure(str(tmp_path))
     assert got["n"] == floor["n"] == 3 * n and got["payload"] == floor["payload"]
     extra = (got["peak_kib"] - floor["peak_kib"]) * 1024
     assert extra <= _BOOKKEEPING_PER_TENSOR * got["n"], (

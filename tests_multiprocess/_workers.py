@@ -269,3 +269,9 @@ def restore_whole_and_compare(rank: int, world: int, path: str, mode: str, share
         return {"error": {"phase": e.phase, "ranks": sorted(e.failures), "text": str(e)}}
     return {"error": None, "bad": compare(res.state_dict, Path(path) / f"checkpoint_{rank}.pt"),
             "bytes_read": res.stats.bytes_read}
+
+
+def restore_everything(rank: int, world: int, path: str, shared: Any, mode: str) -> dict[str, Any]:
+    """``restore(path)``: each rank's whole own file (no target)."""
+    res = RestoreCoordinator(timeout=60).restore(path, None, shared=shared, shared_mode=mode)
+    return {"sd": res.state_dict, "bytes_read": res.stats.bytes_read, "missing": res.missing_keys}

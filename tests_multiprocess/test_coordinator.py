@@ -341,3 +341,17 @@ def test_shared_entry_missing_on_one_rank(tmp_path: Path, mode: str) -> None:
     out = run_ranks(w.restore_whole_and_compare, world, args=(str(tmp_path), mode), timeout=90)
     for r, o in enumerate(out):
         assert o["error"] is None and o["bad"] == [], f"rank {r}: {o}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared,mode", [(None, "broadcast"), ("shared", "local")])
+def test_whole_files_without_a_target(tmp_path: Path, shared: object, mode: str) -> None:
+    """No target, nothing shared (or shared read locally): each rank gets its whole file as
+    torch.load gives it, types included, through the read that makes no object per entry."""
+    world = 2
+    w.write_value_types(tmp_path, world)
+    out = run_ranks(w.restore_everything, world, args=(str(tmp_path), shared, mode), timeout=90)
+    for r, o in enumerate(out):
+        want = torch.load(tmp_path / f"checkpoint_{r}.pt", weights_only=True)
+        _assert_same_types(o["sd"], want, f"rank {r}")
+        assert o["missing"] == [] and o["bytes_read"] == 6 * 4 + 2 * 4 + 3 * 8  # w, own, od["a"]
