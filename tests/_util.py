@@ -226,3 +226,18 @@ def rewrite_zip(path: Path, replace: dict[str, bytes]) -> None:
 def record_name(path: Path, suffix: str) -> str:
     with zipfile.ZipFile(path) as z:
         return next(n for n in z.namelist() if n.endswith(suffix))
+
+
+def assert_same_index(ix: Any, ref: Any) -> None:
+    """Two indexes of one file (say, from its index file or tables, and from its pickle) say
+    the same: entries (dtype, shapes, strides, offsets, storage key, file offset, value),
+    zip records and storages."""
+    assert list(ix.entries) == list(ref.entries)
+    for key, e in ref.entries.items():
+        got = ix.entries[key]
+        if e.kind == "object":
+            assert_same(got.value, e.value, key)
+        assert got == e, key
+    assert dict(ix.records) == ref.records
+    assert {k: (s.dtype, s.numel, s.location) for k, s in ix.storages.items()} == \
+        {k: (s.dtype, s.numel, s.location) for k, s in ref.storages.items()}

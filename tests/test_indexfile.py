@@ -21,7 +21,7 @@ from dist_restore._format.indexfile import FileIndex, index_path
 from dist_restore._format.manifest import check_checkpoint, read_manifest
 from dist_restore.errors import CorruptCheckpointError
 
-from _util import assert_same, assert_same_ties
+from _util import assert_same, assert_same_index, assert_same_ties
 
 
 def _state(seed: int = 0) -> dict[str, Any]:
@@ -59,15 +59,7 @@ def test_index_file_holds_what_the_pickle_says(tmp_path: Path) -> None:
     f = d / "checkpoint_0.pt"
     ix, ref = read_index(f), read_index(f, use_index_file=False)
     assert isinstance(ix, FileIndex) and ix.source == "index file" and ref.source == "pickle"
-    assert list(ix.entries) == list(ref.entries)
-    for key, e in ref.entries.items():
-        got = ix.entries[key]
-        if e.kind == "object":
-            assert_same(got.value, e.value, key)
-        assert got == e, key  # dtype, shapes, strides, offsets, storage key, file offset, value
-    assert dict(ix.records) == ref.records
-    assert {k: (s.dtype, s.numel, s.location) for k, s in ix.storages.items()} == \
-        {k: (s.dtype, s.numel, s.location) for k, s in ref.storages.items()}
+    assert_same_index(ix, ref)
     assert ix.tensor_nbytes == ref.tensor_nbytes
 
 

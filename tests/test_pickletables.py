@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from _util import assert_same, assert_same_ties, oracle, rewrite_zip, save
+from _util import assert_same, assert_same_index, assert_same_ties, oracle, rewrite_zip, save
 from dist_restore import CheckpointReader, RankInfo, read_index
 from dist_restore._format import pickletables as _pickletables
 from dist_restore._format.indexfile import FileIndex
@@ -57,15 +57,7 @@ def test_tables_hold_what_the_reference_index_says(tmp_path: Path) -> None:
     path = save(_state(), tmp_path)
     ix, ref = read_index(path, tables=True), read_index(path)
     assert isinstance(ix, FileIndex) and ix.source == "pickle" and not isinstance(ref, FileIndex)
-    assert list(ix.entries) == list(ref.entries)
-    for key, e in ref.entries.items():
-        got = ix.entries[key]
-        if e.kind == "object":
-            assert_same(got.value, e.value, key)
-        assert got == e, key  # dtype, shape, stride, offset, storage key, file offset, value
-    assert dict(ix.records) == ref.records
-    assert {k: (s.dtype, s.numel, s.location) for k, s in ix.storages.items()} == \
-        {k: (s.dtype, s.numel, s.location) for k, s in ref.storages.items()}
+    assert_same_index(ix, ref)
 
 
 def test_full_reads_through_the_tables_equal_torch_load(tmp_path: Path) -> None:

@@ -228,6 +228,22 @@ class CheckpointIndex:
         return IndexEntry(key, "object", value=v)
 
 
+def map_leaves(tree: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``tree`` rebuilt with the same containers (a mapping as its own type, exact lists and
+    tuples) and every leaf ``v`` replaced by ``leaf(v)``. A list or tuple subclass (such as
+    ``torch.Size``) is a leaf: ``leaf`` decides whether it can stand."""
+    if isinstance(tree, Mapping):
+        out = type(tree)()
+        for k, c in tree.items():
+            out[k] = map_leaves(c, leaf)
+        return out
+    if type(tree) is list:
+        return [map_leaves(c, leaf) for c in tree]
+    if type(tree) is tuple:
+        return tuple(map_leaves(c, leaf) for c in tree)
+    return leaf(tree)
+
+
 def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[str, RawPath, Any]]:
     """Yield ``(dotted key, raw path, leaf)`` for every leaf below ``tree``, in order.
 

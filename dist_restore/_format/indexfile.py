@@ -63,7 +63,7 @@ import torch
 
 from dist_restore._bytes.crc import crc32
 from dist_restore._format.dtensor import DLayout, DTensorRef, MeshInfo
-from dist_restore._format.index import CheckpointIndex, IndexEntry, iter_leaves
+from dist_restore._format.index import CheckpointIndex, IndexEntry, iter_leaves, map_leaves
 from dist_restore._planning.regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
 from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
@@ -195,22 +195,13 @@ def build_index_file(index: CheckpointIndex) -> bytes | None:
             rows.append((KIND_VALUE, 0, 0, 0, -1, 0, 0))
         return row
 
-    def skeleton(v: Any) -> Any:
-        if isinstance(v, Mapping):
-            out = type(v)()
-            for k, c in v.items():
-                out[k] = skeleton(c)
-            return out
-        if type(v) is list:
-            return [skeleton(c) for c in v]
-        if type(v) is tuple:
-            return tuple(skeleton(c) for c in v)
+    def checked_leaf(v: Any) -> Any:
         if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
             raise _Unsupported  # a list/tuple subclass: iter_leaves would walk it, pickle may not rebuild it
         return leaf(v)
 
     try:
-        skel = skeleton(index.tree)
+        skel = map_leaves(index.tree, checked_leaf)
         with open(index.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             tail_offset, tail_crc = zip_tail(f.fileno(), index.file_size)
             pkl = next(r for n, r in read_zip_records(mm, str(index.file)).items()

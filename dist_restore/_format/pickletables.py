@@ -24,7 +24,6 @@ import pickle
 import sys
 import zlib
 from array import array
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 
 from dist_restore._format import unpickle as _unpickle
 from dist_restore._format.dtensor import DTensorRef
+from dist_restore._format.index import map_leaves
 from dist_restore._gc import paused
 from dist_restore._format.indexfile import _F_CONJ, _F_GRAD, _F_NEG, _F_PARAM, _ROW, _STORAGE, KIND_TENSOR, KIND_VALUE, \
     FileIndex
@@ -353,18 +353,9 @@ class _Columns:
                 col.append(col[r])
             return n
 
-        def walk(v: Any) -> Any:
+        def leaf(v: Any) -> Any:
             if v.__class__ is _Row:
                 return tensor(v)
-            if isinstance(v, Mapping):
-                out = type(v)()
-                for k, c in v.items():
-                    out[k] = walk(c)
-                return out
-            if type(v) is list:
-                return [walk(c) for c in v]
-            if type(v) is tuple:
-                return tuple(walk(c) for c in v)
             if isinstance(v, _NOT_VALUES) or (isinstance(v, (list, tuple)) and not isinstance(v, torch.Size)):
                 raise _NotTables(f"a leaf of type {type(v).__name__}")
             row = len(self.kind)
@@ -374,10 +365,7 @@ class _Columns:
             self.objects[row] = v
             return row
 
-        try:
-            return walk(tree)
-        finally:
-            del walk  # a recursive closure is a reference cycle
+        return map_leaves(tree, leaf)
 
 
 _NOT_VALUES = (_Sto, StorageRef, TensorRef, ExoticRef, DTensorRef, torch.Tensor)
