@@ -529,19 +529,11 @@ class RestoreCoordinator:
                     "file" + (" and broadcast" if world > 1 else ""))
             if per_rank is not None:
                 note += "; per-rank entries from each rank's own file"
-        return {
-            "ok": True,
-            "report": RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched),
-                                 tuple(unmatched)),
-            # a digest of the shared list: src's list itself travels only if some rank's differs, and
-            # src's shared values only if it has any (_canonical_shared)
-            "n_shared": len(shared_items) + len(shared_objects),
-            "n_objects": len(shared_objects),
-            "digest": digest,
-            "token": uuid.uuid4().hex if pg.rank == 0 else None,
-            "host": _shm.host_id() if self._shm else None,
-            "note": note,
-        }
+        # a digest of the shared list: src's list itself travels only if some rank's differs, and
+        # src's shared values only if it has any (_canonical_shared)
+        return self._plan_payload(RankReport(pg.rank, tuple(missing), tuple(plan.unexpected), tuple(plan.mismatched),
+                                             tuple(unmatched)),
+                                  len(shared_items) + len(shared_objects), len(shared_objects), digest, note)
 
     def _plan_whole(self, index: Any, local: dict[str, Any], mode: str) -> dict[str, Any]:
         """The plan of a rank that reads its whole own file and shares nothing
@@ -549,9 +541,14 @@ class RestoreCoordinator:
         index's tables, without a planned leaf, reference or path per entry."""
         local.update(index=index, plan=ReadPlan((), (), (), ()), object_paths={}, shared=[], shared_objects={},
                      mode=mode, shards=None, own=(None, []), overrides={}, files_opened=1, whole=True)
-        return {"ok": True, "report": RankReport(self._pg.rank, (), (), (), ()), "n_shared": 0, "n_objects": 0,
-                "digest": _NO_ITEMS, "token": uuid.uuid4().hex if self._pg.rank == 0 else None,
-                "host": _shm.host_id() if self._shm else None, "note": None}
+        return self._plan_payload(RankReport(self._pg.rank, (), (), (), ()), 0, 0, _NO_ITEMS, None)
+
+    def _plan_payload(self, report: RankReport, n_shared: int, n_objects: int, digest: Any,
+                      note: str | None) -> dict[str, Any]:
+        """What a rank tells the others after planning (gathered by :meth:`_agree`)."""
+        return {"ok": True, "report": report, "n_shared": n_shared, "n_objects": n_objects, "digest": digest,
+                "token": uuid.uuid4().hex if self._pg.rank == 0 else None,
+                "host": _shm.host_id() if self._shm else None, "note": note}
 
     def _per_rank(self, path: Any, verify: bool, state_dict: STATE_DICT | None, leaves: list[PlannedLeaf],
                   objects: list[tuple[str, Any, Any]], home: int, own: int | None, index: Any
