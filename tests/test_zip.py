@@ -138,3 +138,56 @@ def test_every_flipped_directory_byte_agrees(tmp_path: Path) -> None:
         _agree(cd, max(0, n - 1 - cut % n), off, len(raw))
         _agree(cd, n + 1 + cut, off, len(raw))
     assert taken > len(cd)  # most flips land in fields the parser does not use
+
+
+def test_prefetch_headers_asks_once_per_cluster(tmp_path, monkeypatch) -> None:
+    """The local headers a restore will read are asked for together (``WILLNEED``) before
+    any is read: headers within 1 MiB of each other in one call, distant ones in their own,
+    each range covering its header; what the index then reads is unchanged (oracle:
+    ``torch.load``)."""
+    import os
+
+    import torch
+
+    from dist_restore._format import zip as Z
+    from dist_restore._format.index import read_index
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)))
+    Z.prefetch_headers(0, [5 << 20, 100, 200_000, 9 << 20, (5 << 20) + 4096])
+    assert calls == [(100, 200_000 - 100 + Z._HEADER_SPAN), (5 << 20, 4096 + Z._HEADER_SPAN),
+                     (9 << 20, Z._HEADER_SPAN)]
+    calls.clear()
+    Z.prefetch_headers(0, [])
+    assert calls == []
+
+    big = {"small": torch.arange(3)}  # first in the file: its header and t0's share a call
+    big.update({f"t{i}": torch.randn(300_000) for i in range(4)})  # 1.2 MB apart: one call each
+    path = tmp_path / "checkpoint_0.pt"
+    torch.save(big, path)
+    index = read_index(path)
+    entries = index.entries
+    heads = sorted(r.header_offset for r in index.records.values())
+    assert all(any(off <= h and h + 30 <= off + n for off, n in calls) for h in heads)
+    assert len(calls) < len(heads)  # the small record's header shares a call
+    loaded = torch.load(path, weights_only=True)
+    assert set(entries) == set(loaded)
+    with open(path, "rb") as f:
+        raw = f.read()
+    for k, v in loaded.items():
+        skey = index.tree[k].storage.key
+        off = index.data_offset(skey, raw)
+        assert raw[off:off + v.nbytes] == v.numpy().tobytes()
+
+
+def test_prefetch_headers_ignores_a_refusal(monkeypatch) -> None:
+    """``WILLNEED`` is a hint: a file system that refuses it costs nothing."""
+    import os
+
+    from dist_restore._format import zip as Z
+
+    def refuse(*a):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    Z.prefetch_headers(0, [0, 10 << 20])  # no error

@@ -272,6 +272,7 @@ class _RankFile:
         if known is not None:
             return known
         hoff = np.array([index.records[k].header_offset for k in skeys], dtype=np.int64)
+        index.prefetch_headers(self.fd, skeys)  # a cold file: the headers' reads in parallel
         u8 = self.whole.numpy()
         sig_ok = (u8[hoff] == 0x50) & (u8[hoff + 1] == 0x4B) & (u8[hoff + 2] == 3) & (u8[hoff + 3] == 4)
         names = u8[hoff + 26].astype(np.int64) | (u8[hoff + 27].astype(np.int64) << 8)

@@ -163,7 +163,9 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
             with _RankFile(index, {}, None, False, stats) as rf:
                 items = by_file[f]
                 items.sort(key=lambda jp: index.records[entries[(f, jp[0].key)].storage.key].header_offset)
-                offsets = [index.data_offset(entries[(f, job.key)].storage.key, rf.mm) for job, _p in items]
+                skeys = [entries[(f, job.key)].storage.key for job, _p in items]
+                index.prefetch_headers(rf.fd, skeys)  # a cold file: the headers' reads in parallel
+                offsets = [index.data_offset(k, rf.mm) for k in skeys]
                 since_drop = 0
                 for (job, piece), off in zip(items, offsets):
                     ref: TensorRef = entries[(f, job.key)]

@@ -14,7 +14,7 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from dist_restore._gc import gc_paused, paused
 from dist_restore._format.keypath import RawPath
 from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
-from dist_restore._format.zip import ZipRecord, data_offset, is_zip, read_zip_records
+from dist_restore._format.zip import ZipRecord, data_offset, is_zip, prefetch_headers, read_zip_records
 from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ class CheckpointIndex:
             if self.records and len(self._data_offsets) < len(self.records):
                 try:
                     with open(self.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        self.prefetch_headers(f.fileno(), list(self.records))
                         for key in self.records:
                             self.data_offset(key, mm)
                 except OSError as e:
@@ -171,6 +172,13 @@ class CheckpointIndex:
             with paused():  # many small objects: avoid full collections over all of torch
                 self._entries = {e.key: e for e in self._iter_entries()}
         return self._entries
+
+    def prefetch_headers(self, fd: int, storage_keys: Iterable[str]) -> None:
+        """Start reading the local headers of these records whose data offsets are not
+        known yet, all at once (see :func:`dist_restore._format.zip.prefetch_headers`):
+        call before :meth:`data_offset` on many records of a file that may be cold."""
+        known, recs = self._data_offsets, self.records
+        prefetch_headers(fd, [recs[k].header_offset for k in storage_keys if k not in known and k in recs])
 
     def data_offset(self, storage_key: str, buf: Any) -> int:
         """Byte offset of a storage record's data, read from its local header in ``buf``."""
