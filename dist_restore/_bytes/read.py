@@ -401,12 +401,25 @@ class _RankFile:
     def submit(self, fn: Any, *args: Any, nbytes: int, key: str) -> None:
         """Run ``fn(*args)`` (a read that checks no CRC) on the I/O pool, in flight with the
         other requests; its errors surface, in file order, where the pool's reads settle."""
+        self.submit_parts(_no_crc, [(fn, *args)], [nbytes], key=key)
+
+    def submit_parts(self, fn: Any, parts: Sequence[tuple[Any, ...]], sizes: Sequence[int], *, key: str,
+                     rec: Any = None, skey: str = "") -> None:
+        """Run ``fn(*part)`` for each part on the I/O pool, in flight with the other requests.
+
+        The parts read consecutive byte ranges of ``sizes`` bytes, in order. With ``rec``
+        (the record they cover whole, ``data/{skey}``) each ``fn`` returns its range's CRC32,
+        and the CRCs are combined and checked against the record's when the last one has
+        settled; without it ``fn``'s result is ignored. Errors surface, in file order, where
+        the pool's reads settle."""
         workers = max(_DEPTH, min(torch.get_num_threads(), _MAX_THREADS))
         self._ensure_pool(workers)
-        fut = self._pool.submit(_no_crc, fn, *args)  # type: ignore[union-attr]
-        self._pending.append((fut, nbytes, _Job(False, None, "", key, 1), None))
-        while len(self._pending) > workers:
-            self._settle(*self._pending.popleft())
+        job = _Job(rec is not None, rec, skey, key, len(parts))
+        for args, n in zip(parts, sizes):
+            fut = self._pool.submit(fn, *args)  # type: ignore[union-attr]
+            self._pending.append((fut, n, job, None))
+            while len(self._pending) > workers:
+                self._settle(*self._pending.popleft())
 
     def drain(self) -> None:
         """Wait for every pipelined read, checking their CRCs in file order."""
@@ -426,7 +439,8 @@ class _RankFile:
                 event = torch.cuda.Event()
                 event.record()
             self._free.append((slot, event))
-        job.running = got if job.first else crc32_combine(job.running, got, n)
+        if job.crc:
+            job.running = got if job.first else crc32_combine(job.running, got, n)
         job.first = False
         job.left -= 1
         if job.left == 0 and job.crc:

@@ -64,12 +64,8 @@ def copy_boxes(src: torch.Tensor, dst: torch.Tensor, boxes: Sequence[Box], fd: i
             and not (d.is_conj() or d.is_neg() or s.is_conj() or s.is_neg())
         if plain and d.is_contiguous():
             _pread_exact(fd, d.data_ptr(), nbytes, s.storage_offset() * isz)
-        elif plain and d.dim() >= 2 and d.stride(-1) == 1 and d.shape[-1] * isz >= _MIN_ROW and _iovec.available():
-            lead = d.shape[:-1]
-            steps = np.asarray(d.stride()[:-1], dtype=np.int64) * isz
-            starts = np.indices(lead, dtype=np.int64).reshape(len(lead), -1).T @ steps + d.data_ptr()
-            row = d.shape[-1] * isz
-            iov = _iovec.iovecs(starts.tolist(), [row] * len(starts))
+        elif plain and (rows := _row_iovecs(d)) is not None:
+            iov, row = rows
             if submit is not None and nbytes >= _SMALL:
                 per = max(1, _CHUNK // row)  # rows per request
                 for i in range(0, len(iov), per):
@@ -113,6 +109,64 @@ def _pooled(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequence[Box
     whole = verify and nbytes == rec.size  # a slice of a record cannot be checked
     read = rf._pipelined if d.device.type == "cpu" else rf._staged
     read(d, s.storage_offset() * src.element_size(), nbytes, whole, rec, skey, job.key)
+    rf.stats.bytes_read += nbytes
+    return True
+
+
+def _row_iovecs(d: torch.Tensor) -> tuple[np.ndarray, int] | None:
+    """One iovec per row of ``d`` (a CPU tensor whose rows are contiguous: last stride 1),
+    and the row's bytes; ``None`` when ``d`` is not such a tensor, its rows are too short
+    to be worth an iovec each (``_MIN_ROW``), or the platform lacks vectored reads."""
+    isz = d.element_size()
+    if d.dim() < 2 or d.stride(-1) != 1 or d.shape[-1] * isz < _MIN_ROW or not _iovec.available():
+        return None
+    lead = d.shape[:-1]
+    steps = np.asarray(d.stride()[:-1], dtype=np.int64) * isz
+    starts = np.indices(lead, dtype=np.int64).reshape(len(lead), -1).T @ steps + d.data_ptr()
+    row = d.shape[-1] * isz
+    return _iovec.iovecs(starts.tolist(), [row] * len(starts)), row
+
+
+def _rows_part(fd: int, file_off: int, iov: np.ndarray, file_size: int, rf: _RankFile | None) -> int:
+    """(I/O thread) The file bytes at ``file_off`` into the rows ``iov`` names (one
+    ``preadv``); with ``rf`` (the file, mapped) the CRC32 of those file bytes, read through
+    the mapping while the CPU's cache still holds them, whose pages are then unmapped again
+    (the page cache keeps them)."""
+    _iovec.vectored(fd, 0, iov, file_off, file_size)
+    if rf is None:
+        return 0
+    n = int(iov[:, 1].sum())
+    crc = _crc32((ctypes.c_char * n).from_address(rf.whole.data_ptr() + file_off))
+    rf._drop(file_off, file_off + n)
+    return crc
+
+
+def _pooled_rows(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequence[Box], rec: Any, skey: str,
+                 verify: bool) -> bool:
+    """Read a large piece whose source bytes are one contiguous range of the file and whose
+    target is a set of rows (a column slice of a row-major shard: tensor-parallel weights
+    split by columns) on the file's I/O pool, in groups of about ``_CHUNK`` bytes of rows
+    (:func:`_rows_part`). A piece that is its whole record is CRC-checked, the groups' CRCs
+    combined in file order. ``False``: not such a piece."""
+    if len(boxes) != 1 or boxes[0].numel * src.element_size() < _SMALL:
+        return False
+    b = boxes[0]
+    d = job.target[_slices(b.dst_start, b.size)]
+    s = src[_slices(b.src_start, b.size)]
+    if not s.is_contiguous() or d.device.type != "cpu" or d.is_conj() or d.is_neg() or s.is_conj() or s.is_neg():
+        return False
+    rows = _row_iovecs(d)
+    if rows is None:
+        return False
+    iov, row = rows
+    nbytes = b.numel * src.element_size()
+    per = max(1, _CHUNK // row)  # rows per request
+    base = s.storage_offset() * src.element_size()
+    whole = verify and nbytes == rec.size  # a slice of a record cannot be checked
+    parts = [(rf.fd, base + i * row, iov[i:i + per], rf.index.file_size, rf if whole else None)
+             for i in range(0, len(iov), per)]
+    sizes = [len(p[2]) * row for p in parts]
+    rf.submit_parts(_rows_part, parts, sizes, key=job.key, rec=rec if whole else None, skey=skey)
     rf.stats.bytes_read += nbytes
     return True
 
@@ -174,7 +228,9 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     # (a record not aligned for its dtype is a copy, not the mapping: no preadv then)
                     direct = rf.fd if src.untyped_storage().data_ptr() == rf.whole.data_ptr() else None
                     rec = index.records[ref.storage.key]
-                    if direct is not None and _pooled(rf, src, job, piece.boxes, rec, ref.storage.key, verify):
+                    if direct is not None and (_pooled(rf, src, job, piece.boxes, rec, ref.storage.key, verify)
+                                               or _pooled_rows(rf, src, job, piece.boxes, rec, ref.storage.key,
+                                                               verify)):
                         continue
                     n = copy_boxes(src, job.target, piece.boxes, direct, index.file_size,
                                    submit=partial(rf.submit, key=job.key))
