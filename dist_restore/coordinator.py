@@ -644,7 +644,7 @@ def _check_saved_world(index: Any, nfiles: int, world: int) -> None:
     """Without a manifest, a world-size change is believed only where the files say how many
     ranks saved them: the DeviceMesh of a DTensor entry records its root's ranks. Otherwise a
     lost last rank file would look like a smaller world and restore silently."""
-    sizes = {e.layout.mesh.root_size for e in index if e.kind == "dtensor"} - {None}
+    sizes = {layout.mesh.root_size for layout in index.dtensor_layouts()} - {None}
     if not sizes:
         why = ("with no manifest and no DTensor entry (whose mesh records the ranks that saved it), a lost rank "
                "file cannot be told from a checkpoint of fewer ranks; write checkpoints with CheckpointWriter to "

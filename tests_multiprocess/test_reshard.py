@@ -77,6 +77,8 @@ def test_index_files_of_a_2d_checkpoint(saved) -> None:
         assert ix.source == "index file" and ref.source == "pickle"
         assert ix.entries == ref.entries  # layouts (placements, mesh, coordinate, groups) included
         assert any(e.kind == "dtensor" for e in ix)
+        layouts = [e.layout for e in ref if e.kind == "dtensor"]  # what the saved-world check reads
+        assert list(ix.dtensor_layouts()) == list(ref.dtensor_layouts()) == layouts
     # one index file tells every rank's region: its layouts record each mesh's rank map
     zero = read_index(path / "checkpoint_0.pt").entries
     others = [read_index(path / f"checkpoint_{r}.pt").entries for r in range(4)]

@@ -173,6 +173,16 @@ class CheckpointIndex:
                 self._entries = {e.key: e for e in self._iter_entries()}
         return self._entries
 
+    def dtensor_layouts(self) -> Iterator[DLayout]:
+        """The layout of every DTensor entry, without building an :class:`IndexEntry` per
+        leaf or reading any record's local header."""
+        for key, _path, v in iter_leaves(self.tree):
+            if isinstance(v, DTensorRef):
+                try:
+                    yield v.layout
+                except CorruptCheckpointError as e:
+                    raise CorruptCheckpointError(e.reason, file=self.file, key=key) from None
+
     def prefetch_headers(self, fd: int, storage_keys: Iterable[str]) -> None:
         """Start reading the local headers of these records whose data offsets are not
         known yet, all at once (see :func:`dist_restore._format.zip.prefetch_headers`):

@@ -570,6 +570,11 @@ class FileIndex(CheckpointIndex):
 
     # -- rows --------------------------------------------------------------------------------
 
+    def dtensor_layouts(self) -> Iterator[DLayout]:
+        """The layout of every DTensor entry, from the tree section's table (no leaf built)."""
+        for _size, _stride, layout in self._dtensors.values():
+            yield _layout_from_tuple(layout)
+
     def leaf(self, row: int) -> Any:
         """The reference (or value) of one leaf of the skeleton."""
         v = self._cache[row]
