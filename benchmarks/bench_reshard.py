@@ -14,8 +14,17 @@ dicts (DTensor targets), in three ways:
 
 * ``dist_restore``: ``RestoreCoordinator.restore``;
 * ``dcp``: ``torch.distributed.checkpoint.load`` (DCP reshards its own format);
+* ``dist_restore verify=none``: the same without the CRC32 check of whole records (DCP and
+  the naive ways check nothing);
 * ``naive``: ``torch.load`` (whole, ``weights_only=True``) of every file the rank needs (the
-  files dist_restore's plan names), then each shard's slices copied out.
+  files dist_restore's plan names; planned beforehand, untimed), then each shard's slices
+  copied out;
+* ``naive mmap``: the same with ``torch.load(mmap=True)``: only the pages the slices touch are
+  read;
+
+and two limits that fill no target: ``floor: pread`` (one plain ``preadv`` of each byte range
+the plan reads, into one paged-in buffer, on the rank's own thread) and ``floor: pread+crc32``
+(the same plus the CRC32 of each range, as the reader checks whole records).
 
 Scenarios: FSDP2 on 4 ranks -> 2, FSDP2+TP (2-D mesh dp=2 x tp=2, ``_StridedShard``) on 4 -> FSDP2
 on 2, FSDP2 on 2 -> 4. Per method: one untimed warm-up (checked bit-exact against the values
@@ -34,6 +43,7 @@ preallocated targets (``VmHWM`` after resetting it through ``/proc/self/clear_re
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import platform
 import shutil
@@ -52,7 +62,8 @@ import torch.distributed as dist  # noqa: E402
 
 from tests_multiprocess.harness import run_ranks  # noqa: E402
 
-METHODS = ("dist_restore", "dcp", "naive")
+METHODS = ("dist_restore", "dist_restore verify=none", "dcp", "naive", "naive mmap", "floor: pread", "floor: pread+crc32")
+NOT_RESTORES = ("floor: pread", "floor: pread+crc32")  # limits: they fill no target
 
 
 def build(kind: str, world: int, layers: int, width: int, seed: int) -> tuple[Any, Any]:
@@ -154,8 +165,13 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
     coord = RestoreCoordinator(timeout=600)
     ours = Path(root) / "ours"
 
+    coord_nocrc = RestoreCoordinator(timeout=600, verify="none")
+
     def run_ours() -> int:
         return coord.restore(ours, sd).stats.bytes_read
+
+    def run_ours_nocrc() -> int:
+        return coord_nocrc.restore(ours, sd).stats.bytes_read
 
     plan_files: list[int] = []
 
@@ -179,6 +195,48 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
                     copy_boxes(v.to_local() if hasattr(v, "to_local") else v, job.target, piece.boxes)
         return nbytes
 
+    def run_naive_mmap() -> int:  # torch.load(mmap=True): only the pages the slices touch are read
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        with torch.serialization.safe_globals([_StridedShard]):
+            loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu", mmap=True)
+                      for f in plan_files}
+        with torch.no_grad():
+            for job in naive_jobs:
+                for piece in job.pieces:
+                    v: Any = loaded[piece.file]
+                    for p in job.path:
+                        v = v[p]
+                    copy_boxes(v.to_local() if hasattr(v, "to_local") else v, job.target, piece.boxes)
+        return shard_bytes
+
+
+    def floor(crc: bool) -> int:
+        """The limit: one plain ``preadv`` per byte range the plan reads (its records' spans,
+        in file order, one file after another) into one buffer of the rank's shard bytes, on
+        the rank's own thread; with ``crc`` the zip's CRC32 of each range as well (8 MiB steps,
+        as the reader takes it)."""
+        import ctypes
+
+        from dist_restore._bytes.crc import crc32
+
+        at = 0
+        for f, spans in floor_spans.items():
+            fd = os.open(ours / f"checkpoint_{f}.pt", os.O_RDONLY)
+            try:
+                for off, n in spans:
+                    for lo in range(0, n, 8 << 20):
+                        m = min(8 << 20, n - lo)
+                        addr = scratch.data_ptr() + at
+                        got = os.preadv(fd, [(ctypes.c_char * m).from_address(addr)], off + lo)
+                        assert got == m
+                        if crc:
+                            crc32((ctypes.c_char * m).from_address(addr))
+                        at += m
+            finally:
+                os.close(fd)
+        return at
+
     # the files and boxes dist_restore's plan picks; the naive way loads those files whole
     from dist_restore._format.index import read_index
     from dist_restore._planning.plan import plan_read
@@ -191,11 +249,28 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
                          nfiles=nfiles, open_index=lambda f: read_index(ours / f"checkpoint_{f}.pt"), spread=rank)
     naive_jobs = shards.jobs
     plan_files.extend(sorted({p.file for j in naive_jobs for p in j.pieces}))
+    from dist_restore._bytes.slices import _span_bytes
 
-    import torch.distributed.tensor  # noqa: F401 - torch.load of DTensors needs it
+    floor_spans: dict[int, list[tuple[int, int]]] = {}
+    for f in plan_files:  # each piece's byte span of its record, in file order
+        idx = shards.indexes[f]
+        spans = []
+        with open(idx.file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for job in naive_jobs:
+                for piece in job.pieces:
+                    if piece.file == f:
+                        ref = shards.entries[(f, job.key)]
+                        lo, hi = _span_bytes(ref, piece.boxes)
+                        spans.append((idx.data_offset(ref.storage.key, mm) + lo, hi - lo))
+        floor_spans[f] = sorted(spans)
+    scratch = torch.ones(sum(n for v in floor_spans.values() for _o, n in v), dtype=torch.uint8)  # paged in
+
+    import torch.distributed.tensor as _dtensor  # noqa: F401 - torch.load of DTensors needs it
 
     full = torch.load(Path(root) / "full.pt", weights_only=True)
-    runs = {"dist_restore": run_ours, "dcp": run_dcp, "naive": run_naive}
+    runs = {"dist_restore": run_ours, "dist_restore verify=none": run_ours_nocrc, "dcp": run_dcp,
+            "naive": run_naive, "naive mmap": run_naive_mmap, "floor: pread": lambda: floor(False),
+            "floor: pread+crc32": lambda: floor(True)}
     out: dict[str, Any] = {"shard_bytes": shard_bytes}
     out["dcp_peak"] = out["naive_peak"] = out["dist_restore_peak"] = 0
     for name, fn in runs.items():  # warm-up, checked; its peak RSS beyond the targets
@@ -207,11 +282,13 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         fn()
         out[f"{name}_peak"] = _status("VmHWM") - base
         for k, v in _leaves(sd):
+            if name in NOT_RESTORES:
+                break
             if hasattr(v, "full_tensor") and not torch.equal(v.full_tensor(), full[k]):
                 raise AssertionError(f"{name}: {k} differs from the values saved")
         out[name] = []
     for r in range(repeats):
-        order = METHODS[r % 3:] + METHODS[:r % 3]
+        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
         for name in order:
             if cold and rank == 0:
                 _drop_cache(Path(root))
