@@ -275,3 +275,18 @@ def restore_everything(rank: int, world: int, path: str, shared: Any, mode: str)
     """``restore(path)``: each rank's whole own file (no target)."""
     res = RestoreCoordinator(timeout=60).restore(path, None, shared=shared, shared_mode=mode)
     return {"sd": res.state_dict, "bytes_read": res.stats.bytes_read, "missing": res.missing_keys}
+
+
+def gather_payloads(rank: int, world: int, sizes: list[list[int]]) -> dict[str, Any]:
+    """``ProcessGroupWrapper.all_gather_bytes`` of rounds of payloads (round i: this rank sends
+    ``sizes[i][rank]`` bytes of a rank- and round-specific pattern); what arrived, and the
+    collectives each round took."""
+    from dist_restore._protocol.pg import ProcessGroupWrapper
+
+    pg = ProcessGroupWrapper(timeout=60)
+    got, counts = [], []
+    for i, row in enumerate(sizes):
+        before = pg.stats.collectives
+        got.append(pg.all_gather_bytes(bytes((rank * 31 + i + j) % 256 for j in range(row[rank]))))
+        counts.append(pg.stats.collectives - before)
+    return {"got": got, "collectives": counts}

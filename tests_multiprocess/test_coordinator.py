@@ -355,3 +355,18 @@ def test_whole_files_without_a_target(tmp_path: Path, shared: object, mode: str)
         want = torch.load(tmp_path / f"checkpoint_{r}.pt", weights_only=True)
         _assert_same_types(o["sd"], want, f"rank {r}")
         assert o["missing"] == [] and o["bytes_read"] == 6 * 4 + 2 * 4 + 3 * 8  # w, own, od["a"]
+
+
+@pytest.mark.timeout(120)
+def test_all_gather_bytes_one_collective_when_payloads_fit() -> None:
+    """The protocol's all-gather: every rank gets every payload, byte for byte, in rank order;
+    one collective when all fit the slot (empty, tiny, exactly the slot), two when one rank's
+    is larger (then every rank takes the second, with its own payload of any size)."""
+    from dist_restore._protocol.pg import SLOT
+
+    sizes = [[0, 0, 0], [1, 0, 700], [SLOT, SLOT, SLOT], [SLOT + 1, 3, 0], [5, 40_000, SLOT]]
+    out = run_ranks(w.gather_payloads, 3, args=(sizes,), timeout=90)
+    for o in out:
+        assert o["collectives"] == [1, 1, 1, 2, 2]
+        for i, row in enumerate(sizes):
+            assert o["got"][i] == [bytes((r * 31 + i + j) % 256 for j in range(row[r])) for r in range(3)]

@@ -20,6 +20,10 @@ import torch.distributed as dist
 
 from dist_restore._timeout import Timeout, to_seconds
 
+#: Payload bytes that travel in an all-gather's first (and usually only) collective; a rank
+#: sends this much whatever its payload (1,024 ranks: 1 MiB received per all-gather).
+SLOT = 1024
+
 logger = logging.getLogger(__name__)
 
 BarrierKind = Literal["process_group", "store", "none"]
@@ -92,23 +96,39 @@ class ProcessGroupWrapper:
             raise CollectiveError(f"{what} timed out after {self.timeout:.0f}s on rank {self.rank}")
 
     def all_gather_bytes(self, payload: bytes) -> list[bytes]:
-        """Every rank's ``payload``, in rank order (two collectives)."""
+        """Every rank's ``payload``, in rank order.
+
+        One collective when every payload fits :data:`SLOT` bytes (a status, a digest, a
+        report: the protocol's usual messages): each rank sends its length and payload in a
+        fixed slot. When some payload is larger, every rank sees that in the gathered lengths
+        and all take a second collective, of the largest payload's width."""
         if not self.distributed:
             return [payload]
-        n = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(sizes, n, group=self.group, async_op=True), "all_gather(sizes)")
-        lens = [int(s.item()) for s in sizes]
+        n = len(payload)
+        slot = torch.zeros(8 + SLOT, dtype=torch.uint8)
+        slot[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+        if 0 < n <= SLOT:
+            slot[8:8 + n] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        slot = slot.to(self.device)
+        outs = [torch.empty(8 + SLOT, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(outs, slot, group=self.group, async_op=True), "all_gather(payload)")
+        self.stats.collectives += 1
+        got = torch.stack(outs).cpu().numpy()
+        lens = got[:, :8].copy().view("<i8").ravel().tolist()
+        self.stats.bytes_sent += min(n, SLOT) + 8
+        self.stats.bytes_received += sum(min(x, SLOT) + 8 for x in lens) - min(n, SLOT) - 8
         width = max(lens)
-        buf = torch.zeros(width, dtype=torch.uint8)
+        if width <= SLOT:
+            return [got[r, 8:8 + lens[r]].tobytes() for r in range(self.world_size)]
+        buf = torch.zeros(width, dtype=torch.uint8)  # some payload is larger: all send theirs whole
         if payload:
-            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            buf[:n] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         buf = buf.to(self.device)
         outs = [torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(outs, buf, group=self.group, async_op=True), "all_gather(payload)")
-        self.stats.collectives += 2
-        self.stats.bytes_sent += len(payload)
-        self.stats.bytes_received += sum(lens) - len(payload)
+        self._wait(dist.all_gather(outs, buf, group=self.group, async_op=True), "all_gather(large payload)")
+        self.stats.collectives += 1
+        self.stats.bytes_sent += n
+        self.stats.bytes_received += sum(lens) - n
         return [outs[r][: lens[r]].cpu().numpy().tobytes() for r in range(self.world_size)]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
