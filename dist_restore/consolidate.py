@@ -207,7 +207,7 @@ def _check_index(index: CheckpointIndex, nfiles: int) -> None:
         why = "a legacy (non-zip) torch.save file" if index.format != "zip" else "of the other byte order"
         raise ValueError(f"{index.file} is {why}; consolidate reads zip-format files of this machine's byte "
                          "order: re-save it with torch.save's defaults")
-    sizes = {e.layout.mesh.root_size for e in index if e.kind == "dtensor"} - {None}
+    sizes = {layout.mesh.root_size for layout in index.dtensor_layouts()} - {None}
     if sizes and max(sizes) != nfiles:
         raise IncompleteCheckpointError(
             f"the saved DeviceMesh spans {max(sizes)} ranks, but the checkpoint has {nfiles} rank file(s)"

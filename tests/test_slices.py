@@ -153,3 +153,11 @@ def test_whole_record_into_a_column_slice_is_crc_checked(tmp_path: Path, monkeyp
         with pytest.raises(CorruptCheckpointError, match="CRC32") as e:
             restore(bad)
         assert e.value.key == "w" and str(bad) in str(e.value)
+
+    def fail(*a):  # what a vectored read of a file that shrank raises
+        raise OSError("preadv moved 0 of 2048 bytes")
+
+    monkeypatch.setattr(S._iovec, "vectored", fail)
+    with pytest.raises(CorruptCheckpointError, match="reading the file failed") as e:
+        restore(good)
+    assert e.value.key == "w" and str(good) in str(e.value)

@@ -140,11 +140,12 @@ def test_every_flipped_directory_byte_agrees(tmp_path: Path) -> None:
     assert taken > len(cd)  # most flips land in fields the parser does not use
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="posix_fadvise: Linux")
 def test_prefetch_headers_asks_once_per_cluster(tmp_path, monkeypatch) -> None:
     """The local headers a restore will read are asked for together (``WILLNEED``) before
-    any is read: headers within 1 MiB of each other in one call, distant ones in their own,
-    each range covering its header; what the index then reads is unchanged (oracle:
-    ``torch.load``)."""
+    any is read: headers within 64 KiB of each other in one call (of at most 8 MiB), distant
+    ones in their own, each range covering its header; what the index then reads is unchanged
+    (oracle: ``torch.load``)."""
     import os
 
     import torch
@@ -154,12 +155,16 @@ def test_prefetch_headers_asks_once_per_cluster(tmp_path, monkeypatch) -> None:
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)))
-    Z.prefetch_headers(0, [5 << 20, 100, 200_000, 9 << 20, (5 << 20) + 4096])
-    assert calls == [(100, 200_000 - 100 + Z._HEADER_SPAN), (5 << 20, 4096 + Z._HEADER_SPAN),
-                     (9 << 20, Z._HEADER_SPAN)]
+    Z.prefetch_headers(0, [5 << 20, 100, 30_000, 200_000, 9 << 20, (5 << 20) + 4096])
+    assert calls == [(100, 30_000 - 100 + Z._HEADER_SPAN), (200_000, Z._HEADER_SPAN),
+                     (5 << 20, 4096 + Z._HEADER_SPAN), (9 << 20, Z._HEADER_SPAN)]
     calls.clear()
     Z.prefetch_headers(0, [])
     assert calls == []
+    Z.prefetch_headers(0, range(0, 20 << 20, 32 << 10))  # small records over 20 MiB: 8 MiB ranges at most
+    assert len(calls) == 3 and all(n <= Z._MERGE_MAX for _o, n in calls)
+    assert calls[0][0] == 0 and calls[-1][0] + calls[-1][1] == (20 << 20) - (32 << 10) + Z._HEADER_SPAN
+    calls.clear()
 
     big = {"small": torch.arange(3)}  # first in the file: its header and t0's share a call
     big.update({f"t{i}": torch.randn(300_000) for i in range(4)})  # 1.2 MB apart: one call each
@@ -180,6 +185,7 @@ def test_prefetch_headers_asks_once_per_cluster(tmp_path, monkeypatch) -> None:
         assert raw[off:off + v.nbytes] == v.numpy().tobytes()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="posix_fadvise: Linux")
 def test_prefetch_headers_ignores_a_refusal(monkeypatch) -> None:
     """``WILLNEED`` is a hint: a file system that refuses it costs nothing."""
     import os

@@ -432,6 +432,9 @@ class _RankFile:
         except EOFError as e:
             raise CorruptCheckpointError(f"file changed size while being read ({e})",
                                          file=self.index.file, key=job.key) from None
+        except OSError as e:  # a vectored read that made no progress (the file shrank), EIO, ...
+            raise CorruptCheckpointError(f"reading the file failed ({e})", file=self.index.file,
+                                         key=job.key) from None
         if to_device is not None:  # a pinned buffer has landed: send it on to the device
             slot, dst = to_device
             with torch.cuda.device(dst.device):

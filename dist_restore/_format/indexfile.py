@@ -53,7 +53,7 @@ import pickle
 import struct
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -569,6 +569,9 @@ class FileIndex(CheckpointIndex):
         return IndexEntry(key, "object", value=v)
 
     # -- rows --------------------------------------------------------------------------------
+
+    def prefetch_headers(self, fd: int, storage_keys: Iterable[str]) -> None:
+        """Nothing to read: the data offsets are in the index file's table."""
 
     def dtensor_layouts(self) -> Iterator[DLayout]:
         """The layout of every DTensor entry, from the tree section's table (no leaf built)."""

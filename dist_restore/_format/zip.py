@@ -241,7 +241,8 @@ def _directory_columns(cd: bytes, n_entries: int, size: int) -> tuple[np.ndarray
 
 
 _HEADER_SPAN = 4096  # a local header, its name and its extra field fit in this (torch writes < 200 bytes)
-_MERGE_GAP = 1 << 20  # header ranges closer than this are prefetched by one call
+_MERGE_GAP = 64 << 10  # header ranges closer than this are prefetched by one call...
+_MERGE_MAX = 8 << 20  # ...up to this long: a file of small records is not read whole for its headers
 
 
 def prefetch_headers(fd: int, header_offsets: Iterable[int]) -> None:
@@ -250,13 +251,14 @@ def prefetch_headers(fd: int, header_offsets: Iterable[int]) -> None:
     On a cold file each header read by a page fault or a ``pread`` waits for the disk on
     its own: tens of records of large tensors cost tens of milliseconds each, one after the
     other. Asked for together, the disk serves them in parallel, and the reads that follow
-    wait at most for the slowest. Nearby headers (small records) are merged into one range,
-    so a file of many small records costs a few calls. Warm pages cost a page-cache lookup."""
+    wait at most for the slowest. Headers within 64 KiB of each other (small records) are
+    merged into ranges of at most 8 MiB, so a file of many small records costs a call per 8 MiB
+    of them. Warm pages cost a page-cache lookup."""
     if not hasattr(os, "posix_fadvise"):
         return
     ranges: list[list[int]] = []
     for off in sorted(header_offsets):
-        if ranges and off <= ranges[-1][1] + _MERGE_GAP:
+        if ranges and off <= ranges[-1][1] + _MERGE_GAP and off + _HEADER_SPAN - ranges[-1][0] <= _MERGE_MAX:
             ranges[-1][1] = max(ranges[-1][1], off + _HEADER_SPAN)
         else:
             ranges.append([off, off + _HEADER_SPAN])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -106,7 +107,7 @@ class ProcessGroupWrapper:
             return [payload]
         n = len(payload)
         slot = torch.zeros(8 + SLOT, dtype=torch.uint8)
-        slot[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+        slot[:8] = torch.from_numpy(np.array([n], dtype="<i8").view(np.uint8))
         if 0 < n <= SLOT:
             slot[8:8 + n] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         slot = slot.to(self.device)
@@ -115,8 +116,9 @@ class ProcessGroupWrapper:
         self.stats.collectives += 1
         got = torch.stack(outs).cpu().numpy()
         lens = got[:, :8].copy().view("<i8").ravel().tolist()
-        self.stats.bytes_sent += min(n, SLOT) + 8
-        self.stats.bytes_received += sum(min(x, SLOT) + 8 for x in lens) - min(n, SLOT) - 8
+        in_slot = [8 + (x if x <= SLOT else 0) for x in lens]  # the bytes that carried something
+        self.stats.bytes_sent += in_slot[self.rank]
+        self.stats.bytes_received += sum(in_slot) - in_slot[self.rank]
         width = max(lens)
         if width <= SLOT:
             return [got[r, 8:8 + lens[r]].tobytes() for r in range(self.world_size)]
