@@ -94,7 +94,7 @@ def test_to_json_rejects_non_json_metadata() -> None:
         man.to_json()
 
 
-@pytest.mark.parametrize(("text", "why"), [
+_MALFORMED = [
     ("{not json", "not JSON"),
     ("[1, 2]", "expected a JSON object"),
     (_manifest_doc(format_version=99), "unsupported format_version 99"),
@@ -113,7 +113,12 @@ def test_to_json_rejects_non_json_metadata() -> None:
      "ranks\\[0\\] is for rank 3"),
     (_manifest_doc(ranks=[{"rank": 0, "file": "checkpoint_0.pt", "size": True, "checksum": "crc32:00000000"}]),
      "'size'"),
-])
+]
+
+
+# ids from the expected message: the texts carry a timestamp, and ids must be the same in every
+# process that collects them (pytest-xdist)
+@pytest.mark.parametrize(("text", "why"), _MALFORMED, ids=[why for _t, why in _MALFORMED])
 def test_from_json_rejects_malformed(text: str, why: str) -> None:
     with pytest.raises(CorruptCheckpointError, match=why) as info:
         Manifest.from_json(text, file="/ckpt/step_1/dist_restore_manifest.json")
