@@ -24,7 +24,8 @@ dicts (DTensor targets), in three ways:
 
 and two limits that fill no target: ``floor: pread`` (one plain ``preadv`` of each byte range
 the plan reads, into one paged-in buffer, on the rank's own thread) and ``floor: pread+crc32``
-(the same plus the CRC32 of each range, as the reader checks whole records).
+(the same plus the CRC32 of each range, as the reader checks whole records, with the same CRC32
+implementation: ``DIST_RESTORE_CRC=isal`` makes both use isal instead of libdeflate).
 
 Scenarios: FSDP2 on 4 ranks -> 2, FSDP2+TP (2-D mesh dp=2 x tp=2, ``_StridedShard``) on 4 -> FSDP2
 on 2, FSDP2 on 2 -> 4. Per method: one untimed warm-up (checked bit-exact against the values
@@ -218,7 +219,7 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         as the reader takes it)."""
         import ctypes
 
-        from dist_restore._bytes.crc import crc32
+        from dist_restore._bytes.crc import crc32_at
 
         at = 0
         for f, spans in floor_spans.items():
@@ -231,7 +232,7 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
                         got = os.preadv(fd, [(ctypes.c_char * m).from_address(addr)], off + lo)
                         assert got == m
                         if crc:
-                            crc32((ctypes.c_char * m).from_address(addr))
+                            crc32_at(addr, m)
                         at += m
             finally:
                 os.close(fd)

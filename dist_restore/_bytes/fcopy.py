@@ -9,7 +9,7 @@ import errno
 import os
 from typing import Any
 
-from dist_restore._bytes.crc import crc32 as _crc32
+from dist_restore._bytes.crc import crc32_buf
 
 _CHUNK = 8 << 20  # buffer of the read/write fallback and of range checksums
 # copy_file_range says "not here" with these (another filesystem on old kernels, special files)
@@ -71,7 +71,7 @@ def range_crc32(fd: int, offset: int, nbytes: int, buf: bytearray) -> int:
         n = os.preadv(fd, [part], offset + done)
         if n <= 0:
             raise EOFError(f"file ended at byte {offset + done}, {nbytes - done} bytes short")
-        crc = _crc32(part[:n], crc)
+        crc = crc32_buf(part[:n], crc)
         done += n
     return crc & 0xFFFFFFFF
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from dist_restore._bytes.crc import crc32
+from dist_restore._bytes.crc import crc32_at
 
 __all__ = ["read_part"]
 
@@ -34,5 +34,5 @@ def read_part(fd: int, addr: int, file_off: int, lo: int, hi: int, chunk: int, c
                                f"{hi - o - got} bytes before the end of a tensor's data")
             got += r
         if crc:
-            running = crc32((ctypes.c_char * n).from_address(addr + o), running)
+            running = crc32_at(addr + o, n, running)
     return running

@@ -31,8 +31,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dist_restore._bytes.crc import _BIG as _CRC_BIG
 from dist_restore._bytes.crc import crc32 as _crc32
-from dist_restore._bytes.crc import crc32_combine
+from dist_restore._bytes.crc import crc32_at, crc32_buf, crc32_combine
 from dist_restore._bytes.pio import read_part
 from dist_restore._format.index import CheckpointIndex, full_load
 from dist_restore._format.keypath import RawPath
@@ -249,7 +250,7 @@ class _RankFile:
         try:
             with memoryview(self.mm) as mv:
                 for i, (addr, off, n, want) in enumerate(records):
-                    if check and crc32(mv[off : off + n]) != want:
+                    if check and (crc32(mv[off : off + n]) if n < _CRC_BIG else crc32_buf(mv[off : off + n])) != want:
                         skey, key = names(i)
                         raise CorruptCheckpointError(
                             f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt",
@@ -338,7 +339,7 @@ class _RankFile:
         self.drain()  # errors in file order
         if whole_record:
             with memoryview(self.mm) as mv:
-                self._check_crc(_crc32(mv[offset : offset + rec.size]), rec, skey, group[0].key)
+                self._check_crc(crc32_buf(mv[offset : offset + rec.size]), rec, skey, group[0].key)
         allocate = []
         for lf, (lo, hi) in zip(group, spans):
             if lf.target is None:
@@ -494,7 +495,7 @@ class _RankFile:
             return 0 if crc else None
         addr = t.data_ptr()
         ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
-        return _crc32((ctypes.c_char * nbytes).from_address(addr)) if crc else None
+        return crc32_at(addr, nbytes) if crc else None
 
     def _drop(self, lo: int, hi: int) -> None:
         """Unmap the whole pages of file bytes ``[lo, hi)`` (page cache keeps them): the

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dist_restore._bytes import iovec as _iovec
-from dist_restore._bytes.crc import crc32 as _crc32
+from dist_restore._bytes.crc import crc32_at, crc32_buf
 from dist_restore._format.index import CheckpointIndex
 from dist_restore._bytes.read import _CHUNK, _SMALL, ReadStats, _file_view, _RankFile
 from dist_restore._planning.regions import Box
@@ -136,7 +136,7 @@ def _rows_part(fd: int, file_off: int, iov: np.ndarray, file_size: int, rf: _Ran
     if rf is None:
         return 0
     n = int(iov[:, 1].sum())
-    crc = _crc32((ctypes.c_char * n).from_address(rf.whole.data_ptr() + file_off))
+    crc = crc32_at(rf.whole.data_ptr() + file_off, n)
     rf._drop(file_off, file_off + n)
     return crc
 
@@ -236,7 +236,7 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                                    submit=partial(rf.submit, key=job.key))
                     stats.bytes_read += n
                     if verify and n and n == rec.size:  # the whole record was copied: check it
-                        if _crc32(_record_bytes(rf, off, job.target, piece.boxes, n)) != rec.crc32:
+                        if crc32_buf(_record_bytes(rf, off, job.target, piece.boxes, n)) != rec.crc32:
                             raise CorruptCheckpointError(
                                 f"CRC32 mismatch in storage record data/{ref.storage.key}: tensor data is corrupt",
                                 file=index.file, key=job.key)

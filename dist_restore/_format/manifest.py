@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dist_restore._bytes.crc import crc32 as _crc32
+from dist_restore._bytes.crc import crc32_buf
 from dist_restore._paths import raise_with_path
 from dist_restore._protocol.report import format_ranks
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
@@ -250,7 +250,7 @@ def checksum_fileobj(f: Any) -> tuple[int, str]:
         n = f.readinto(mv)
         if not n:
             break
-        crc = _crc32(mv[:n], crc)
+        crc = crc32_buf(mv[:n], crc)
         total += n
     return total, f"crc32:{crc & 0xFFFFFFFF:08x}"
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dist_restore._bytes.crc import crc32 as _crc32
+from dist_restore._bytes.crc import crc32_buf
 from dist_restore._bytes.crc import crc32_combine
 from dist_restore._bytes.fcopy import copy_range, pwrite_all
 
@@ -154,7 +154,7 @@ class ZipWriter:
         """Append bytes of the open record from memory."""
         view = memoryview(data).cast("B")
         self._pwrite(view, self.pos)
-        self._crc = _crc32(view, self._crc)
+        self._crc = crc32_buf(view, self._crc)
         self._advance(len(view))
 
     def copy(self, src_fd: int, src_offset: int, nbytes: int, crc: int) -> None:
