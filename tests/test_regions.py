@@ -230,3 +230,35 @@ def test_mesh_layout_of_older_torch(which: str) -> None:
     expect = {"root": [list(range(8))], "submesh": [[0, 1, 2, 3], [4, 5, 6, 7]],
               "flattened": [list(range(8))]}[which]
     assert [list(g) for g in got_old.groups] == expect
+
+
+def test_one_mesh_object_is_parsed_once() -> None:
+    """The DTensors of a file share one DeviceMesh object: it is parsed once and the same
+    MeshInfo comes back; another object (another mesh) is parsed on its own; the memory is
+    bounded and a forgotten object is parsed again, equal to before."""
+    from dist_restore._format import dtensor as D
+
+    calls = []
+    real = D._parse_mesh_uncached
+
+    def counting(m):
+        calls.append(m)
+        return real(m)
+
+    ax = [((2,), (4,)), ((4,), (1,))]
+    a = _mesh_stub({"axes": tuple(_flat_stub(*x) for x in ax)}, tuple(range(8)), ("dp", "tp"), [1, 2])
+    b = _mesh_stub({"axes": tuple(_flat_stub(*x) for x in ax)}, tuple(range(8)), ("dp", "tp"), [0, 3])
+    old = D._parse_mesh_uncached
+    D._parse_mesh_uncached = counting
+    try:
+        first = D._parse_mesh(a)
+        assert D._parse_mesh(a) is first and len(calls) == 1
+        other = D._parse_mesh(b)
+        assert other.coordinate == (0, 3) and first.coordinate == (1, 2) and len(calls) == 2
+        for _ in range(D._MESH_CACHE + 1):  # push a and b out
+            D._parse_mesh(_mesh_stub({"axes": tuple(_flat_stub(*x) for x in ax)}, tuple(range(8)), None, [0, 0]))
+        assert len(D._MESHES) <= D._MESH_CACHE
+        again = D._parse_mesh(a)
+        assert again == first and calls[-1] is a
+    finally:
+        D._parse_mesh_uncached = old

@@ -10,6 +10,8 @@ reference's :class:`DTensorRef` then turns them into a :class:`DLayout` of plain
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -237,7 +239,30 @@ def _check_default_order(order: Any, placements: tuple[Placement, ...]) -> None:
                               "right: not supported")
 
 
+_MESHES: OrderedDict[int, tuple[Any, MeshInfo]] = OrderedDict()  # id(stub) -> (stub, parsed): recent ones
+_MESH_CACHE = 64
+_MESH_LOCK = threading.Lock()
+
+
 def _parse_mesh(mesh: Any) -> MeshInfo:
+    """A DeviceMesh stub's :class:`MeshInfo`. The DTensors of one file share one mesh object
+    (the pickle's memo), whose rank map can span thousands of ranks: each is parsed once
+    (the last few are remembered, with the stub itself, so that its ``id`` stays its own)."""
+    key = id(mesh)
+    with _MESH_LOCK:
+        hit = _MESHES.get(key)
+        if hit is not None and hit[0] is mesh:
+            _MESHES.move_to_end(key)
+            return hit[1]
+    info = _parse_mesh_uncached(mesh)
+    with _MESH_LOCK:
+        _MESHES[key] = (mesh, info)
+        while len(_MESHES) > _MESH_CACHE:
+            _MESHES.popitem(last=False)
+    return info
+
+
+def _parse_mesh_uncached(mesh: Any) -> MeshInfo:
     if not isinstance(mesh, _Stub) or mesh.kind != "DeviceMesh":
         raise TypeError(f"mesh is {type(mesh).__name__}, not a DeviceMesh")
     f = mesh.fields()
