@@ -180,27 +180,12 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         dcp.load(sd, checkpoint_id=str(Path(root) / "dcp"))
         return 0
 
-    def run_naive() -> int:
+    def naive(mapped: bool) -> None:
+        """``torch.load`` every file the plan names (whole, or mapped), then copy each shard's boxes."""
         from torch.distributed.tensor.placement_types import _StridedShard
 
         with torch.serialization.safe_globals([_StridedShard]):  # torch < 2.12 does not allow it
-            loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu")
-                      for f in plan_files}
-        nbytes = sum(os.path.getsize(ours / f"checkpoint_{f}.pt") for f in plan_files)
-        with torch.no_grad():
-            for job in naive_jobs:
-                for piece in job.pieces:
-                    v: Any = loaded[piece.file]
-                    for p in job.path:
-                        v = v[p]
-                    copy_boxes(v.to_local() if hasattr(v, "to_local") else v, job.target, piece.boxes)
-        return nbytes
-
-    def run_naive_mmap() -> int:  # torch.load(mmap=True): only the pages the slices touch are read
-        from torch.distributed.tensor.placement_types import _StridedShard
-
-        with torch.serialization.safe_globals([_StridedShard]):
-            loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu", mmap=True)
+            loaded = {f: torch.load(ours / f"checkpoint_{f}.pt", weights_only=True, map_location="cpu", mmap=mapped)
                       for f in plan_files}
         with torch.no_grad():
             for job in naive_jobs:
@@ -209,8 +194,14 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
                     for p in job.path:
                         v = v[p]
                     copy_boxes(v.to_local() if hasattr(v, "to_local") else v, job.target, piece.boxes)
+
+    def run_naive() -> int:
+        naive(mapped=False)
+        return sum(os.path.getsize(ours / f"checkpoint_{f}.pt") for f in plan_files)
+
+    def run_naive_mmap() -> int:  # only the pages the slices touch are read
+        naive(mapped=True)
         return shard_bytes
-
 
     def floor(crc: bool) -> int:
         """The limit: one plain ``preadv`` per byte range the plan reads (its records' spans,
