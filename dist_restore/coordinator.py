@@ -46,7 +46,9 @@ from dist_restore._planning.plan import PlannedLeaf, ReadPlan, assemble, first_o
 from dist_restore._format.dtensor import DTensorRef
 from dist_restore._protocol.exchange import BucketIO, prepare_buckets
 from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
+from dist_restore._planning.catalog import KeyMap
 from dist_restore._planning.reshard import is_dtensor, plan_shards, split_leaves
+from dist_restore._sources import plan_source, read_source, source_format
 from dist_restore._bytes.readall import read_all, readable
 from dist_restore._bytes.slices import read_jobs
 from dist_restore._bytes.read import MapLocation, ReadStats, Verify, produce, resolve_device
@@ -74,7 +76,9 @@ class RestoreStats:
         bytes_shm: Bytes of shared tensors copied from another rank's memory file (ranks on
             one host; see ``shared_memory``).
         bytes_sent: Bytes this rank sent by collectives.
-        files_opened: Rank files this rank opened (indexed or read).
+        files_opened: Rank files this rank opened (indexed or read); for a safetensors source,
+            the files it read tensor bytes from.
+        bytes_metadata: Header and metadata bytes read to plan (safetensors headers).
         collectives: Number of collectives issued (barriers included).
         seconds: Wall seconds per phase (``plan``, ``read``, ``exchange``, ``finish``).
     """
@@ -84,6 +88,7 @@ class RestoreStats:
     bytes_shm: int = 0
     bytes_sent: int = 0
     files_opened: int = 0
+    bytes_metadata: int = 0
     collectives: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -164,11 +169,18 @@ class RestoreCoordinator:
         timeout: Timeout | None = None,
         verify: bool = False,
         per_rank: SharedSpec = None,
+        key_map: KeyMap = None,
+        cast: bool = False,
     ) -> RestoreResult:
         """Restore ``path/checkpoint_{rank}.pt`` on every rank (call on all ranks).
 
+        ``path`` may also be a Hugging Face safetensors checkpoint (a directory of
+        ``*.safetensors`` files, with or without ``model.safetensors.index.json``, or one
+        ``.safetensors`` file): every rank then reads only the byte ranges of its own shards
+        (see :mod:`dist_restore._planning.catalog`); ``shared``/``per_rank``/``verify`` do not apply.
+
         Args:
-            path: The checkpoint directory.
+            path: The checkpoint directory (or safetensors file).
             state_dict: This rank's target (``None``: everything in its file).
             shared: Replicated entries: key-path prefixes, glob patterns, or a predicate.
             shared_mode: ``"broadcast"`` (rank ``src`` reads, the others receive),
@@ -185,6 +197,10 @@ class RestoreCoordinator:
                 (prefixes, globs or a predicate, as ``shared``) that rank ``r`` takes from
                 file ``r`` (missing on ranks without one). Other non-DTensor entries come
                 from rank ``src``'s file, broadcast.
+            key_map: Safetensors sources: target key -> file key, a dict (keys it lacks keep
+                their names) or a callable; ``None`` as the file key skips the target key.
+            cast: Safetensors sources: a file dtype other than the target's is cast while
+                copying (``file_tensor.to(target.dtype)``, bit for bit) instead of refused.
 
         DTensor targets (and DTensor entries restored into whole tensors) are resharded:
         each rank reads the byte ranges of the rank files that overlap its shard, whatever
@@ -203,6 +219,8 @@ class RestoreCoordinator:
             self._pg.timeout = seconds
         try:
             with paused():  # tens of thousands of small objects per restore, no cycles
+                if source_format(path) is not None:
+                    return self._restore_catalog(path, state_dict, strict, map_location, key_map, cast)
                 return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify,
                                      per_rank)
         finally:
@@ -224,17 +242,7 @@ class RestoreCoordinator:
         except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
             payload = {"ok": False, "error": _describe(e)}
         gathered = self._agree("plan", payload)
-        report = RestoreReport.aggregate([p["report"] for p in gathered], world)
-        if gathered[src].get("note"):
-            report = dataclasses.replace(report, notes=(gathered[src]["note"],))
-        if strict and (report.missing_keys or report.unexpected_keys or report.unmatched_shared):
-            failures = {r: _strict_line(p["report"], report.unmatched_shared) for r, p in enumerate(gathered)
-                        if p["report"].missing or p["report"].unexpected or report.unmatched_shared}
-            raise RestoreError("strict", failures, detail=report.render())
-        if report.mismatched_keys:
-            raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
-                                        for r, p in enumerate(gathered) if p["report"].mismatched},
-                               detail=report.render())
+        report = _judge(gathered, world, src, strict)
         try:
             items, objects = self._canonical_shared(gathered, local["mode"], src, local.get("shared", []),
                                                     local.get("shared_objects", {}))
@@ -369,6 +377,65 @@ class RestoreCoordinator:
                         ", ".join(f"{k} {v:.3f}s" for k, v in stats.seconds.items()))
         return RestoreResult(result_sd, list(plan.missing), list(plan.unexpected),
                              report if rank == 0 else None, stats)
+
+    def _restore_catalog(self, path: Any, state_dict: STATE_DICT | None, strict: bool, map_location: MapLocation,
+                         key_map: KeyMap, cast: bool) -> RestoreResult:
+        """The protocol for a catalogue source (safetensors): every rank plans its own shards'
+        byte ranges; (all ranks) agree, with the report; every rank reads; (all ranks) agree;
+        closing barrier. No bytes travel between ranks: a replicated target is read by each
+        rank that holds it (from the page cache, on one host), no collective per tensor."""
+        pg = self._pg
+        stats = RestoreStats()
+        pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
+        rank, world = pg.rank, pg.world_size
+        t0 = time.perf_counter()
+        plan = None
+        try:
+            plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location)
+            stats.bytes_metadata = plan.catalog.header_bytes
+            note = None
+            if rank == 0:
+                note = (f"{plan.catalog.format} checkpoint: every rank reads the byte ranges of its own shards "
+                        f"({len(plan.files)} file(s) on rank 0)")
+                if plan.tied:
+                    note += (f"; {len(plan.tied)} tied target(s) filled through the tensor they share "
+                             f"(e.g. {plan.tied[0]!r})")
+            payload = self._plan_payload(RankReport(rank, tuple(plan.missing), tuple(plan.unexpected),
+                                                    tuple(plan.mismatched), ()), 0, 0, _NO_ITEMS, note)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
+            payload = {"ok": False, "error": _describe(e)}
+        report = _judge(self._agree("plan", payload), world, 0, strict)
+        assert plan is not None  # else the agreement raised
+        stats.seconds["plan"] = time.perf_counter() - t0
+        self._progress("plan", stats, f"{len(plan.jobs)} tensors here from {plan.catalog.format}")
+
+        t0 = time.perf_counter()
+        try:
+            stats.bytes_read, stats.files_opened = read_source(plan)
+            status: dict[str, Any] = {"ok": True}
+        except Exception as e:  # noqa: BLE001
+            status = {"ok": False, "error": _describe(e)}
+        self._agree("read", status)
+        stats.seconds["read"] = time.perf_counter() - t0
+        self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from {stats.files_opened} file(s)")
+
+        t0 = time.perf_counter()
+        result_sd = plan.result(state_dict)
+        try:
+            pg.barrier()
+        except CollectiveError as e:
+            raise RestoreError("finish", {rank: str(e)}) from e
+        stats.seconds["finish"] = time.perf_counter() - t0
+        stats.collectives = pg.stats.collectives
+        stats.bytes_received = pg.stats.bytes_received
+        stats.bytes_sent = pg.stats.bytes_sent
+        if rank == 0:
+            (logger.warning if not report.ok else logger.info)("%s", report.render())
+            logger.info("restored %s on %d rank(s): rank 0 read %d bytes, %d collectives, %s", path, world,
+                        stats.bytes_read, stats.collectives,
+                        ", ".join(f"{k} {v:.3f}s" for k, v in stats.seconds.items()))
+        return RestoreResult(result_sd, list(plan.missing), list(plan.unexpected), report if rank == 0 else None,
+                             stats)
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -638,6 +705,23 @@ class RestoreCoordinator:
             canon = [i for i in canon if all(i.key in m for m in meta)]
         items = assign_owners(canon, mode, self._pg.world_size, src)  # type: ignore[arg-type]
         return items, objects
+
+
+def _judge(gathered: list[dict[str, Any]], world: int, src: int, strict: bool) -> RestoreReport:
+    """The aggregated report of the plan agreement; the same :class:`RestoreError` on every rank
+    for mismatched targets anywhere, or (``strict``) missing/unexpected keys anywhere."""
+    report = RestoreReport.aggregate([p["report"] for p in gathered], world)
+    if gathered[src].get("note"):
+        report = dataclasses.replace(report, notes=(gathered[src]["note"],))
+    if strict and (report.missing_keys or report.unexpected_keys or report.unmatched_shared):
+        failures = {r: _strict_line(p["report"], report.unmatched_shared) for r, p in enumerate(gathered)
+                    if p["report"].missing or p["report"].unexpected or report.unmatched_shared}
+        raise RestoreError("strict", failures, detail=report.render())
+    if report.mismatched_keys:
+        raise RestoreError("plan", {r: "; ".join(f"{k}: {m}" for k, m in p["report"].mismatched)
+                                    for r, p in enumerate(gathered) if p["report"].mismatched},
+                           detail=report.render())
+    return report
 
 
 def _check_saved_world(index: Any, nfiles: int, world: int) -> None:

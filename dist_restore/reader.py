@@ -13,7 +13,9 @@ from dist_restore._gc import gc_paused
 from dist_restore._format.index import CheckpointIndex, read_index
 from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, rank_file_count, \
     read_manifest
+from dist_restore._planning.catalog import KeyMap
 from dist_restore._planning.regions import LayoutError
+from dist_restore._sources import plan_source, read_source, source_format
 from dist_restore._planning.reshard import ShardPlan, plan_shards, split_leaves
 from dist_restore._bytes.slices import read_jobs
 from dist_restore._planning.plan import ReadPlan, assemble, first_out_of_bounds, plan_read
@@ -85,6 +87,8 @@ class CheckpointReader:
         state_dict: STATE_DICT | None = None,
         *,
         map_location: MapLocation = None,
+        key_map: KeyMap = None,
+        cast: bool = False,
         **kwargs: Any,
     ) -> tuple[STATE_DICT, list[str]]:
         """Read this rank's file; the reference reader's signature and result.
@@ -94,6 +98,7 @@ class CheckpointReader:
             state_dict: ``None`` to load everything (as ``torch.load(weights_only=True)``);
                 else the keys to load: tensors are filled in place, ``None`` values allocated.
             map_location: Device (or ``{saved: device}`` mapping) for allocated tensors.
+            key_map, cast: For safetensors sources (see :meth:`load`).
             **kwargs: Accepted for compatibility with the reference; ignored.
 
         Returns:
@@ -101,7 +106,7 @@ class CheckpointReader:
         """
         if kwargs:
             logger.debug("ignoring reader kwargs %s", sorted(kwargs))
-        res = self.load(path, state_dict, map_location=map_location)
+        res = self.load(path, state_dict, map_location=map_location, key_map=key_map, cast=cast)
         return res.state_dict, res.missing_keys
 
     @gc_paused
@@ -113,6 +118,8 @@ class CheckpointReader:
         map_location: MapLocation = None,
         strict: bool = False,
         verify: bool = False,
+        key_map: KeyMap = None,
+        cast: bool = False,
     ) -> ReadResult:
         """Like :meth:`read`, with unexpected keys, byte counts and timing.
 
@@ -124,6 +131,11 @@ class CheckpointReader:
             strict: Raise :class:`StateDictMismatchError` if any key is missing or unexpected.
             verify: Also check this rank's whole file against the manifest's CRC32 (reads
                 the file once more; without a manifest there is nothing to check against).
+            key_map: A Hugging Face safetensors source (a directory of ``*.safetensors``
+                files, or one file, read instead of a rank file): target key -> file key (a
+                dict, or a callable; ``None`` skips the key). DTensor targets get the
+                byte ranges of their local shard.
+            cast: Safetensors sources: cast a file dtype other than the target's while copying.
 
         Raises:
             FileNotFoundError: the rank file does not exist.
@@ -133,6 +145,8 @@ class CheckpointReader:
                 (raised before any target is modified).
         """
         t0 = time.perf_counter()
+        if source_format(path) is not None:
+            return self._load_source(path, state_dict, map_location, strict, key_map, cast, t0)
         file = self.file_path(path)
         self.check_committed(path, verify=verify)
         index = self._index(file, tables=state_dict is None)
@@ -155,6 +169,26 @@ class CheckpointReader:
                      stats.bytes_read, file, seconds)
         return ReadResult(sd, list(missing), list(unexpected), stats.bytes_read,
                           stats.bytes_verified, seconds, index.seconds, stats.fallback_loads)
+
+    def _load_source(self, path: Any, state_dict: STATE_DICT | None, map_location: MapLocation, strict: bool,
+                     key_map: KeyMap, cast: bool, t0: float) -> ReadResult:
+        """:meth:`load` of a safetensors source: plan every target, refuse mismatches before any
+        target is touched, then read the byte ranges of this rank's shards."""
+        rank = self._rank_info.global_rank
+        plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location)
+        if plan.mismatched:
+            key, msg = plan.mismatched[0]
+            more = f" (and {len(plan.mismatched) - 1} more mismatch(es))" if len(plan.mismatched) > 1 else ""
+            raise StateDictMismatchError(msg + more, file=path, rank=rank, key=key)
+        if strict and (plan.missing or plan.unexpected):
+            raise StateDictMismatchError(_strict_message(plan), file=path, rank=rank)  # type: ignore[arg-type]
+        t1 = time.perf_counter()
+        nbytes, _files = read_source(plan)
+        if plan.missing:
+            logger.warning("rank %d: %d key(s) missing from %s: %s", rank, len(plan.missing), path,
+                           _preview(plan.missing))
+        return ReadResult(plan.result(state_dict), list(plan.missing), list(plan.unexpected), nbytes, 0,
+                          time.perf_counter() - t0, t1 - t0, 0)
 
     # -- the pieces, for the coordinator -------------------------------------------------
 
@@ -256,7 +290,7 @@ def _preview(keys: tuple[str, ...] | list[str], n: int = 10) -> str:
     return shown + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _strict_message(plan: ReadPlan) -> str:
+def _strict_message(plan: Any) -> str:
     parts = []
     if plan.missing:
         parts.append(f"missing keys: {_preview(plan.missing)}")

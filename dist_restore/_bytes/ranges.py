@@ -1,0 +1,212 @@
+"""Moving the bytes of a catalogue plan: boxes of row-major chunks into target tensors, by ``pread``.
+
+A box of a row-major chunk is a set of equal *runs*, contiguous byte ranges of the file: the
+trailing dimensions the box covers whole join the first one it does not into one run, and the
+leading ones enumerate the runs. A run lands straight in the target (``pread`` into its
+memory) when the target slice holds it contiguously, on the CPU, in the file's dtype;
+otherwise the box is read into a small staging tensor and copied (``copy_``: strided, other
+devices, casts, conj/neg views). Only the bytes of the runs are read: never a whole tensor or
+file for a slice, never a page fault on a mapping. Large boxes are split into parts of at
+most ``_PART`` bytes (which bounds staging too); parts run on a few I/O threads (``pread``
+through ctypes releases the GIL). Every file is opened read-only and must still have the size
+it had when planned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import math
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dist_restore._format.catalog import Catalog, Chunk
+from dist_restore._planning.catalog import CatalogJob
+from dist_restore._planning.regions import Box
+from dist_restore.errors import CorruptCheckpointError
+
+_PART = 8 << 20  # bytes of one part (a task of the I/O pool; the largest staging buffer)
+_BATCH = 4 << 20  # small parts are handed to the pool together, up to this many bytes
+_THREADS = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pread = _libc.pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
+
+
+def split_box(box: Box, isz: int, limit: int = _PART) -> list[Box]:
+    """``box`` cut along its leading dimensions into boxes of at most ``limit`` bytes (or one
+    element's row, when that alone is larger: cut further along the next dimension)."""
+    if box.numel * isz <= limit or not box.size:
+        return [box]
+    d = next((i for i, n in enumerate(box.size) if n > 1), None)
+    if d is None:
+        return [box]
+    unit = math.prod(box.size[d + 1:]) * isz  # bytes of one step along d
+    per = max(1, limit // unit) if unit else box.size[d]
+    out: list[Box] = []
+    for a in range(0, box.size[d], per):
+        n = min(per, box.size[d] - a)
+        sub = Box(box.src_start[:d] + (box.src_start[d] + a,) + box.src_start[d + 1:],
+                  box.dst_start[:d] + (box.dst_start[d] + a,) + box.dst_start[d + 1:],
+                  box.size[:d] + (n,) + box.size[d + 1:])
+        out.extend(split_box(sub, isz, limit) if n == 1 and unit > limit else [sub])
+    return out
+
+
+def box_runs(chunk: Chunk, box: Box, isz: int) -> tuple[np.ndarray, int, int]:
+    """The runs of ``box`` in ``chunk``: ``(file offsets, bytes per run, k)``; runs are
+    enumerated row-major over the box's dims ``[0, k)`` and each covers dims ``[k, ndim)``."""
+    size = chunk.size
+    nd = len(size)
+    if nd == 0:
+        return np.array([chunk.offset], dtype=np.int64), isz, 0
+    k = nd - 1
+    while k > 0 and box.size[k] == size[k]:
+        k -= 1
+    strides = [1] * nd
+    for i in range(nd - 2, -1, -1):
+        strides[i] = strides[i + 1] * size[i + 1]
+    run = box.size[k] * strides[k] * isz
+    base = chunk.offset + isz * sum(s * st for s, st in zip(box.src_start, strides))
+    if k == 0:
+        return np.array([base], dtype=np.int64), run, 0
+    offs = _grid(box.size[:k]) @ (np.asarray(strides[:k], dtype=np.int64) * isz) + base
+    return offs, run, k
+
+
+def _grid(lead: Sequence[int]) -> np.ndarray:
+    return np.indices(tuple(lead), dtype=np.int64).reshape(len(lead), -1).T
+
+
+def _slices(start: Sequence[int], size: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(a, a + n) for a, n in zip(start, size))
+
+
+def _holds_runs(d: torch.Tensor, k: int) -> bool:
+    """Whether each run (dims ``[k, ndim)`` of ``d``) is contiguous in ``d``'s memory."""
+    expect = 1
+    for n, st in zip(reversed(d.shape[k:]), reversed(d.stride()[k:])):
+        if n > 1 and st != expect:
+            return False
+        expect *= n
+    return True
+
+
+@dataclass(slots=True)
+class _Part:
+    job: CatalogJob
+    chunk: Chunk
+    box: Box
+    nbytes: int
+
+
+def _read_into(fd: int, addr: int, n: int, off: int, path: object, key: str) -> None:
+    got = 0
+    while got < n:
+        r = _pread(fd, addr + got, n - got, off + got)
+        if r < 0:
+            e = ctypes.get_errno()
+            if e == errno.EINTR:
+                continue
+            raise OSError(e, f"{os.strerror(e)} reading {n} bytes at {off} of {str(path)!r} for key {key!r}")
+        if r == 0:
+            raise CorruptCheckpointError(f"file ended at byte {off + got}, {n - got} bytes short of the tensor's "
+                                         "data (it shrank since it was planned?)", file=path, key=key)
+        got += r
+
+
+def _do_part(p: _Part, fd: int, path: object) -> None:
+    """(I/O thread) One part: its runs straight into the target, or through staging."""
+    job, isz = p.job, p.job.dtype.itemsize
+    offs, run, k = box_runs(p.chunk, p.box, isz)
+    d = job.target[_slices(p.box.dst_start, p.box.size)]
+    direct = (d.device.type == "cpu" and d.dtype == job.dtype and not d.is_conj() and not d.is_neg()
+              and _holds_runs(d, k))
+    if direct:
+        base = d.data_ptr()
+        if k == 0:
+            _read_into(fd, base, run, int(offs[0]), path, job.key)
+            return
+        dst = _grid(d.shape[:k]) @ (np.asarray(d.stride()[:k], dtype=np.int64) * isz) + base
+        for a, o in zip(dst.tolist(), offs.tolist()):
+            _read_into(fd, a, run, o, path, job.key)
+        return
+    stage = torch.empty(p.box.size, dtype=job.dtype)
+    addr = stage.data_ptr()
+    for i, o in enumerate(offs.tolist()):
+        _read_into(fd, addr + i * run, run, o, path, job.key)
+    with torch.no_grad():
+        d.copy_(stage)
+
+
+def _batches(parts: list[_Part]) -> Iterator[list[_Part]]:
+    batch: list[_Part] = []
+    size = 0
+    for p in parts:
+        batch.append(p)
+        size += p.nbytes
+        if size >= _BATCH:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: int = _THREADS) -> tuple[int, int]:
+    """Fill every job's target from its chunks; returns ``(bytes read, files opened)``.
+
+    Raises:
+        CorruptCheckpointError: a file whose size changed since it was planned, or that ended
+            early, naming the file and the key.
+        OSError: an I/O error, naming the file and the key.
+    """
+    by_file: dict[str, list[_Part]] = {}
+    for job in jobs:
+        isz = job.dtype.itemsize
+        for chunk, boxes in job.pieces:
+            for box in boxes:
+                for b in split_box(box, isz):
+                    by_file.setdefault(chunk.file, []).append(_Part(job, chunk, b, b.numel * isz))
+    if not by_file:
+        return 0, 0
+    fds: dict[str, int] = {}
+    total = 0
+    try:
+        for f, parts in by_file.items():
+            path = catalog.path(f)
+            fd = fds[f] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            size = os.fstat(fd).st_size
+            if size != catalog.file_sizes[f]:
+                raise CorruptCheckpointError(f"file is {size} bytes, it was {catalog.file_sizes[f]} when the "
+                                             "restore was planned: it changed under the restore",
+                                             file=path, key=parts[0].job.key)
+            parts.sort(key=lambda p: p.chunk.offset)
+            total += sum(p.nbytes for p in parts)
+        work = [(batch, fds[f], catalog.path(f)) for f, parts in by_file.items() for batch in _batches(parts)]
+        if len(work) == 1 or threads <= 1:
+            for batch, fd, path in work:
+                _run_batch(batch, fd, path)
+        else:
+            with ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="dist_restore_io") as pool:
+                futures = [pool.submit(_run_batch, b, fd, path) for b, fd, path in work]
+                for fut in futures:
+                    fut.result()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return total, len(fds)
+
+
+def _run_batch(batch: list[_Part], fd: int, path: object) -> None:
+    for p in batch:
+        _do_part(p, fd, path)
+
+
+__all__ = ["box_runs", "read_catalog_jobs", "split_box"]

@@ -1,0 +1,284 @@
+"""Hugging Face safetensors checkpoints as a :class:`~dist_restore._format.catalog.Catalog`.
+
+Accepted: one ``.safetensors`` file, or a directory of ``*.safetensors`` files with or
+without ``model.safetensors.index.json`` (``{"weight_map": {key: file}}``). With the index,
+only the headers of the files holding the wanted keys are read. Each file is an 8-byte
+little-endian header length, a JSON header ``{key: {"dtype", "shape", "data_offsets":
+[begin, end]}, "__metadata__": {str: str}}`` and the data section, offsets relative to it.
+
+Everything a header says is checked before it is used, with Python integers (no wrap):
+the header's length against the file and safetensors' 100 MB cap, the JSON, each dtype,
+shape and offset pair, ``shape x dtype`` against the byte length, ranges inside the data
+section and not overlapping, and one key in one file. A failure raises
+:class:`CorruptCheckpointError` naming the file (and the key). No tensor data is read here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk
+from dist_restore._format.safetensors import DTYPES
+from dist_restore.errors import CorruptCheckpointError
+
+logger = logging.getLogger(__name__)
+
+#: safetensors' own cap on the JSON header (``MAX_HEADER_SIZE`` in its Rust source).
+MAX_HEADER = 100_000_000
+#: Largest ``model.safetensors.index.json`` read (a 1 TB model's index is a few MB).
+MAX_INDEX_JSON = 256 << 20
+INDEX_SUFFIX = ".safetensors.index.json"
+
+#: safetensors dtype name -> torch dtype (the names ``safetensors.torch`` reads).
+NAMES: dict[str, torch.dtype] = {v: k for k, v in DTYPES.items()} | {
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    NAMES["F8_E8M0"] = torch.float8_e8m0fnu
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a safetensors checkpoint: a ``.safetensors`` file, or a directory with
+    ``*.safetensors`` files (or an index JSON) and no rank files of ours."""
+    p = Path(path)
+    if p.is_file():
+        return p.name.endswith(".safetensors")
+    if not p.is_dir():
+        return False
+    try:
+        names = os.listdir(p)
+    except OSError:
+        return False
+    if any(n.startswith("checkpoint_") and n.endswith(".pt") for n in names):
+        return False
+    return any(n.endswith(".safetensors") or n.endswith(INDEX_SUFFIX) for n in names)
+
+
+def _no_duplicates(file: Path, what: str):  # type: ignore[no-untyped-def]
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise CorruptCheckpointError(f"{what} names key {k!r} twice", file=file, key=k)
+            out[k] = v
+        return out
+    return hook
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # bool is not a size
+
+
+def parse_header(file: Path, fd: int, size: int) -> tuple[dict[str, CatalogEntry], dict[str, str], int]:
+    """``({key: entry}, __metadata__, header bytes)`` of one safetensors file (open as ``fd``,
+    ``size`` bytes), every field checked.
+
+    Raises:
+        CorruptCheckpointError: anything malformed, naming the file (and the key).
+    """
+    if size < 8:
+        raise CorruptCheckpointError(f"{size}-byte file is too short for a safetensors header", file=file)
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER:
+        raise CorruptCheckpointError(f"header length {n} is above safetensors' {MAX_HEADER}-byte cap", file=file)
+    if 8 + n > size:
+        raise CorruptCheckpointError(f"header length {n} goes beyond the file's {size} bytes", file=file)
+    raw = _pread_all(fd, n, 8, file)
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(file, "the header"))
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CorruptCheckpointError(f"header is not valid JSON: {str(e)[:200]}", file=file) from None
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"header is a JSON {type(doc).__name__}, not an object", file=file)
+    data_start = 8 + n
+    data_len = size - data_start
+    meta = doc.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptCheckpointError("__metadata__ must map strings to strings", file=file)
+    entries: dict[str, CatalogEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in doc.items():
+        if not isinstance(info, dict):
+            raise CorruptCheckpointError(f"header entry is a JSON {type(info).__name__}, not an object",
+                                         file=file, key=key)
+        name, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        dtype = NAMES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise CorruptCheckpointError(f"unknown dtype {name!r} (known: {', '.join(sorted(NAMES))})",
+                                         file=file, key=key)
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise CorruptCheckpointError(f"shape {shape!r} is not a list of non-negative integers",
+                                         file=file, key=key)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            raise CorruptCheckpointError(f"data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end",
+                                         file=file, key=key)
+        begin, end = offs
+        if end > data_len:
+            raise CorruptCheckpointError(f"data_offsets [{begin}, {end}] lie outside the {data_len}-byte data "
+                                         "section", file=file, key=key)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes != end - begin:
+            raise CorruptCheckpointError(f"shape {tuple(shape)} of {name} is {nbytes} bytes, data_offsets "
+                                         f"[{begin}, {end}] hold {end - begin}", file=file, key=key)
+        shp = tuple(shape)
+        entries[key] = CatalogEntry(key, dtype, shp, (Chunk(file.name, data_start + begin, (0,) * len(shp), shp),))
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptCheckpointError(f"data of {k1!r} (from byte {b1}) overlaps {k0!r} (to byte {e0})",
+                                         file=file, key=k1)
+    return entries, meta, data_start
+
+
+def _pread_all(fd: int, n: int, off: int, file: Path) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, off + got)
+        if not b:
+            raise CorruptCheckpointError(f"file ended at byte {off + got} inside the header", file=file)
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _read_file_header(path: Path) -> tuple[dict[str, CatalogEntry], dict[str, str], int, int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        entries, meta, hdr = parse_header(path, fd, size)
+    finally:
+        os.close(fd)
+    return entries, meta, size, hdr
+
+
+def _index_json(root: Path) -> Path | None:
+    names = sorted(n for n in os.listdir(root) if n.endswith(INDEX_SUFFIX))
+    if not names:
+        return None
+    if "model" + INDEX_SUFFIX in names:
+        return root / ("model" + INDEX_SUFFIX)
+    if len(names) > 1:
+        raise CorruptCheckpointError(f"{len(names)} index files ({', '.join(names)}) and none is "
+                                     f"'model{INDEX_SUFFIX}': which one describes the checkpoint?", file=root)
+    return root / names[0]
+
+
+def read_weight_map(index_file: Path) -> dict[str, str]:
+    """``{key: file name}`` of a ``*.safetensors.index.json``, checked.
+
+    Raises:
+        CorruptCheckpointError: invalid JSON, no ``weight_map``, a key named twice, or a file
+            name that is absolute or leaves the directory.
+    """
+    size = index_file.stat().st_size
+    if size > MAX_INDEX_JSON:
+        raise CorruptCheckpointError(f"{size}-byte index is above the {MAX_INDEX_JSON}-byte cap", file=index_file)
+    try:
+        doc = json.loads(index_file.read_bytes().decode("utf-8"),
+                         object_pairs_hook=_no_duplicates(index_file, "the weight map"))
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{e.reason}: one key in two files", file=index_file, key=e.key) from None
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"index is not valid JSON: {str(e)[:200]}", file=index_file) from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict):
+        raise CorruptCheckpointError("index has no 'weight_map' object", file=index_file)
+    for key, name in wm.items():
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts \
+                or "\\" in name:
+            raise CorruptCheckpointError(f"weight_map names file {name!r}: not a plain file name in the "
+                                         "directory", file=index_file, key=key)
+    return wm
+
+
+def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None) -> tuple[Catalog, tuple[str, ...]]:
+    """The catalogue of a safetensors checkpoint and every key it holds.
+
+    Args:
+        path: A ``.safetensors`` file or a directory of them.
+        want: The keys needed (``None``: all). With an index JSON, only the files holding
+            them are opened; their entries are in the catalogue, the others' keys only in
+            the returned key list.
+
+    Returns:
+        ``(catalogue, every key of the checkpoint in file order)``.
+
+    Raises:
+        FileNotFoundError: no such path, or no safetensors file in it.
+        CorruptCheckpointError: a malformed header or index, an index naming a missing file
+            or a key its file lacks, or one key in two files.
+    """
+    p = Path(path)
+    if p.is_file():
+        root, files, wm, index_file = p.parent, [p.name], None, None
+    elif p.is_dir():
+        root = p
+        index_file = _index_json(p)
+        if index_file is not None:
+            wm = read_weight_map(index_file)
+            files = list(dict.fromkeys(wm.values()))
+        else:
+            wm = None
+            files = sorted(n for n in os.listdir(p) if n.endswith(".safetensors"))
+        if not files and index_file is None:
+            raise FileNotFoundError(f"no .safetensors file in {str(p)!r}")
+    else:
+        raise FileNotFoundError(f"checkpoint not found: {str(p)!r}")
+    if wm is not None:
+        wanted = None if want is None else set(want)
+        opened = files if wanted is None else list(dict.fromkeys(f for k, f in wm.items() if k in wanted))
+        for f in files:
+            if not (root / f).is_file():
+                raise CorruptCheckpointError(f"the index names file {f!r}, which does not exist", file=index_file,
+                                             key=next(k for k, v in wm.items() if v == f))
+        all_keys = tuple(wm)
+    else:
+        opened = files
+        all_keys = ()
+    entries: dict[str, CatalogEntry] = {}
+    where: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    metadata: dict[str, dict[str, str]] = {}
+    hbytes = 0
+    for f in opened:
+        got, meta, size, hdr = _read_file_header(root / f)
+        sizes[f], metadata[f] = size, meta
+        hbytes += hdr
+        for key, entry in got.items():
+            if key in where:
+                raise CorruptCheckpointError(f"key {key!r} is in two files: {where[key]!r} and {f!r}",
+                                             file=root / f, key=key)
+            if wm is not None and wm.get(key, f) != f:
+                raise CorruptCheckpointError(f"key {key!r} is in {f!r}, the index puts it in {wm[key]!r}: "
+                                             "one key in two files", file=root / f, key=key)
+            if wm is not None and key not in wm:
+                logger.debug("%s: key %r is not in the index's weight map; ignored", root / f, key)
+                continue
+            where[key] = f
+            entries[key] = entry
+    if wm is not None:
+        for key, f in wm.items():
+            if f in sizes and key not in where:
+                raise CorruptCheckpointError(f"the index puts key {key!r} in {f!r}, whose header lacks it",
+                                             file=root / f, key=key)
+    else:
+        all_keys = tuple(entries)
+    return Catalog(root, "safetensors", entries, sizes, metadata, hbytes), all_keys
+
+
+__all__ = ["MAX_HEADER", "NAMES", "is_safetensors", "open_catalog", "parse_header", "read_weight_map"]

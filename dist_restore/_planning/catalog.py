@@ -1,0 +1,209 @@
+"""Planning a restore from a :class:`~dist_restore._format.catalog.Catalog`: target regions onto chunks.
+
+Pure: no tensor data is read and no collective is called. For each target key the plan
+finds its file key (``key_map``), checks dtype and shape, takes the target's global region
+(a DTensor's local shard on its mesh, or the whole tensor) and intersects it with the
+chunks that hold the key; each overlap is a :class:`~dist_restore._planning.regions.Box`
+that the byte mover (:mod:`dist_restore._bytes.ranges`) turns into byte ranges of the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk
+from dist_restore._planning.regions import Box, ShardRuns, full_runs, overlap
+from dist_restore._planning.reshard import is_dtensor, target_region
+
+KeyMap = Mapping[str, "str | None"] | Callable[[str], "str | None"] | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CatalogJob:
+    """One target tensor to fill from chunks.
+
+    Attributes:
+        key: The target's key (dotted path in the target state dict).
+        file_key: The key in the files.
+        target: The tensor to fill (a DTensor target's local tensor; allocated for ``None``).
+        dtype: The files' dtype (the target's, unless cast).
+        pieces: ``(chunk, boxes)``: copies from the chunk (its local, row-major
+            coordinates) into the target.
+    """
+
+    key: str
+    file_key: str
+    target: torch.Tensor
+    dtype: torch.dtype
+    pieces: tuple[tuple[Chunk, tuple[Box, ...]], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel for _c, boxes in self.pieces for b in boxes) * self.dtype.itemsize
+
+
+@dataclass
+class CatalogPlan:
+    """What one rank reads from a catalogue, and what its target lacks.
+
+    Attributes:
+        catalog: The source.
+        jobs: The targets to fill.
+        missing: Target keys the files do not hold.
+        unexpected: File keys no target key asked for (only when a target was given).
+        mismatched: ``(key, why)`` for targets whose dtype or shape differs.
+        values: ``{target key: tensor}`` of the result (targets, and allocated tensors).
+        tied: Target keys not in the files whose tensor is another target's (tied weights).
+        assign: ``(dict, key, tensor)`` of allocated ``None`` targets, put in place by :meth:`result`.
+    """
+
+    catalog: Catalog
+    jobs: list[CatalogJob] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, str]] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)
+    assign: list[tuple[Any, Any, torch.Tensor]] = field(default_factory=list)
+
+    def result(self, state_dict: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The restored state dict: the target, its ``None`` values replaced by the tensors
+        allocated for them (call after the read); a new flat dict for ``None``."""
+        if state_dict is None:
+            return self.values
+        for parent, k, t in self.assign:
+            parent[k] = t
+        return state_dict  # type: ignore[return-value]
+
+    @property
+    def files(self) -> set[str]:
+        """The files this rank reads bytes from."""
+        return {c.file for job in self.jobs for c, boxes in job.pieces if any(b.numel for b in boxes)}
+
+
+def flatten(state_dict: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any], str, Any]]:
+    """``(dotted key, parent dict, its key, value)`` of every leaf of nested dicts."""
+    for k, v in state_dict.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from flatten(v, key + ".")
+        else:
+            yield key, state_dict, k, v
+
+
+def map_key(key_map: KeyMap, key: str) -> str | None:
+    """The file key of target key ``key`` (``None``: skipped)."""
+    if key_map is None:
+        return key
+    if callable(key_map):
+        out = key_map(key)
+    else:
+        out = key_map.get(key, key)
+    if out is not None and not isinstance(out, str):
+        raise TypeError(f"key_map gave {out!r} for {key!r}: a file key (str) or None to skip")
+    return out
+
+
+def _storage_id(t: Any) -> tuple[Any, ...] | None:
+    local = t.to_local() if is_dtensor(t) else t
+    if not isinstance(local, torch.Tensor) or local.device.type == "meta":
+        return None
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), tuple(local.stride()),
+            local.dtype)
+
+
+def plan_catalog(catalog: Catalog, all_keys: tuple[str, ...], state_dict: Mapping[str, Any] | None, *,
+                 key_map: KeyMap = None, cast: bool = False, device: torch.device | None = None) -> CatalogPlan:
+    """This rank's plan: which chunk boxes fill which targets.
+
+    Args:
+        catalog: The source (holding at least the entries the targets need).
+        all_keys: Every key of the checkpoint (for the unexpected-key report).
+        state_dict: Flat or nested dicts of tensors, DTensors or ``None`` (allocated);
+            ``None``: every key, allocated.
+        key_map: Target key -> file key (a dict, or a callable; ``None`` skips the key).
+        cast: Allow a file dtype other than the target's (cast while copying).
+        device: Where ``None`` targets are allocated (default: CPU).
+
+    Raises:
+        LayoutError: a DTensor placement the region math cannot map.
+    """
+    plan = CatalogPlan(catalog)
+    device = device or torch.device("cpu")
+    entries = catalog.entries
+    if state_dict is None:
+        for key in all_keys:
+            e = entries[key]
+            t = torch.empty(e.shape, dtype=e.dtype, device=device)
+            plan.values[key] = t
+            _add(plan, key, key, e, t, full_runs(e.shape))
+        return plan
+    claimed: set[str] = set()
+    found_ids: dict[tuple[Any, ...], str] = {}
+    lost: list[tuple[str, Any]] = []
+    for key, parent, k, value in flatten(state_dict):
+        fkey = map_key(key_map, key)
+        if fkey is None:
+            continue
+        e = entries.get(fkey)
+        if e is None:
+            lost.append((key, value))
+            continue
+        claimed.add(fkey)
+        if value is None:
+            t = torch.empty(e.shape, dtype=e.dtype, device=device)
+            plan.assign.append((parent, k, t))  # into the target's dict once every rank has planned
+            plan.values[key] = t
+            _add(plan, key, fkey, e, t, full_runs(e.shape))
+            continue
+        if not isinstance(value, torch.Tensor):
+            plan.mismatched.append((key, f"target is {type(value).__name__}, the file holds a tensor"))
+            continue
+        why = _mismatch(key, fkey, value, e, cast)
+        if why:
+            plan.mismatched.append((key, why))
+            continue
+        plan.values[key] = value
+        got = target_region(key, value)
+        sid = _storage_id(value)
+        if sid is not None:
+            found_ids[sid] = key
+        if got is None:  # a DTensor whose mesh does not include this rank
+            continue
+        local, runs = got
+        _add(plan, key, fkey, e, local, runs)
+    for key, value in lost:
+        sid = _storage_id(value) if isinstance(value, torch.Tensor) else None
+        if sid is not None and sid in found_ids:
+            plan.tied.append(key)
+        else:
+            plan.missing.append(key)
+    plan.unexpected = [k for k in all_keys if k not in claimed]
+    return plan
+
+
+def _mismatch(key: str, fkey: str, t: torch.Tensor, e: CatalogEntry, cast: bool) -> str | None:
+    where = f"{e.chunks[0].file!r}" if e.chunks else "the checkpoint"
+    named = f" as {fkey!r}" if fkey != key else ""
+    if tuple(t.shape) != e.shape:
+        return f"target shape {tuple(t.shape)}, {where} holds {e.shape}{named}"
+    if t.dtype != e.dtype and not cast:
+        return f"target dtype {t.dtype}, {where} holds {e.dtype}{named}; pass cast=True to cast while copying"
+    return None
+
+
+def _add(plan: CatalogPlan, key: str, fkey: str, e: CatalogEntry, target: torch.Tensor, dst: ShardRuns) -> None:
+    pieces = []
+    for chunk in e.chunks:
+        src = tuple(((s, n),) if n else () for s, n in zip(chunk.start, chunk.size))
+        boxes = tuple(b for b in overlap(src, dst) if b.numel)
+        if boxes:
+            pieces.append((chunk, boxes))
+    plan.jobs.append(CatalogJob(key, fkey, target, e.dtype, tuple(pieces)))
+
+
+__all__ = ["CatalogJob", "CatalogPlan", "KeyMap", "flatten", "map_key", "plan_catalog"]
