@@ -3,6 +3,8 @@
 from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._format.manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
 from dist_restore._protocol.report import RestoreReport
+from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk
+from dist_restore._sources import read_catalog
 from dist_restore._types import STATE_DICT, RankInfo
 from dist_restore.consolidate import ConsolidateResult, consolidate
 from dist_restore.coordinator import RestoreCoordinator, RestoreResult, RestoreStats
@@ -20,6 +22,9 @@ from dist_restore.writer import CheckpointWriter
 
 __all__ = [
     "STATE_DICT",
+    "Catalog",
+    "CatalogEntry",
+    "Chunk",
     "CheckpointError",
     "CheckpointIndex",
     "CheckpointReader",
@@ -43,6 +48,7 @@ __all__ = [
     "check_checkpoint",
     "consolidate",
     "find_latest_checkpoint",
+    "read_catalog",
     "read_index",
     "restore_training_state",
     "resume_latest",

@@ -5,7 +5,7 @@ plan, and move the bytes. One plan shape (:class:`CatalogPlan`) whatever the for
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from dist_restore._bytes.ranges import read_catalog_jobs
 from dist_restore._bytes.read import MapLocation, resolve_device
 from dist_restore._format import hf
+from dist_restore._format.catalog import Catalog
 from dist_restore._planning.catalog import CatalogPlan, KeyMap, flatten, map_key, plan_catalog
 from dist_restore._planning.regions import LayoutError
 from dist_restore.errors import StateDictMismatchError
@@ -35,6 +36,23 @@ def wanted_keys(state_dict: Mapping[str, Any] | None, key_map: KeyMap) -> set[st
         if f is not None:
             out.add(f)
     return out
+
+
+def read_catalog(path: str | os.PathLike[str], keys: Iterable[str] | None = None) -> Catalog:
+    """The catalogue of a Hugging Face safetensors checkpoint (a ``.safetensors`` file or a
+    directory of them): every key's dtype, shape and chunks, each file's ``__metadata__``
+    (``catalog.metadata[file]``). Reads headers only, every field checked.
+
+    Args:
+        path: The file or directory.
+        keys: Only these keys' files (with ``model.safetensors.index.json``; without one every
+            header is read).
+
+    Raises:
+        FileNotFoundError: no such file or directory, or no safetensors file in it.
+        CorruptCheckpointError: a malformed header or index, naming the file and key.
+    """
+    return hf.open_catalog(path, keys)[0]
 
 
 def plan_source(path: str | os.PathLike[str], state_dict: Mapping[str, Any] | None, *, key_map: KeyMap = None,
@@ -63,4 +81,4 @@ def read_source(plan: CatalogPlan) -> tuple[int, int]:
         return read_catalog_jobs(plan.catalog, plan.jobs)
 
 
-__all__ = ["plan_source", "read_source", "source_format", "wanted_keys"]
+__all__ = ["plan_source", "read_catalog", "read_source", "source_format", "wanted_keys"]

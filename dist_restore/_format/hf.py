@@ -192,7 +192,7 @@ def read_weight_map(index_file: Path) -> dict[str, str]:
         doc = json.loads(index_file.read_bytes().decode("utf-8"),
                          object_pairs_hook=_no_duplicates(index_file, "the weight map"))
     except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{e.reason}: one key in two files", file=index_file, key=e.key) from None
+        raise CorruptCheckpointError(f"{e.reason}: the key is in two files", file=index_file, key=e.key) from None
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"index is not valid JSON: {str(e)[:200]}", file=index_file) from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -264,8 +264,8 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
                 raise CorruptCheckpointError(f"key {key!r} is in two files: {where[key]!r} and {f!r}",
                                              file=root / f, key=key)
             if wm is not None and wm.get(key, f) != f:
-                raise CorruptCheckpointError(f"key {key!r} is in {f!r}, the index puts it in {wm[key]!r}: "
-                                             "one key in two files", file=root / f, key=key)
+                raise CorruptCheckpointError(f"key {key!r} is in two files: {f!r} (its header) and {wm[key]!r} "
+                                             "(the index)", file=root / f, key=key)
             if wm is not None and key not in wm:
                 logger.debug("%s: key %r is not in the index's weight map; ignored", root / f, key)
                 continue
