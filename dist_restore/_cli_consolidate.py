@@ -18,6 +18,10 @@ rank files that hold it; every other entry comes from rank 0's file. --format to
 default, or when OUT does not end in .safetensors) writes a torch.save file with the same
 nesting, loadable by torch.load(weights_only=True); --format safetensors writes one tensor per
 dotted key (model.up.weight, optim.state.0.exp_avg) and leaves non-tensor values out.
+With --max-shard-size, OUT is a directory laid out as Hugging Face's save_pretrained writes
+it (model-0000k-of-0000n.safetensors + model.safetensors.index.json, the index last):
+add the model's config.json and from_pretrained loads it; --strip-prefix model. gives the
+model's own key names.
 
 It streams tensor by tensor: whole rows of shards are copied file to file by the kernel, other
 tensors are assembled in memory a batch at a time, so memory stays near the largest tensor
@@ -30,11 +34,17 @@ def add_parser(sub: argparse._SubParsersAction, epilog: str, keys_arg: object) -
     p = sub.add_parser("consolidate", help="write the full state dict as one torch.save or safetensors file",
                        description=CONSOLIDATE_HELP, formatter_class=fmt, epilog=epilog)
     p.add_argument("dir", metavar="DIR", type=Path, help="the checkpoint directory")
-    p.add_argument("out", metavar="OUT", type=Path, help="the file to write")
+    p.add_argument("out", metavar="OUT", type=Path, help="the file to write (a directory with --max-shard-size)")
     p.add_argument("--format", choices=["torch", "safetensors"], default=None,
                    help="output format (default: safetensors when OUT ends in .safetensors, else torch)")
     p.add_argument("--keys", metavar="PATTERN", type=keys_arg, help="only keys matching this glob or prefix "
                    "(as inspect --keys)")
+    p.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                   help="safetensors: OUT is a directory of Hugging Face shard files of at most SIZE each "
+                        "(5GB, 500MiB, bytes) plus model.safetensors.index.json, as save_pretrained writes them")
+    p.add_argument("--strip-prefix", metavar="PREFIX", default=None,
+                   help="safetensors: remove PREFIX from the keys that start with it (model.: the names of "
+                        "model.state_dict() for a checkpoint saved as {'model': ..., 'optim': ...})")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC32 check of the records read whole")
     p.add_argument("--quiet", action="store_true", help="no progress line and no summary")
@@ -43,12 +53,14 @@ def add_parser(sub: argparse._SubParsersAction, epilog: str, keys_arg: object) -
 
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
-    format: Format = args.format or ("safetensors" if out.suffix == ".safetensors" else "torch")
+    format: Format = args.format or ("safetensors" if out.suffix == ".safetensors" or args.max_shard_size
+                                     else "torch")
     show = not args.quiet and sys.stderr.isatty()
     progress = _Progress() if show else None
     try:
         res = consolidate(args.dir, out, format=format, keys=args.keys or None, force=args.force,
-                          verify=not args.no_verify, progress=progress)
+                          verify=not args.no_verify, progress=progress, max_shard_size=args.max_shard_size,
+                          strip_prefix=args.strip_prefix)
     except Exception as e:  # noqa: BLE001 - any problem: one line, exit status 1
         if progress is not None:
             progress.clear()

@@ -26,6 +26,7 @@ from dist_restore._cli_util import (_dtype, _fail, _human, _manifest_dict, _mani
 from dist_restore._cli_verify import _VERIFY_HELP, Problem, _verify
 from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._protocol.report import format_ranks
+from dist_restore._sources import read_catalog, source_format
 from dist_restore._planning.shared import make_selector
 
 __all__ = ["Problem", "main"]
@@ -134,6 +135,8 @@ def _rank_arg(text: str) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     directory: Path = args.dir
+    if source_format(directory) == "safetensors":
+        return _inspect_safetensors(args)
     files, _temps = _scan(directory)
     if not files:
         return _fail(f"no rank files (checkpoint_<rank>.pt) in {str(directory)!r}")
@@ -176,6 +179,43 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         _print_inspect(doc, len(indexes), args.rank is not None)
     return status
+
+
+def _inspect_safetensors(args: argparse.Namespace) -> int:
+    """``inspect`` of a Hugging Face safetensors file or directory: every key with its dtype,
+    shape, file and bytes; each file's size and ``__metadata__``."""
+    if args.rank is not None:
+        return _fail("--rank applies to rank files; a safetensors checkpoint has none")
+    try:
+        cat = read_catalog(args.dir)
+    except Exception as e:  # noqa: BLE001 - one line, exit 1
+        return _fail(_msg(e))
+    select: Callable[[str], bool] = make_selector(args.keys) if args.keys else (lambda k: True)
+    entries = [e for e in cat.entries.values() if select(e.key)]
+    doc = {
+        "path": str(args.dir),
+        "format": "safetensors",
+        "files": [{"file": f, "file_size": n, "metadata": dict(cat.metadata.get(f, {})),
+                   "num_tensors": sum(1 for e in cat.entries.values() if e.chunks[0].file == f)}
+                  for f, n in cat.file_sizes.items()],
+        "entries": [{"key": e.key, "dtype": _dtype(e.dtype), "shape": list(e.shape), "nbytes": e.nbytes,
+                     "file": e.chunks[0].file, "offset": e.chunks[0].offset} for e in entries],
+        "tensor_nbytes": sum(e.nbytes for e in entries),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"safetensors checkpoint {doc['path']}: {len(doc['files'])} file(s), {len(cat.entries)} tensors")
+    for f in doc["files"]:
+        meta = f" metadata {json.dumps(f['metadata'])}" if f["metadata"] else ""
+        print(f"  {f['file']} ({_human(f['file_size'])}, {f['num_tensors']} tensors){meta}")
+    print()
+    rows = [(d["key"], d["dtype"], _shape(d["shape"]), str(d["nbytes"]), d["file"]) for d in doc["entries"]]
+    if rows:
+        _table([("key", "dtype", "shape", "bytes", "file")] + rows, indent=2, right={3})
+    n = doc["tensor_nbytes"]
+    print(f"  total: {len(rows)} tensor{'s' * (len(rows) != 1)}, {n} bytes ({_human(n)})")
+    return 0
 
 
 def _replicated(indexes: list[CheckpointIndex]) -> list[IndexEntry]:

@@ -23,8 +23,11 @@ Steps, in order:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,8 +98,11 @@ def consolidate(
     verify: bool = True,
     batch_bytes: int = _BATCH,
     progress: Callable[[ConsolidateProgress], None] | None = None,
+    max_shard_size: int | str | None = None,
+    strip_prefix: str | None = None,
 ) -> ConsolidateResult:
-    """Write the full state dict of a sharded checkpoint directory as one file.
+    """Write the full state dict of a sharded checkpoint directory as one file (or, with
+    ``max_shard_size``, a Hugging Face directory of safetensors shards).
 
     Args:
         directory: The checkpoint directory (``checkpoint_{rank}.pt`` per rank).
@@ -116,6 +122,14 @@ def consolidate(
         batch_bytes: Tensors smaller than this are made and written in batches of about
             this many bytes; peak memory is about ``max(largest tensor, batch_bytes)``.
         progress: Called after every record written.
+        max_shard_size: ``format="safetensors"`` only: ``out`` is a directory (made if
+            missing) that receives ``model-0000k-of-0000n.safetensors`` files of at most this
+            many bytes each (an int, or ``"5GB"``, ``"500MiB"``; a larger tensor gets a file
+            of its own) and ``model.safetensors.index.json``, written last, as
+            ``save_pretrained`` lays them out (``from_pretrained`` loads the directory).
+        strip_prefix: ``format="safetensors"`` only: remove this prefix from the keys that
+            start with it (``"model."``: the names of ``model.state_dict()`` in a checkpoint
+            saved as ``{"model": ..., "optim": ...}``).
 
     Returns:
         What was written.
@@ -137,7 +151,13 @@ def consolidate(
     if batch_bytes < 0:
         raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
     d, dst = Path(directory), Path(out)
-    _check_out(d, dst, force)
+    if (max_shard_size is not None or strip_prefix) and format != "safetensors":
+        raise ValueError("max_shard_size and strip_prefix apply to format='safetensors' only")
+    shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    if shard_limit is None:
+        _check_out(d, dst, force)
+    else:
+        _check_out_dir(d, dst, force)
     with paused():
         check_checkpoint(d, world_size=None)
         nfiles = rank_file_count(d)
@@ -151,6 +171,8 @@ def consolidate(
             tree, units, skipped = plan_torch(index0, select)
         else:
             tree, units, skipped = None, *plan_safetensors(index0, select)
+            if strip_prefix:
+                units = _strip(units, strip_prefix, index0.file)
         n_tensors = sum(1 for e in index0 if e.kind in ("tensor", "dtensor") and select(e.key))
         if n_tensors == 0 and not (format == "torch" and _has_values(index0, select)):
             if keys is None:
@@ -159,27 +181,19 @@ def consolidate(
             what = "no entry" if format == "torch" else "no tensor"
             raise ValueError(f"keys {shown} select {what} of {index0.file}")
         stats = ReadStats()
-        tmp = temp_path(dst)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            try:
+
+        def write(target: Path, part: list[Any]) -> tuple[int, int]:
+            def make(fd: int) -> Any:
                 if format == "torch":
-                    writer: Any = TorchZipWriter(fd, tree)
-                else:
-                    writer = SafetensorsWriter(fd, [u.out for u in units], {"format": "pt"})
-                copied = stream(d, units, indexes, nfiles, writer, stats, verify=verify,
-                                 batch_bytes=batch_bytes, progress=progress, fd=fd)
-                file_bytes = writer.finish()
-                os.fsync(fd)
-            except OSError as e:  # write, fsync: errors that name no file (a full disk)
-                raise_with_path(e, tmp)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dst)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        fsync_dir(dst.parent)
+                    return TorchZipWriter(fd, tree)
+                return SafetensorsWriter(fd, [u.out for u in part], {"format": "pt"})
+            return _write_file(target, make, lambda w, fd: stream(d, part, indexes, nfiles, w, stats, verify=verify,
+                                                                  batch_bytes=batch_bytes, progress=progress, fd=fd))
+
+        if shard_limit is None:
+            file_bytes, copied = write(dst, units)
+        else:
+            file_bytes, copied = _write_shards(dst, units, shard_limit, write)
     result = ConsolidateResult(dst, format, n_tensors, sum(u.nbytes for u in units), file_bytes, nfiles,
                                len(indexes), stats.bytes_read, copied, tuple(skipped), time.perf_counter() - t0)
     logger.info("consolidated %s (%d rank files) into %s: %d tensors, %d bytes in %.2fs", d, nfiles, dst,
@@ -187,7 +201,116 @@ def consolidate(
     return result
 
 
+def _write_file(dst: Path, make: Callable[[int], Any], fill: Callable[[Any, int], int]) -> tuple[int, int]:
+    """One output file under a temp name, synced and renamed into place; ``(its size, bytes
+    copied file to file)``. On failure the temp file is removed."""
+    tmp = temp_path(dst)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            writer = make(fd)
+            copied = fill(writer, fd)
+            file_bytes = writer.finish()
+            os.fsync(fd)
+        except OSError as e:  # write, fsync: errors that name no file (a full disk)
+            raise_with_path(e, tmp)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(dst.parent)
+    return file_bytes, copied
+
+
+def _write_shards(out: Path, units: list[Any], limit: int,
+                  write: Callable[[Path, list[Any]], tuple[int, int]]) -> tuple[int, int]:
+    """``out/model-0000k-of-0000n.safetensors`` of at most ``limit`` bytes of tensors each,
+    then ``model.safetensors.index.json`` (last: a directory without it is unfinished). On
+    failure every file written is removed again."""
+    groups: list[list[Any]] = []
+    size = 0
+    for u in units:
+        if not groups or (size + u.nbytes > limit and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(u)
+        size += u.nbytes
+    n = len(groups)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1 else ["model.safetensors"]
+    out.mkdir(parents=True, exist_ok=True)
+    done: list[Path] = []
+    total = copied = 0
+    try:
+        for name, part in zip(names, groups):
+            fb, c = write(out / name, part)
+            done.append(out / name)
+            total, copied = total + fb, copied + c
+        index = out / "model.safetensors.index.json"
+        doc = {"metadata": {"total_size": sum(u.nbytes for u in units)},
+               "weight_map": {u.out.name: name for name, part in zip(names, groups) for u in part}}
+        tmp = temp_path(index)
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, index)
+        fsync_dir(out)
+        for stale in os.listdir(out):  # shards of an earlier run (force): not in the index
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", stale) and stale not in names:
+                _unlink_quietly(out / stale)
+    except BaseException:
+        for f in done:
+            _unlink_quietly(f)
+        raise
+    return total, copied
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` (10^9, as transformers' ``max_shard_size``), ``500MiB``, or an int, in bytes.
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_shard_size {size!r} is not a size like 5GB, 500MiB or 1000000")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if n < 1:
+        raise ValueError(f"max_shard_size must be at least 1 byte, got {size!r}")
+    return n
+
+
+def _strip(units: list[Any], prefix: str, file: Path) -> list[Any]:
+    out, seen = [], set()
+    for u in units:
+        name = u.out.name[len(prefix):] if u.out.name.startswith(prefix) else u.out.name
+        if not name or name in seen:
+            raise ValueError(f"{file}: stripping {prefix!r} from {u.out.name!r} leaves "
+                             f"{'nothing' if not name else 'a name another key has'}")
+        seen.add(name)
+        out.append(dataclasses.replace(u, out=dataclasses.replace(u.out, name=name)))
+    return out
+
+
 # -- checks ----------------------------------------------------------------------------------
+
+
+def _check_out_dir(d: Path, dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"with max_shard_size the output is a directory; {str(dst)!r} is a file")
+    if dst.is_dir() and any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+                            for n in os.listdir(dst)) and not force:
+        raise FileExistsError(f"output directory {str(dst)!r} already holds safetensors files "
+                              "(use --force / force=True to replace them)")
+    if d.is_dir() and dst.resolve() == d.resolve():
+        raise ValueError(f"output directory {str(dst)!r} is the checkpoint itself")
+
 
 
 def _check_out(d: Path, dst: Path, force: bool) -> None:
