@@ -381,9 +381,9 @@ class RestoreCoordinator:
     def _restore_catalog(self, path: Any, state_dict: STATE_DICT | None, strict: bool, map_location: MapLocation,
                          key_map: KeyMap, cast: bool) -> RestoreResult:
         """The protocol for a catalogue source (safetensors): every rank plans its own shards'
-        byte ranges; (all ranks) agree, with the report; every rank reads; (all ranks) agree;
-        closing barrier. No bytes travel between ranks: a replicated target is read by each
-        rank that holds it (from the page cache, on one host), no collective per tensor."""
+        byte ranges; (all ranks) agree, with the report; every rank reads; (all ranks) agree. No bytes travel between ranks: a replicated target is read by each
+        rank that holds it (from the page cache, on one host), no collective per tensor. The read
+        agreement, an all-gather every rank takes after its last byte, is the closing barrier."""
         pg = self._pg
         stats = RestoreStats()
         pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
@@ -420,11 +420,7 @@ class RestoreCoordinator:
         self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from {stats.files_opened} file(s)")
 
         t0 = time.perf_counter()
-        result_sd = plan.result(state_dict)
-        try:
-            pg.barrier()
-        except CollectiveError as e:
-            raise RestoreError("finish", {rank: str(e)}) from e
+        result_sd = plan.result(state_dict)  # the read agreement above was the closing barrier
         stats.seconds["finish"] = time.perf_counter() - t0
         stats.collectives = pg.stats.collectives
         stats.bytes_received = pg.stats.bytes_received

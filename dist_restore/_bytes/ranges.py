@@ -32,7 +32,7 @@ from dist_restore.errors import CorruptCheckpointError
 
 _PART = 8 << 20  # bytes of one part (a task of the I/O pool; the largest staging buffer)
 _BATCH = 4 << 20  # small parts are handed to the pool together, up to this many bytes
-_THREADS = 4
+_THREADS = int(os.environ.get("DIST_RESTORE_IO_THREADS", "4"))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _pread = _libc.pread
