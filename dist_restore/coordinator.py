@@ -42,16 +42,16 @@ import torch
 from dist_restore._bytes import shm as _shm
 from dist_restore._gc import paused
 from dist_restore._protocol.pg import BarrierKind, CollectiveError, ProcessGroupWrapper
-from dist_restore._planning.plan import PlannedLeaf, ReadPlan, assemble, first_out_of_bounds, plan_read
+from dist_restore._planning.plan import PlannedLeaf, first_out_of_bounds, plan_read
 from dist_restore._format.dtensor import DTensorRef
 from dist_restore._protocol.exchange import BucketIO, prepare_buckets
 from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, rank_file_count, read_manifest
 from dist_restore._planning.catalog import KeyMap
 from dist_restore._planning.reshard import is_dtensor, plan_shards, split_leaves
-from dist_restore._sources import plan_source, read_source, source_format
-from dist_restore._bytes.readall import read_all, readable
-from dist_restore._bytes.slices import read_jobs
-from dist_restore._bytes.read import MapLocation, ReadStats, Verify, produce, resolve_device
+from dist_restore._rankplan import RankPlan
+from dist_restore._sources import plan_source, source_format
+from dist_restore._bytes.readall import readable
+from dist_restore._bytes.read import MapLocation, ReadStats, Verify, resolve_device
 from dist_restore._protocol.report import RankReport, RestoreReport, format_ranks
 from dist_restore._planning.shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
                                   unmatched_patterns)
@@ -219,16 +219,14 @@ class RestoreCoordinator:
             self._pg.timeout = seconds
         try:
             with paused():  # tens of thousands of small objects per restore, no cycles
-                if source_format(path) is not None:
-                    return self._restore_catalog(path, state_dict, strict, map_location, key_map, cast)
                 return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify,
-                                     per_rank)
+                                     per_rank, key_map, cast)
         finally:
             self._pg.timeout = default_timeout
 
     def _restore(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, shared_mode: SharedMode,
                  src: int, strict: bool, map_location: MapLocation, verify: bool,
-                 per_rank: SharedSpec = None) -> RestoreResult:
+                 per_rank: SharedSpec = None, key_map: KeyMap = None, cast: bool = False) -> RestoreResult:
         pg = self._pg
         stats = RestoreStats()
         pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
@@ -236,26 +234,27 @@ class RestoreCoordinator:
 
         # 1. plan -----------------------------------------------------------------------
         t0 = time.perf_counter()
-        local: dict[str, Any] = {}
+        rp = RankPlan()
         try:
-            payload = self._plan(path, state_dict, shared, shared_mode, src, verify, local, per_rank)
+            if source_format(path) is not None:
+                payload = self._plan_catalog(path, state_dict, map_location, key_map, cast, rp)
+            else:
+                payload = self._plan(path, state_dict, shared, shared_mode, src, verify, rp, per_rank)
         except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
             payload = {"ok": False, "error": _describe(e)}
         gathered = self._agree("plan", payload)
         report = _judge(gathered, world, src, strict)
         try:
-            items, objects = self._canonical_shared(gathered, local["mode"], src, local.get("shared", []),
-                                                    local.get("shared_objects", {}))
+            items, objects = self._canonical_shared(gathered, rp.mode, src, rp.shared, rp.shared_objects)
         except CollectiveError as e:
             raise RestoreError("plan", {rank: str(e)}) from e
         pg.barrier_token = gathered[0]["token"]
         stats.seconds["plan"] = time.perf_counter() - t0
-        self._progress("plan", stats, f"{len(local['plan'].leaves)} tensors here, {len(items)} shared")
+        self._progress("plan", stats, f"{rp.tensors} tensors here, {len(items)} shared")
 
         # 2. read -----------------------------------------------------------------------
         t0 = time.perf_counter()
-        index, plan = local["index"], local["plan"]
-        by_key = {lf.key: lf for lf in plan.leaves}
+        by_key = {lf.key: lf for lf in rp.plan.leaves}
         received = {it.key for it in items if it.owner not in (-1, rank)}
         hosts = {p.get("host") for p in gathered}
         one_host = self._shm and len(hosts) == 1 and None not in hosts and pg.distributed
@@ -264,23 +263,10 @@ class RestoreCoordinator:
         ios: list[BucketIO] = []
         owner_file: _shm.OwnerFile | None = None
         try:
-            if local.get("whole"):
-                whole_sd = read_all(index, map_location=map_location, verify=self._reader._verify,
-                                    stats=read_stats)
-            todo = [lf for lf in plan.leaves if lf.key not in received]
-            values = produce(index, todo, map_location=map_location, verify=self._reader._verify,
-                             stats=read_stats)
-            own_index, own_leaves = local["own"]
-            if own_leaves:  # per-rank entries of a rank's own file, the rest coming from src's
-                values.update(produce(own_index, own_leaves, map_location=map_location,
-                                      verify=self._reader._verify, stats=read_stats))
-            if local["shards"] is not None:  # DTensor targets: slices of the rank files
-                read_jobs(local["shards"].jobs, local["shards"].indexes, local["shards"].entries, read_stats,
-                          verify=self._reader._verify == "crc32")
-            values.update(local["overrides"])
+            values = rp.read(received, map_location=map_location, verify=self._reader._verify, stats=read_stats)
 
             def place(lf: PlannedLeaf) -> torch.device:
-                return resolve_device(lf.source.storage.location, map_location, file=index.file, key=lf.key)
+                return resolve_device(lf.source.storage.location, map_location, file=rp.index.file, key=lf.key)
 
             ios = prepare_buckets(make_buckets(items, self._bucket_bytes), items, rank, pg.device, by_key,
                                   values, place, stage_bytes=-1 if one_host else self._bucket_bytes)
@@ -292,9 +278,10 @@ class RestoreCoordinator:
         try:  # from here on, buffers and the memory file are released however this ends
             read_status = self._agree("read", status)
             stats.bytes_read = read_stats.bytes_read
-            stats.files_opened = local["files_opened"]
+            stats.files_opened = rp.files_opened
+            stats.bytes_metadata = rp.catalog.catalog.header_bytes if rp.catalog is not None else 0
             stats.seconds["read"] = time.perf_counter() - t0
-            self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from this rank's file")
+            self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from {stats.files_opened} file(s)")
 
             # 3. exchange ---------------------------------------------------------------
             t0 = time.perf_counter()
@@ -330,7 +317,7 @@ class RestoreCoordinator:
                         peer.close()
             if objects is not None:
                 for key, value in objects.items():
-                    lf_path = local["object_paths"].get(key)
+                    lf_path = rp.object_paths.get(key)
                     if lf_path is not None:
                         values[lf_path] = value
             stats.seconds["exchange"] = time.perf_counter() - t0
@@ -359,12 +346,12 @@ class RestoreCoordinator:
                 io.close()
             if owner_file is not None:  # every rank has agreed its copies are done (or failed)
                 owner_file.close()
-        result_sd = whole_sd if local.get("whole") else assemble(state_dict, index.walkable[0], values,
-                                                                  index.walkable[1])
-        try:
-            pg.barrier()
-        except CollectiveError as e:
-            raise RestoreError("finish", {rank: str(e)}) from e
+        result_sd = rp.result(state_dict, values)
+        if rp.catalog is None:  # (a catalogue source exchanges nothing: its read agreement was the last step)
+            try:
+                pg.barrier()
+            except CollectiveError as e:
+                raise RestoreError("finish", {rank: str(e)}) from e
         stats.seconds["finish"] = time.perf_counter() - t0
         stats.collectives = pg.stats.collectives
         stats.bytes_received = pg.stats.bytes_received
@@ -375,63 +362,24 @@ class RestoreCoordinator:
             logger.info("restored %s on %d rank(s): rank 0 read %d bytes, %d collectives, %s",
                         path, world, stats.bytes_read, stats.collectives,
                         ", ".join(f"{k} {v:.3f}s" for k, v in stats.seconds.items()))
-        return RestoreResult(result_sd, list(plan.missing), list(plan.unexpected),
-                             report if rank == 0 else None, stats)
+        return RestoreResult(result_sd, rp.missing, rp.unexpected, report if rank == 0 else None, stats)
 
-    def _restore_catalog(self, path: Any, state_dict: STATE_DICT | None, strict: bool, map_location: MapLocation,
-                         key_map: KeyMap, cast: bool) -> RestoreResult:
-        """The protocol for a catalogue source (safetensors): every rank plans its own shards'
-        byte ranges; (all ranks) agree, with the report; every rank reads; (all ranks) agree. No bytes travel between ranks: a replicated target is read by each
-        rank that holds it (from the page cache, on one host), no collective per tensor. The read
-        agreement, an all-gather every rank takes after its last byte, is the closing barrier."""
-        pg = self._pg
-        stats = RestoreStats()
-        pg.stats.collectives = pg.stats.bytes_received = pg.stats.bytes_sent = 0
-        rank, world = pg.rank, pg.world_size
-        t0 = time.perf_counter()
-        plan = None
-        try:
-            plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location)
-            stats.bytes_metadata = plan.catalog.header_bytes
-            note = None
-            if rank == 0:
-                note = (f"{plan.catalog.format} checkpoint: every rank reads the byte ranges of its own shards "
-                        f"({len(plan.files)} file(s) on rank 0)")
-                if plan.tied:
-                    note += (f"; {len(plan.tied)} tied target(s) filled through the tensor they share "
-                             f"(e.g. {plan.tied[0]!r})")
-            payload = self._plan_payload(RankReport(rank, tuple(plan.missing), tuple(plan.unexpected),
-                                                    tuple(plan.mismatched), ()), 0, 0, _NO_ITEMS, note)
-        except Exception as e:  # noqa: BLE001 - every failure is reported, on every rank
-            payload = {"ok": False, "error": _describe(e)}
-        report = _judge(self._agree("plan", payload), world, 0, strict)
-        assert plan is not None  # else the agreement raised
-        stats.seconds["plan"] = time.perf_counter() - t0
-        self._progress("plan", stats, f"{len(plan.jobs)} tensors here from {plan.catalog.format}")
-
-        t0 = time.perf_counter()
-        try:
-            stats.bytes_read, stats.files_opened = read_source(plan)
-            status: dict[str, Any] = {"ok": True}
-        except Exception as e:  # noqa: BLE001
-            status = {"ok": False, "error": _describe(e)}
-        self._agree("read", status)
-        stats.seconds["read"] = time.perf_counter() - t0
-        self._progress("read", stats, f"{stats.bytes_read / 2**20:.1f} MiB from {stats.files_opened} file(s)")
-
-        t0 = time.perf_counter()
-        result_sd = plan.result(state_dict)  # the read agreement above was the closing barrier
-        stats.seconds["finish"] = time.perf_counter() - t0
-        stats.collectives = pg.stats.collectives
-        stats.bytes_received = pg.stats.bytes_received
-        stats.bytes_sent = pg.stats.bytes_sent
+    def _plan_catalog(self, path: Any, state_dict: STATE_DICT | None, map_location: MapLocation, key_map: KeyMap,
+                      cast: bool, rp: RankPlan) -> dict[str, Any]:
+        """The plan of a catalogue source (safetensors): this rank's shards' byte ranges. Nothing
+        is shared or exchanged: a replicated target is read by each rank that holds it (from the
+        page cache, on one host), with no collective per tensor."""
+        rank = self._pg.rank
+        plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location)
+        rp.catalog, rp.mode = plan, "local"
+        note = None
         if rank == 0:
-            (logger.warning if not report.ok else logger.info)("%s", report.render())
-            logger.info("restored %s on %d rank(s): rank 0 read %d bytes, %d collectives, %s", path, world,
-                        stats.bytes_read, stats.collectives,
-                        ", ".join(f"{k} {v:.3f}s" for k, v in stats.seconds.items()))
-        return RestoreResult(result_sd, list(plan.missing), list(plan.unexpected), report if rank == 0 else None,
-                             stats)
+            note = (f"{plan.catalog.format} checkpoint: every rank reads the byte ranges of its own shards "
+                    f"({len(plan.files)} file(s) on rank 0)")
+            if plan.tied:
+                note += f"; {len(plan.tied)} tied target(s) filled through the tensor they share (e.g. {plan.tied[0]!r})"
+        return self._plan_payload(RankReport(rank, tuple(plan.missing), tuple(plan.unexpected), tuple(plan.mismatched),
+                                             ()), 0, 0, _NO_ITEMS, note)
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -498,7 +446,7 @@ class RestoreCoordinator:
             logger.info("%s done in %.3fs: %s", phase, stats.seconds[phase], what)
 
     def _plan(self, path: Any, state_dict: STATE_DICT | None, shared: SharedSpec, mode: str, src: int,
-              verify: bool, local: dict[str, Any], per_rank: SharedSpec = None) -> dict[str, Any]:
+              verify: bool, rp: RankPlan, per_rank: SharedSpec = None) -> dict[str, Any]:
         pg = self._pg
         if mode not in _MODES:
             raise ValueError(f"shared_mode must be one of {_MODES}, got {mode!r}")
@@ -519,7 +467,7 @@ class RestoreCoordinator:
         whole = same and state_dict is None and (shared is None or mode == "local")
         index = self._open(path, home, verify, checked=same, tables=whole)
         if whole and readable(index):  # everything in its own file, nothing shared: no plan per entry
-            return self._plan_whole(index, local, mode)
+            return self._plan_whole(index, rp, mode)
         if not same and read_manifest(path) is None:
             _check_saved_world(index, nfiles, world)
         plan = plan_read(state_dict, *index.walkable)
@@ -575,16 +523,16 @@ class RestoreCoordinator:
         elif not same and world > 1:  # every rank planned against src's file: src reads, all receive
             if index.native_order:
                 shared_items, digest = shared_items_of(plain, owner)
-        local["index"] = index
-        local["plan"] = dataclasses.replace(plan, leaves=tuple(plain), missing=tuple(missing))
-        local["object_paths"] = {key: p for key, p, _v in objects}
-        local["shared"] = shared_items
-        local["shared_objects"] = shared_objects
-        local["mode"] = eff_mode
-        local["shards"] = shards
-        local["own"] = (own_index, own_leaves)
-        local["overrides"] = overrides
-        local["files_opened"] = len(files_opened)
+        rp.index = index
+        rp.plan = dataclasses.replace(plan, leaves=tuple(plain), missing=tuple(missing))
+        rp.object_paths = {key: p for key, p, _v in objects}
+        rp.shared = shared_items
+        rp.shared_objects = shared_objects
+        rp.mode = eff_mode
+        rp.shards = shards
+        rp.own = (own_index, own_leaves)
+        rp.overrides = overrides
+        rp.files_opened = len(files_opened)
         note = None
         if not same and rank == src:
             note = (f"resharded: checkpoint written by {nfiles} rank(s), restored on {world}; "
@@ -598,12 +546,11 @@ class RestoreCoordinator:
                                              tuple(unmatched)),
                                   len(shared_items) + len(shared_objects), len(shared_objects), digest, note)
 
-    def _plan_whole(self, index: Any, local: dict[str, Any], mode: str) -> dict[str, Any]:
+    def _plan_whole(self, index: Any, rp: RankPlan, mode: str) -> dict[str, Any]:
         """The plan of a rank that reads its whole own file and shares nothing
         (``state_dict=None``): the read phase's :func:`read_all` makes the result from the
         index's tables, without a planned leaf, reference or path per entry."""
-        local.update(index=index, plan=ReadPlan((), (), (), ()), object_paths={}, shared=[], shared_objects={},
-                     mode=mode, shards=None, own=(None, []), overrides={}, files_opened=1, whole=True)
+        rp.index, rp.mode, rp.files_opened, rp.whole = index, mode, 1, True
         return self._plan_payload(RankReport(self._pg.rank, (), (), (), ()), 0, 0, _NO_ITEMS, None)
 
     def _plan_payload(self, report: RankReport, n_shared: int, n_objects: int, digest: Any,

@@ -10,6 +10,10 @@ A checkpoint written by another number of ranks restores too: its DTensor entrie
 tensor parallel) are resharded, by default into an even ``Shard(0)`` split over this job's
 ranks (``--reshard-to full``: every rank gets whole tensors); the other entries come from
 rank 0's file, and ``--per-rank PATTERN`` entries from each rank's own file.
+
+``--checkpoint`` may also be a Hugging Face safetensors directory (or file): every tensor is
+then restored as a DTensor split evenly by rows over this job's ranks (``--reshard-to full``:
+whole tensors on every rank), each rank reading only its rows' bytes.
 """
 
 from __future__ import annotations
@@ -66,19 +70,28 @@ def reshard_target(path: Path, world: int, how: str) -> dict | None:
     DTensors split over this job's ranks (``how="shard"``) or whole tensors (``"full"``);
     everything else ``None`` (loaded as saved). ``None`` when the world size is the same or
     the checkpoint has no DTensor (then the coordinator needs no target)."""
-    from dist_restore import read_index
+    from dist_restore import read_catalog, read_index
     from dist_restore._format.dtensor import DTensorRef
     from dist_restore._format.manifest import rank_file_count
+    from dist_restore._sources import source_format
 
-    if rank_file_count(path) == world:
+    safetensors = source_format(path) == "safetensors"
+    if not safetensors and rank_file_count(path) == world:
         return None
-    tree = read_index(path / "checkpoint_0.pt").tree
-    found = []
     mesh = None
     if how == "shard" and dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    if safetensors:
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor import empty as dtensor_empty
+
+        return {k: torch.empty(e.shape, dtype=e.dtype) if mesh is None else
+                dtensor_empty(e.shape, dtype=e.dtype, device_mesh=mesh, placements=[Shard(0) if e.shape else Replicate()])
+                for k, e in read_catalog(path).entries.items()}
+    tree = read_index(path / "checkpoint_0.pt").tree
+    found = []
 
     def build(v):
         if isinstance(v, dict):

@@ -162,3 +162,44 @@ def restore_bad(rank: int, world: int, path: str, mode: str) -> dict[str, Any]:
         untouched = all(torch.equal(a, _full(p.detach())) for a, p in zip(before, m.parameters()))
         return {"error": str(e), "phase": e.phase, "failed": sorted(e.failures), "untouched": untouched}
     return {"error": None}
+
+
+def save_odd(path: str) -> dict[str, torch.Tensor]:
+    """Tensors whose shards are empty on some of 4 ranks, 0-d, or need staging: written by
+    ``safetensors.torch.save_file`` into one file (the oracle is the dict itself)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    sd = {"tiny": torch.randn(2, 5, generator=g), "cols": torch.randn(3, 9, generator=g),
+          "scalar": torch.tensor(4.25), "empty": torch.empty(0, 3), "i8": torch.randint(-9, 9, (6, 300), generator=g,
+                                                                                        dtype=torch.int8),
+          "strided": torch.randn(6, 8, 4, generator=g), "bf": torch.randn(7, 3, generator=g).to(torch.bfloat16)}
+    save_file(sd, path)
+    return sd
+
+
+def restore_odd(rank: int, world: int, path: str) -> dict[str, Any]:
+    """DTensor targets made by ``distribute_tensor`` on 1-D and 2-D meshes: empty shards (2 rows
+    over 4 ranks), column shards, ``_StridedShard``, Replicate, a 0-d tensor, a cast."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from dist_restore import RestoreCoordinator
+
+    mesh = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (2, world // 2))
+    sd = {
+        "tiny": distribute_tensor(torch.zeros(2, 5), mesh, [Shard(0)]),
+        "cols": distribute_tensor(torch.zeros(3, 9), mesh, [Shard(1)]),
+        "scalar": distribute_tensor(torch.zeros(()), mesh, [Replicate()]),
+        "empty": distribute_tensor(torch.zeros(0, 3), mesh, [Shard(0)]),
+        "i8": distribute_tensor(torch.zeros(6, 300, dtype=torch.int8), mesh2, [Shard(1), Shard(0)]),
+        "strided": distribute_tensor(torch.zeros(6, 8, 4), mesh2, [_StridedShard(1, split_factor=2), Shard(1)]),
+        "bf": distribute_tensor(torch.zeros(7, 3), mesh2, [Replicate(), Shard(0)]),  # cast bf16 -> fp32
+    }
+    locals_ = {k: tuple(v.to_local().shape) for k, v in sd.items()}
+    res = RestoreCoordinator(timeout=60).restore(path, sd, strict=True, cast=True)
+    full = {k: v.full_tensor() for k, v in res.state_dict.items()}
+    return {"full": full, "locals": locals_, "bytes_read": res.stats.bytes_read,
+            "shard_bytes": sum(v.to_local().numel() * v.to_local().element_size() for v in sd.values())}

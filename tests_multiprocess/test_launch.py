@@ -54,3 +54,28 @@ def test_failure_exits_nonzero_on_every_rank(tmp_path: Path) -> None:
     # every rank raises the same error; torchrun may stop one worker before it prints, so one line
     assert "restore failed" in out, out
     assert "incomplete checkpoint: no commit manifest; rank 1 has no file" in out, out
+
+
+@pytest.mark.timeout(180)
+def test_restore_safetensors_directory(tmp_path: Path) -> None:
+    """A Hugging Face directory through the real launch script: each rank reads its rows' bytes."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    import json
+
+    import torch
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"a": torch.randn(512, 512)}, hf / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.randn(512, 128), "c": torch.randn(3)}, hf / "model-00002-of-00002.safetensors")
+    wm = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+          "c": "model-00002-of-00002.safetensors"}
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    report = tmp_path / "report.json"
+    p = _torchrun("--checkpoint", str(hf), "--report-json", str(report), "--timeout", "60")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert json.loads(report.read_text())["issues"] == []
+    # half of every tensor's rows per rank: (512*512 + 512*128) * 4 / 2 bytes = 0.625 MiB (+ c's rows)
+    lines = [ln for ln in out.splitlines() if "MiB read from file" in ln]
+    assert len(lines) == 2 and all("(0.6 MiB read from file, 0.0 MiB received" in ln for ln in lines), out
