@@ -32,7 +32,23 @@ from dist_restore.errors import CorruptCheckpointError
 
 _PART = 8 << 20  # bytes of one part (a task of the I/O pool; the largest staging buffer)
 _BATCH = 4 << 20  # small parts are handed to the pool together, up to this many bytes
-_THREADS = int(os.environ.get("DIST_RESTORE_IO_THREADS", "4"))
+_MAX_THREADS = 4
+
+
+def io_threads() -> int:
+    """I/O threads per rank: ``DIST_RESTORE_IO_THREADS``, else the cores this rank's share of the
+    host gives (``os.sched_getaffinity`` over the ranks on it, ``LOCAL_WORLD_SIZE`` as torchrun
+    sets it), between 1 and 4: more threads than cores only contend for the memory bus on data
+    in the page cache."""
+    env = os.environ.get("DIST_RESTORE_IO_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(_MAX_THREADS, cores // local))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _pread = _libc.pread
@@ -135,8 +151,10 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
             _read_into(fd, base, run, int(offs[0]), path, job.key)
             return
         dst = _grid(d.shape[:k]) @ (np.asarray(d.stride()[:k], dtype=np.int64) * isz) + base
-        for a, o in zip(dst.tolist(), offs.tolist()):
-            _read_into(fd, a, run, o, path, job.key)
+        pread = _pread
+        for a, o in zip(dst.tolist(), offs.tolist()):  # rows of a column slice: one pread each
+            if pread(fd, a, run, o) != run:
+                _read_into(fd, a, run, o, path, job.key)  # short, interrupted or failed: retried, or named
         return
     stage = torch.empty(p.box.size, dtype=job.dtype)
     addr = stage.data_ptr()
@@ -159,7 +177,7 @@ def _batches(parts: list[_Part]) -> Iterator[list[_Part]]:
         yield batch
 
 
-def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: int = _THREADS) -> tuple[int, int]:
+def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: int | None = None) -> tuple[int, int]:
     """Fill every job's target from its chunks; returns ``(bytes read, files opened)``.
 
     Raises:
@@ -176,6 +194,7 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
                     by_file.setdefault(chunk.file, []).append(_Part(job, chunk, b, b.numel * isz))
     if not by_file:
         return 0, 0
+    threads = io_threads() if threads is None else threads
     fds: dict[str, int] = {}
     total = 0
     try:
