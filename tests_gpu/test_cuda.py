@@ -154,3 +154,22 @@ def test_fsdp2_on_a_device_mesh_from_two_cpu_ranks(tmp_path: Path) -> None:
     out = run_ranks(W.restore_fsdp_one_rank, 1, args=(str(ck),), timeout=120, backend=BACKEND)
     assert out[0]["bad"] == [], out
     assert out[0]["files_opened"] <= 2 and out[0]["n"] > 10, out
+
+
+def test_safetensors_into_cuda_targets_and_map_location(tmp_path: Path) -> None:
+    """A safetensors file into preallocated CUDA targets (contiguous, strided, cast), and ``None``
+    targets allocated on the device: equal to ``load_file`` of the same file."""
+    from safetensors.torch import load_file, save_file
+
+    from dist_restore import RestoreCoordinator
+
+    g = torch.Generator().manual_seed(3)
+    src = {"w": torch.randn(300, 129, generator=g), "h": torch.randn(33, generator=g).to(torch.bfloat16),
+           "big": torch.randn(3 << 20, generator=g)}
+    save_file(src, tmp_path / "model.safetensors")
+    want = load_file(tmp_path / "model.safetensors")
+    target = {"w": torch.zeros(129, 300, device=DEV).t(), "h": torch.zeros(33, device=DEV), "big": None}
+    res = RestoreCoordinator().restore(tmp_path, target, cast=True, map_location=DEV)
+    assert target["w"].device == DEV and torch.equal(target["w"].cpu(), want["w"])
+    assert torch.equal(target["h"].cpu(), want["h"].float())
+    assert res.state_dict["big"].device == DEV and torch.equal(res.state_dict["big"].cpu(), want["big"])
