@@ -468,8 +468,11 @@ class RestoreCoordinator:
         index = self._open(path, home, verify, checked=same, tables=whole)
         if whole and readable(index):  # everything in its own file, nothing shared: no plan per entry
             return self._plan_whole(index, rp, mode)
+        plain_note = ""
         if not same and read_manifest(path) is None:
-            _check_saved_world(index, nfiles, world)
+            if not _check_saved_world(index, nfiles, world, target_given=state_dict is not None):
+                plain_note = (" (no commit manifest: the files hold no DTensor, so each holds every tensor whole "
+                              "and one is enough)")
         plan = plan_read(state_dict, *index.walkable)
         bad = first_out_of_bounds(plan.leaves)
         if bad:
@@ -537,7 +540,7 @@ class RestoreCoordinator:
         if not same and rank == src:
             note = (f"resharded: checkpoint written by {nfiles} rank(s), restored on {world}; "
                     f"{len(plain)} non-DTensor tensor(s) and {len(objects)} other value(s) taken from rank {src}'s "
-                    "file" + (" and broadcast" if world > 1 else ""))
+                    "file" + (" and broadcast" if world > 1 else "") + plain_note)
             if per_rank is not None:
                 note += "; per-rank entries from each rank's own file"
         # a digest of the shared list: src's list itself travels only if some rank's differs, and
@@ -667,15 +670,22 @@ def _judge(gathered: list[dict[str, Any]], world: int, src: int, strict: bool) -
     return report
 
 
-def _check_saved_world(index: Any, nfiles: int, world: int) -> None:
-    """Without a manifest, a world-size change is believed only where the files say how many
-    ranks saved them: the DeviceMesh of a DTensor entry records its root's ranks. Otherwise a
-    lost last rank file would look like a smaller world and restore silently."""
+def _check_saved_world(index: Any, nfiles: int, world: int, *, target_given: bool = False) -> bool:
+    """Without a manifest, a world-size change is believed where the files say how many ranks
+    saved them: the DeviceMesh of a DTensor entry records its root's ranks (a lost last rank
+    file must not look like a smaller world). Files with no DTensor entry (DDP-style: every
+    tensor whole in every file) restore into a given target from one file whatever their
+    number: a lost file changes no value there, and a per-rank entry it held is reported
+    missing. Only a restore of everything (no target) is refused: per-rank data would come
+    from one rank's file silently. Returns whether the files' meshes were checked."""
     sizes = {layout.mesh.root_size for layout in index.dtensor_layouts()} - {None}
+    if not sizes and target_given:
+        return False
     if not sizes:
         why = ("with no manifest and no DTensor entry (whose mesh records the ranks that saved it), a lost rank "
-               "file cannot be told from a checkpoint of fewer ranks; write checkpoints with CheckpointWriter to "
-               "restore them on another world size")
+               "file cannot be told from a checkpoint of fewer ranks; pass a target (every entry then comes from "
+               "one rank's file), or write checkpoints with CheckpointWriter, to restore them on another world "
+               "size")
         if nfiles < world:
             missing = f"rank {nfiles} has no file" if world - nfiles == 1 else \
                 f"ranks {format_ranks(range(nfiles, world))} have no file"
@@ -688,6 +698,7 @@ def _check_saved_world(index: Any, nfiles: int, world: int) -> None:
         raise IncompleteCheckpointError(
             f"the saved DeviceMesh spans {max(sizes)} ranks, but the checkpoint has {nfiles} rank file(s) and no "
             "commit manifest: rank files are missing", file=index.file.parent)
+    return True
 
 
 def _offer_tuple(file: _shm.OwnerFile | None) -> tuple[Any, ...] | None:

@@ -269,9 +269,10 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
         timeout: As for :func:`restore_training_state`.
         reshard: Also resume from a checkpoint written by another number of ranks (see
             :func:`restore_training_state`). A checkpoint without a commit manifest counts
-            as one of another world size only where its DTensors' meshes say how many ranks
-            saved it (else a lost last rank file would pass for a smaller world): one that
-            does not is skipped for the newest checkpoint of this world size.
+            as one of another world size where its DTensors' meshes agree with its number of
+            rank files, or where it holds no DTensor (DDP-style: every tensor whole in every
+            file, so one file is enough); one whose meshes say rank files are missing is
+            skipped for the newest checkpoint of this world size.
         **kwargs: Passed to :func:`restore_training_state` (``shared_models``, ``strict``, ...).
 
     Returns:
@@ -314,7 +315,7 @@ def _latest(root: str | os.PathLike[str], world: int, *, verify: bool, reshard: 
     if nfiles == world:
         return found
     try:
-        _check_saved_world(read_index(found / rank_file_name(0)), nfiles, world)
+        _check_saved_world(read_index(found / rank_file_name(0)), nfiles, world, target_given=True)
         return found
     except IncompleteCheckpointError as e:
         logger.warning("skipping checkpoint %s for one of %d ranks: %s", found, world, e)

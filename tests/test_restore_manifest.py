@@ -99,3 +99,36 @@ def _commit(d: Path, world: int) -> None:
     ranks = [RankFileInfo(r, f"checkpoint_{r}.pt", os.path.getsize(d / f"checkpoint_{r}.pt"),
                           file_checksum(d / f"checkpoint_{r}.pt")) for r in range(world)]
     write_manifest(d, Manifest.create(ranks))
+
+
+def test_plain_files_without_manifest_restore_into_a_target_on_another_world(tmp_path: Path) -> None:
+    """DDP-style files, no manifest, a target given: one file is enough (a lost one changes no
+    value); the report says the entries came from rank 0's file."""
+    sd = {"w": torch.arange(6.0), "step": 4}
+    for r in range(3):
+        torch.save(sd, tmp_path / f"checkpoint_{r}.pt")
+    res = RestoreCoordinator().restore(tmp_path, {"w": torch.zeros(6), "step": None})
+    assert torch.equal(res.state_dict["w"], sd["w"]) and res.state_dict["step"] == 4
+    assert "no commit manifest" in res.report.render() and "taken from rank 0's file" in res.report.render()
+
+
+def test_trainer_discovery_takes_plain_files_without_manifest(tmp_path: Path) -> None:
+    from dist_restore.trainer import _latest
+
+    step = tmp_path / "step_5"
+    step.mkdir()
+    for r in range(4):
+        torch.save({"models": {"net": {"w": torch.ones(2)}}}, step / f"checkpoint_{r}.pt")
+    assert _latest(tmp_path, 2, verify=False, reshard=True) == step
+
+
+def test_consolidate_plain_files_without_manifest(tmp_path: Path) -> None:
+    from dist_restore import consolidate
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    for r in range(4):
+        torch.save({"model": {"w": torch.arange(4.0)}}, d / f"checkpoint_{r}.pt")
+    res = consolidate(d, tmp_path / "out.pt")
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True)["model"]["w"], torch.arange(4.0))
+    assert res.rank_files == 4

@@ -337,3 +337,17 @@ def test_large_column_slices_by_the_io_pool(tmp_path: Path) -> None:
     out = run_ranks(w.restore_big, 2, args=(str(path),), timeout=150)
     assert [o["ok"] for o in out] == [True, True]
     assert [o["bytes_read"] for o in out] == [w.BIG[0] // 2 * w.BIG[1] * 4] * 2
+
+
+@pytest.mark.timeout(300)
+def test_ddp_files_without_manifest_into_sharded_models(saved) -> None:
+    """DDP-style files from 4 ranks (every tensor whole in each, torch.save, no manifest) into
+    FSDP2 at 2 and 3 ranks and FSDP2+TP at 2: one file is enough, whatever was lost; each rank
+    reads its slice; the report says where the entries came from."""
+    path = saved("plain", 4)
+    assert not (path / "dist_restore_manifest.json").exists()
+    for kind, world in (("fsdp", 2), ("fsdp", 3), ("fsdp_tp", 2)):
+        out = run_ranks(w.restore, world, args=(str(path), kind), timeout=200)
+        _check(out)
+        assert "no commit manifest: the files hold no DTensor" in out[0]["report"], out[0]["report"]
+        assert "taken from rank 0's file" in out[0]["report"]
