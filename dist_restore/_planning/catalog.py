@@ -169,12 +169,12 @@ def plan_catalog(catalog: Catalog, all_keys: tuple[str, ...], state_dict: Mappin
             continue
         plan.values[key] = value
         got = target_region(key, value)
-        sid = _storage_id(value)
-        if sid is not None:
-            found_ids[sid] = key
         if got is None:  # a DTensor whose mesh does not include this rank
             continue
         local, runs = got
+        sid = _storage_id(local)
+        if sid is not None:
+            found_ids[sid] = key
         _add(plan, key, fkey, e, local, runs)
     for key, value in lost:
         sid = _storage_id(value) if isinstance(value, torch.Tensor) else None
