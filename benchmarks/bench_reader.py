@@ -73,7 +73,7 @@ from torch.distributed.checkpoint._experimental.checkpoint_reader import Checkpo
 from torch.distributed.checkpoint._experimental.types import RankInfo as RefRankInfo
 
 from dist_restore import CheckpointReader, RankInfo, read_index
-from dist_restore._bytes.crc import crc32
+from dist_restore._base.crc import crc32
 
 MIB, GIB, N_BIG = 1 << 20, 1 << 30, 16  # N_BIG: tensors in scenario B's file
 MEM_VARIANTS = ("ours crc32", "ours none", "ours alloc", "reference", "torch.load(mmap)+copy_",

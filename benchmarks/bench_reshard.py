@@ -210,7 +210,7 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         as the reader takes it)."""
         import ctypes
 
-        from dist_restore._bytes.crc import crc32_at
+        from dist_restore._base.crc import crc32_at
 
         at = 0
         for f, spans in floor_spans.items():

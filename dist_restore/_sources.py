@@ -15,7 +15,7 @@ from dist_restore._bytes.read import MapLocation, resolve_device
 from dist_restore._format import hf
 from dist_restore._format.catalog import Catalog
 from dist_restore._planning.catalog import CatalogPlan, KeyMap, flatten, map_key, plan_catalog
-from dist_restore._planning.regions import LayoutError
+from dist_restore._base.regions import LayoutError
 from dist_restore.errors import StateDictMismatchError
 
 

@@ -25,7 +25,7 @@ from dist_restore._cli_util import (_dtype, _fail, _human, _manifest_dict, _mani
                                     _scan, _shape, _short_repr, _table, _try_manifest)
 from dist_restore._cli_verify import _VERIFY_HELP, Problem, _verify
 from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
-from dist_restore._protocol.report import format_ranks
+from dist_restore._base.ranks import format_ranks
 from dist_restore._sources import read_catalog, source_format
 from dist_restore._planning.shared import make_selector
 

@@ -96,6 +96,6 @@ def _rebuild_restore_error(phase, failures, detail):  # pragma: no cover - trivi
 
 
 def _ranks(failures: Mapping[int, str]) -> str:
-    from dist_restore._protocol.report import format_ranks
+    from dist_restore._base.ranks import format_ranks
 
     return format_ranks(failures.keys())

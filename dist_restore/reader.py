@@ -14,7 +14,7 @@ from dist_restore._format.index import CheckpointIndex, read_index
 from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint, is_temp_file, rank_file_count, \
     read_manifest
 from dist_restore._planning.catalog import KeyMap
-from dist_restore._planning.regions import LayoutError
+from dist_restore._base.regions import LayoutError
 from dist_restore._sources import plan_source, read_source, source_format
 from dist_restore._planning.reshard import ShardPlan, plan_shards, split_leaves
 from dist_restore._bytes.slices import read_jobs

@@ -24,7 +24,7 @@ from dist_restore import consolidate, read_index
 
 from dist_restore._format import torchzip as _torchzip
 from dist_restore._format.index import iter_leaves
-from dist_restore._planning.regions import Box
+from dist_restore._base.regions import Box
 from dist_restore._bytes.segments import Segment, box_segments
 from dist_restore._format.unpickle import StorageRef, TensorRef
 from dist_restore.cli import main

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_restore._bytes import crc as C
+from dist_restore._base import crc as C
 
 
 def test_libdeflate_is_found_where_deflate_is_installed() -> None:
@@ -68,7 +68,7 @@ def test_crc32_combine_matches_zlib() -> None:
 def test_isal_only_when_asked() -> None:
     """``DIST_RESTORE_CRC=isal`` turns libdeflate off (a benchmark's comparison); the
     results are the same."""
-    code = ("import os, zlib; from dist_restore._bytes import crc as C; d = os.urandom(100_000); "
+    code = ("import os, zlib; from dist_restore._base import crc as C; d = os.urandom(100_000); "
             "print(C.libdeflate_crc32 is None, C.crc32_buf(d) == zlib.crc32(d))")
     env = dict(os.environ, DIST_RESTORE_CRC="isal")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -17,7 +17,7 @@ from dist_restore import CheckpointReader, CorruptCheckpointError, RankInfo, Res
     StateDictMismatchError, read_catalog
 from dist_restore._bytes.ranges import box_runs, split_box
 from dist_restore._format.catalog import Chunk
-from dist_restore._planning.regions import Box
+from dist_restore._base.regions import Box
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 save_file, load_file = safetensors_torch.save_file, safetensors_torch.load_file

@@ -15,7 +15,7 @@ from torch.distributed.tensor.placement_types import Replicate as TReplicate
 from torch.distributed.tensor.placement_types import Shard as TShard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from dist_restore._planning import regions as R
+from dist_restore._base import regions as R
 from dist_restore._format.unpickle import unpickle_refs
 from dist_restore.errors import UnsafeCheckpointError
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_restore._planning.regions import Box
+from dist_restore._base.regions import Box
 from dist_restore._bytes.slices import copy_boxes
 
 

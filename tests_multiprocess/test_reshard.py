@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_restore import read_index
-from dist_restore._planning.regions import full_runs
+from dist_restore._base.regions import full_runs
 from dist_restore._planning.reshard import dtensor_holders
 from tests_multiprocess import _workers_dtensor as w
 from tests_multiprocess.harness import run_ranks
@@ -231,7 +231,7 @@ def _plain(p: object) -> tuple:
     """A placement, torch's or ours, as plain values (``_StridedShard`` first: it is a Shard)."""
     from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
 
-    from dist_restore._planning import regions as _regions
+    from dist_restore._base import regions as _regions
 
     if isinstance(p, _StridedShard):
         return ("shard", p.dim, p.split_factor)

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from dist_restore._planning.consolidate_plan import Unit
-from dist_restore._bytes.fcopy import new_buffer, range_crc32, start_writeback
+from dist_restore._base.fcopy import new_buffer, range_crc32, start_writeback
 from dist_restore._format.index import CheckpointIndex, read_index
 from dist_restore._paths import open_regular
 from dist_restore._planning.plan import PlannedLeaf
 from dist_restore._bytes.read import ReadStats, produce
-from dist_restore._planning.regions import LayoutError
+from dist_restore._base.regions import LayoutError
 from dist_restore._planning.reshard import plan_shards
 from dist_restore._bytes.segments import Segment, box_segments, tensor_segments
 from dist_restore._bytes.slices import read_jobs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from dist_restore._bytes.crc import crc32_at
+from dist_restore._base.crc import crc32_at
 
 __all__ = ["read_part"]
 

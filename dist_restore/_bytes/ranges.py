@@ -27,7 +27,7 @@ import torch
 
 from dist_restore._format.catalog import Catalog, Chunk
 from dist_restore._planning.catalog import CatalogJob
-from dist_restore._planning.regions import Box
+from dist_restore._base.regions import Box
 from dist_restore.errors import CorruptCheckpointError
 
 _PART = 8 << 20  # bytes of one part (a task of the I/O pool; the largest staging buffer)

@@ -31,9 +31,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dist_restore._bytes.crc import _BIG as _CRC_BIG
-from dist_restore._bytes.crc import crc32 as _crc32
-from dist_restore._bytes.crc import crc32_at, crc32_buf, crc32_combine
+from dist_restore._base.crc import _BIG as _CRC_BIG
+from dist_restore._base.crc import crc32 as _crc32
+from dist_restore._base.crc import crc32_at, crc32_buf, crc32_combine
 from dist_restore._bytes.pio import read_part
 from dist_restore._format.index import CheckpointIndex, full_load
 from dist_restore._format.keypath import RawPath

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dist_restore._planning.regions import Box
+from dist_restore._base.regions import Box
 from dist_restore._format.unpickle import TensorRef
 
 

@@ -1,7 +1,7 @@
 """Moving bytes for resharding: copy boxes of mapped source records into target shards.
 
 Each source file is mapped once (private, read-only in effect); a source local tensor is a
-strided view of its record in the mapping, and each :class:`dist_restore._planning.regions.Box` is one
+strided view of its record in the mapping, and each :class:`dist_restore._base.regions.Box` is one
 ``copy_`` from a slice of that view into a slice of the target. Only the pages under the
 slices are touched: a rank reads the byte ranges its shard overlaps, never whole records
 or files. Copied pages of large pieces are unmapped again, so RSS does not grow by the
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from dist_restore._bytes import iovec as _iovec
-from dist_restore._bytes.crc import crc32_at, crc32_buf
+from dist_restore._base.crc import crc32_at, crc32_buf
 from dist_restore._format.index import CheckpointIndex
 from dist_restore._bytes.read import _CHUNK, _SMALL, ReadStats, _file_view, _RankFile
-from dist_restore._planning.regions import Box
+from dist_restore._base.regions import Box
 from dist_restore._planning.reshard import ShardJob
 from dist_restore._format.unpickle import TensorRef
 from dist_restore.errors import CorruptCheckpointError

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dist_restore._planning.regions import LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, mesh_groups, \
+from dist_restore._base.regions import LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, mesh_groups, \
     shard_runs
 from dist_restore.errors import CorruptCheckpointError
 
@@ -139,7 +139,7 @@ class DLayout:
     mesh: MeshInfo
 
     def runs_at(self, coordinate: tuple[int, ...]) -> ShardRuns:
-        """The global region held at a mesh coordinate (see :mod:`dist_restore._planning.regions`)."""
+        """The global region held at a mesh coordinate (see :mod:`dist_restore._base.regions`)."""
         return shard_runs(self.shape, self.mesh.shape, self.placements, coordinate)
 
     def describe(self) -> str:

@@ -61,10 +61,10 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from dist_restore._bytes.crc import crc32
+from dist_restore._base.crc import crc32
 from dist_restore._format.dtensor import DLayout, DTensorRef, MeshInfo
 from dist_restore._format.index import CheckpointIndex, IndexEntry, iter_leaves, map_leaves
-from dist_restore._planning.regions import Partial, Placement, Replicate, Shard
+from dist_restore._base.regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
 from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
 from dist_restore._format.zip import _EOCD, _EOCD64, _EOCD64_LOC, _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _U32, \

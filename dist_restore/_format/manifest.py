@@ -36,9 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dist_restore._bytes.crc import crc32_buf
+from dist_restore._base.crc import crc32_buf
 from dist_restore._paths import raise_with_path
-from dist_restore._protocol.report import format_ranks
+from dist_restore._base.ranks import format_ranks
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_restore._bytes.fcopy import copy_range, pwrite_all
+from dist_restore._base.fcopy import copy_range, pwrite_all
 
 #: torch dtype -> safetensors dtype name (the names ``safetensors.torch`` uses).
 DTYPES: dict[torch.dtype, str] = {

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from dist_restore._bytes.crc import crc32_buf
-from dist_restore._bytes.crc import crc32_combine
-from dist_restore._bytes.fcopy import copy_range, pwrite_all
+from dist_restore._base.crc import crc32_buf
+from dist_restore._base.crc import crc32_combine
+from dist_restore._base.fcopy import copy_range, pwrite_all
 
 _PROTOCOL = 2  # torch.save's DEFAULT_PROTOCOL
 _ALIGNMENT = 64  # torch.serialization's default storage alignment

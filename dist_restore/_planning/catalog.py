@@ -3,7 +3,7 @@
 Pure: no tensor data is read and no collective is called. For each target key the plan
 finds its file key (``key_map``), checks dtype and shape, takes the target's global region
 (a DTensor's local shard on its mesh, or the whole tensor) and intersects it with the
-chunks that hold the key; each overlap is a :class:`~dist_restore._planning.regions.Box`
+chunks that hold the key; each overlap is a :class:`~dist_restore._base.regions.Box`
 that the byte mover (:mod:`dist_restore._bytes.ranges`) turns into byte ranges of the file.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk
-from dist_restore._planning.regions import Box, ShardRuns, full_runs, overlap
+from dist_restore._base.regions import Box, ShardRuns, full_runs, overlap
 from dist_restore._planning.reshard import is_dtensor, target_region
 
 KeyMap = Mapping[str, "str | None"] | Callable[[str], "str | None"] | None

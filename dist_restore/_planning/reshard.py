@@ -24,7 +24,7 @@ import torch
 
 from dist_restore._format.dtensor import DLayout, DTensorRef
 from dist_restore._format.keypath import RawPath
-from dist_restore._planning.regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
+from dist_restore._base.regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
     full_runs, local_shape, overlap, shard_runs, split_runs
 from dist_restore._format.unpickle import TensorRef
 
@@ -75,7 +75,7 @@ def is_dtensor(t: Any) -> bool:
 
 
 def placements_of(key: str, placements: Sequence[Any]) -> tuple[Placement, ...]:
-    """torch's placement objects as :mod:`dist_restore._planning.regions` placements.
+    """torch's placement objects as :mod:`dist_restore._base.regions` placements.
 
     Raises:
         LayoutError: a placement that is not a slice of the global tensor (``Partial``).

@@ -9,7 +9,7 @@ import errno
 import os
 from typing import Any
 
-from dist_restore._bytes.crc import crc32_buf
+from dist_restore._base.crc import crc32_buf
 
 _CHUNK = 8 << 20  # buffer of the read/write fallback and of range checksums
 # copy_file_range says "not here" with these (another filesystem on old kernels, special files)
