@@ -52,6 +52,7 @@ from dist_restore._rankplan import RankPlan
 from dist_restore._sources import plan_source, source_format
 from dist_restore._bytes.readall import readable
 from dist_restore._bytes.read import MapLocation, ReadStats, Verify, resolve_device
+from dist_restore._bytes.shares import check_records
 from dist_restore._protocol.report import RankReport, RestoreReport, format_ranks
 from dist_restore._planning.shared import (SharedItem, SharedMode, SharedSpec, assign_owners, make_buckets, make_selector,
                                   unmatched_patterns)
@@ -75,6 +76,8 @@ class RestoreStats:
         bytes_received: Bytes received by collectives (shared tensors and control data).
         bytes_shm: Bytes of shared tensors copied from another rank's memory file (ranks on
             one host; see ``shared_memory``).
+        bytes_verified: Bytes read whose CRC32 was checked: records read whole, and this
+            rank's part of records that the ranks read in pieces and together covered whole.
         bytes_sent: Bytes this rank sent by collectives.
         files_opened: Rank files this rank opened (indexed or read); for a safetensors source,
             the files it read tensor bytes from.
@@ -86,6 +89,7 @@ class RestoreStats:
     bytes_read: int = 0
     bytes_received: int = 0
     bytes_shm: int = 0
+    bytes_verified: int = 0
     bytes_sent: int = 0
     files_opened: int = 0
     bytes_metadata: int = 0
@@ -273,11 +277,19 @@ class RestoreCoordinator:
             if one_host:
                 owner_file = self._pack_into_file(ios)
             status: dict[str, Any] = {"ok": True, "offer": _offer_tuple(owner_file)}
+            if read_stats.pieces:  # records this rank read in part: checked with the others' pieces
+                status["pieces"] = read_stats.piece_reports()
         except Exception as e:  # noqa: BLE001
             status = {"ok": False, "error": _describe(e)}
         try:  # from here on, buffers and the memory file are released however this ends
             read_status = self._agree("read", status)
             stats.bytes_read = read_stats.bytes_read
+            stats.bytes_verified = read_stats.bytes_verified
+            if any(p.get("pieces") for p in read_status):  # (every rank, the same verdict) records read in parts
+                bad, verified = check_records([p.get("pieces") for p in read_status])
+                if bad:
+                    raise RestoreError("read", bad)
+                stats.bytes_verified += verified[rank]
             stats.files_opened = rp.files_opened
             stats.bytes_metadata = rp.catalog.catalog.header_bytes if rp.catalog is not None else 0
             stats.seconds["read"] = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from dist_restore._planning.catalog import KeyMap
 from dist_restore._base.regions import LayoutError
 from dist_restore._sources import plan_source, read_source, source_format
 from dist_restore._planning.reshard import ShardPlan, plan_shards, split_leaves
+from dist_restore._bytes.shares import check_records
 from dist_restore._bytes.slices import read_jobs
 from dist_restore._planning.plan import ReadPlan, assemble, first_out_of_bounds, plan_read
 from dist_restore._bytes.read import MapLocation, ReadStats, Verify, produce
@@ -254,8 +255,13 @@ class CheckpointReader:
             shards = self.plan_shards(index, reshard) if reshard else None
             produced = produce(index, leaves, map_location=map_location, verify=self._verify, stats=stats)
             if shards is not None:
-                read_jobs(shards.jobs, shards.indexes, shards.entries, stats if stats is not None else ReadStats(),
-                          verify=self._verify == "crc32")
+                stats = stats if stats is not None else ReadStats()
+                read_jobs(shards.jobs, shards.indexes, shards.entries, stats, verify=self._verify == "crc32")
+                if stats.pieces:  # records read in pieces here: checked when the pieces cover them
+                    bad, verified = check_records([stats.piece_reports()])
+                    if bad:
+                        raise CorruptCheckpointError(bad[0], file=index.file, rank=self._rank_info.global_rank)
+                    stats.bytes_verified += verified[0]
         except CheckpointError as e:
             if e.rank is None:
                 raise type(e)(e.reason, file=e.file, rank=self._rank_info.global_rank, key=e.key) from e

@@ -128,6 +128,7 @@ def restore(rank: int, world: int, path: str, kind: str, target: str = "dtensor"
         if target == "dtensor" and not torch.equal(_full(p.detach()), full[f"model.{k}"]):
             bad.append(f"param {k}: differs")
     return {"bad": bad, "bytes_read": res.stats.bytes_read, "shard_bytes": shard_bytes,
+            "bytes_verified": res.stats.bytes_verified,
             "files_opened": res.stats.files_opened, "missing": res.missing_keys,
             "report": res.report.render() if res.report else None,
             "rank_value": got.get("extra.rank_value"), "step": res.state_dict["extra"]["step"]

@@ -351,3 +351,65 @@ def test_ddp_files_without_manifest_into_sharded_models(saved) -> None:
         _check(out)
         assert "no commit manifest: the files hold no DTensor" in out[0]["report"], out[0]["report"]
         assert "taken from rank 0's file" in out[0]["report"]
+
+
+def _flip(f: Path, key: str, where: str) -> None:
+    """Flip one byte of ``key``'s storage record in rank file ``f``: its first, middle or last."""
+    import struct
+    import zipfile
+
+    from dist_restore._format.index import read_index
+
+    index = read_index(f)
+    entry = index.entries[key]
+    rec = index.records[entry.storage_key]
+    with zipfile.ZipFile(f) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(f"/data/{entry.storage_key}"))
+    data = bytearray(f.read_bytes())
+    h = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[h + 26:h + 30])
+    at = {"first": 0, "middle": rec.size // 2, "last": rec.size - 1}[where]
+    data[h + 30 + name_len + extra_len + at] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("src_kind,src_world,dst_kind,dst_world", [
+    ("fsdp", 2, "fsdp", 4),        # grow: every record split in two
+    ("fsdp", 4, "fsdp", 3),        # shrink, uneven: records split, padded shards
+    ("fsdp_tp", 4, "fsdp", 2),     # 2-D sources (_StridedShard)
+    ("fsdp", 2, "tp", 2),          # column slices: the column piece of every row
+])
+def test_split_records_are_checked_together(saved, src_kind: str, src_world: int, dst_kind: str,
+                                            dst_world: int) -> None:
+    """Records that no rank reads whole are checked from the ranks' pieces together: every
+    byte read is verified."""
+    out = run_ranks(w.restore, dst_world, args=(str(saved(src_kind, src_world)), dst_kind), timeout=200)
+    _check(out)
+    for o in out:
+        assert o["bytes_verified"] >= o["bytes_read"], (o["bytes_verified"], o["bytes_read"])
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_flipped_byte_in_a_split_record_fails_every_rank(saved, tmp_path: Path, where: str) -> None:
+    """FSDP2 saved on 2 ranks, restored on 4: every record is read half by one rank, half by
+    another; a flipped byte anywhere in one fails the restore on every rank, naming file and key."""
+    broken = tmp_path / "broken"
+    shutil.copytree(saved("fsdp", 2), broken)
+    _flip(broken / "checkpoint_1.pt", "model.up.weight", where)
+    out = run_ranks(w.restore_expect_error, 4, args=(str(broken), "fsdp"), timeout=200)
+    errors = {o["error"] for o in out}
+    assert len(errors) == 1, errors
+    err = errors.pop()
+    assert "CRC32 mismatch" in err and "checkpoint_1.pt" in err and "'model.up.weight'" in err, err
+    assert "phase 'read'" in err and "checked from the pieces the ranks read" in err
+
+
+@pytest.mark.timeout(300)
+def test_a_flipped_byte_in_a_2d_source_record_fails(saved, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(saved("fsdp_tp", 4), broken)
+    _flip(broken / "checkpoint_3.pt", "model.down.weight", "middle")
+    out = run_ranks(w.restore_expect_error, 2, args=(str(broken), "fsdp"), timeout=200)
+    assert all("CRC32 mismatch" in o["error"] and "checkpoint_3.pt" in o["error"] for o in out), out

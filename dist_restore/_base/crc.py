@@ -124,3 +124,110 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         n >>= 1
         k += 1
     return _multmodp(p, crc1) ^ (crc2 & 0xFFFFFFFF)
+
+
+# -- CRC32 of a record read in pieces by several ranks -----------------------------------------
+#
+# CRC32 is affine over GF(2): for messages of one length, crc(A ^ B) = crc(A) ^ crc(B) ^ crc(0...0).
+# Its *raw* form (no initial or final inversion) is linear, and trailing zeros multiply it by x^8
+# each: raw(0^o + F + 0^s) = raw(F) * x^(8 s) mod P. So the CRC of a record of L bytes that is
+# tiled by fragments F_j (each read by some rank) is
+#     crc32(record) = XOR_j shift(raw(F_j), L - o_j - n_j) ^ crc32(0^L),    raw(F) = crc32(F) ^ crc32(0^n)
+# and each rank can fold its own fragments into one value per group of fragments, without the
+# others' bytes and in any order: every rank sends a few numbers, not its data.
+
+
+def _xpow8(nbytes: int) -> int:
+    """``x^(8 * nbytes)`` modulo the CRC polynomial."""
+    p, k, n = 1 << 31, 3, nbytes
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+_ZEROS: dict[int, int] = {0: 0}
+
+
+def crc32_zeros(n: int) -> int:
+    """``crc32(bytes(n))`` without the bytes (by doubling with :func:`crc32_combine`)."""
+    got = _ZEROS.get(n)
+    if got is not None:
+        return got
+    out, have, block, size = 0, 0, zlib.crc32(b"\0"), 1
+    m = n
+    while m:
+        if m & 1:
+            out = crc32_combine(out, block, size) if have else block
+            have += size
+        m >>= 1
+        if m:
+            block, size = crc32_combine(block, block, size), size * 2
+    if len(_ZEROS) < 4096:
+        _ZEROS[n] = out
+    return out
+
+
+class _Shift:
+    """Multiplication of a 32-bit raw CRC by ``x^(8 d)``: four byte tables, one lookup each."""
+
+    __slots__ = ("t0", "t1", "t2", "t3")
+
+    def __init__(self, d: int) -> None:
+        p = _xpow8(d)
+        basis = np.array([_multmodp(p, 1 << b) for b in range(32)], dtype=np.uint64)
+        byte = np.arange(256, dtype=np.uint64)
+        tables = []
+        for j in range(4):
+            t = np.zeros(256, dtype=np.uint64)
+            for b in range(8):
+                t ^= np.where(byte & (1 << b), basis[8 * j + b], 0).astype(np.uint64)
+            tables.append(t.tolist())
+        self.t0, self.t1, self.t2, self.t3 = tables
+
+    def __call__(self, v: int) -> int:
+        return self.t0[v & 255] ^ self.t1[(v >> 8) & 255] ^ self.t2[(v >> 16) & 255] ^ self.t3[v >> 24]
+
+
+_SHIFTS: dict[int, _Shift] = {}
+
+
+def shift(v: int, d: int) -> int:
+    """``v * x^(8 d)`` mod P: a raw CRC followed by ``d`` zero bytes."""
+    if d == 0 or v == 0:
+        return v
+    s = _SHIFTS.get(d)
+    if s is None:
+        if len(_SHIFTS) > 1024:
+            return _multmodp(_xpow8(d), v)
+        s = _SHIFTS[d] = _Shift(d)
+    return s(v)
+
+
+def fold_fragments(offsets: Any, crcs: Any, run: int, total: int) -> int:
+    """One rank's share of a record's CRC: ``XOR_i shift(raw(F_i), total - o_i - run)`` for
+    equal-length fragments ``F_i`` of ``run`` bytes at ascending record offsets ``offsets`` with
+    CRC32s ``crcs``. XOR the shares of fragments that tile the record exactly, and
+    ``crc32_zeros(total)``, to get the record's CRC32 (:func:`record_crc`)."""
+    z = crc32_zeros(run)
+    acc = 0
+    prev = None
+    for o, c in zip(offsets, crcs):
+        if prev is not None:
+            acc = shift(acc, o - prev)
+        acc ^= (c ^ z) & 0xFFFFFFFF
+        prev = o
+    if prev is None:
+        return 0
+    return shift(acc, total - prev - run)
+
+
+def record_crc(shares: Any, total: int) -> int:
+    """The CRC32 of a record of ``total`` bytes from the :func:`fold_fragments` shares of
+    fragments that tile it exactly, each fragment in exactly one share."""
+    out = crc32_zeros(total)
+    for s in shares:
+        out ^= s
+    return out & 0xFFFFFFFF

@@ -25,7 +25,7 @@ import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -58,11 +58,19 @@ class ReadStats:
             span once, however many views or targets use it).
         bytes_verified: Bytes whose CRC32 was checked.
         fallback_loads: Number of full ``torch.load`` calls that were needed.
+        pieces: ``{(file, record): RecordPieces}``: what was read of records read in part
+            (resharding), to be checked together with the other ranks' pieces
+            (:mod:`dist_restore._bytes.shares`).
     """
 
     bytes_read: int = 0
     bytes_verified: int = 0
     fallback_loads: int = 0
+    pieces: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def piece_reports(self) -> list[tuple[Any, ...]]:
+        """The pieces as plain tuples (what the read agreement carries)."""
+        return [(p.file, p.skey, p.key, p.total, p.want, p.groups) for p in self.pieces.values()]
 
 
 def resolve_device(location: str, map_location: MapLocation, *, file: object, key: str) -> torch.device:
@@ -151,6 +159,7 @@ class _Job:
     left: int
     running: int = 0
     first: bool = True
+    sink: Any = None  # given the range's CRC32 when it is a part of its record (else: checked)
 
 
 class _RankFile:
@@ -357,14 +366,14 @@ class _RankFile:
                 _allocate_group(self.whole, offset, items, dev, self.values)
 
     def _pipelined(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool, rec: Any, skey: str,
-                   key: str) -> None:
+                   key: str, sink: Any = None) -> None:
         """Read a range into ``t`` on the I/O pool, in ``_CHUNK`` requests submitted in file
         order: a few requests in flight at once (across records too), each CRC'd by its
         thread as it lands while the others' I/O goes on; the CRCs are combined and checked
         in file order by :meth:`_settle`."""
         workers = max(_DEPTH, min(torch.get_num_threads(), _MAX_THREADS))
         self._ensure_pool(workers)
-        job = _Job(crc, rec, skey, key, -(-nbytes // _CHUNK))
+        job = _Job(crc, rec, skey, key, -(-nbytes // _CHUNK), sink=sink)
         addr = t.data_ptr()
         for lo in range(0, nbytes, _CHUNK):
             hi = min(nbytes, lo + _CHUNK)
@@ -374,7 +383,7 @@ class _RankFile:
                 self._settle(*self._pending.popleft())
 
     def _staged(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool, rec: Any, skey: str,
-                key: str) -> None:
+                key: str, sink: Any = None) -> None:
         """Read a range into the CUDA tensor ``t``: ``_CHUNK`` requests into pinned host
         buffers on the I/O pool (CRC'd as they land, as in :meth:`_pipelined`), each sent on
         by an asynchronous copy on the current stream once it has landed; a buffer is reused
@@ -386,7 +395,7 @@ class _RankFile:
             self._slots = [torch.empty(_CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(depth + 2)]
             self._free.extend((i, None) for i in range(len(self._slots)))
         self._cuda_used.add(t.device)
-        job = _Job(crc, rec, skey, key, -(-nbytes // _CHUNK))
+        job = _Job(crc, rec, skey, key, -(-nbytes // _CHUNK), sink=sink)
         flat = t.view(-1).view(torch.uint8) if t.numel() else t
         for lo in range(0, nbytes, _CHUNK):
             hi = min(nbytes, lo + _CHUNK)
@@ -405,17 +414,18 @@ class _RankFile:
         self.submit_parts(_no_crc, [(fn, *args)], [nbytes], key=key)
 
     def submit_parts(self, fn: Any, parts: Sequence[tuple[Any, ...]], sizes: Sequence[int], *, key: str,
-                     rec: Any = None, skey: str = "") -> None:
+                     rec: Any = None, skey: str = "", sink: Any = None) -> None:
         """Run ``fn(*part)`` for each part on the I/O pool, in flight with the other requests.
 
         The parts read consecutive byte ranges of ``sizes`` bytes, in order. With ``rec``
         (the record they cover whole, ``data/{skey}``) each ``fn`` returns its range's CRC32,
         and the CRCs are combined and checked against the record's when the last one has
-        settled; without it ``fn``'s result is ignored. Errors surface, in file order, where
-        the pool's reads settle."""
+        settled (or, with ``sink``, handed to it: the parts are a piece of the record); without
+        it ``fn``'s result is ignored. Errors surface, in file order, where the pool's reads
+        settle."""
         workers = max(_DEPTH, min(torch.get_num_threads(), _MAX_THREADS))
         self._ensure_pool(workers)
-        job = _Job(rec is not None, rec, skey, key, len(parts))
+        job = _Job(rec is not None, rec, skey, key, len(parts), sink=sink)
         for args, n in zip(parts, sizes):
             fut = self._pool.submit(fn, *args)  # type: ignore[union-attr]
             self._pending.append((fut, n, job, None))
@@ -448,7 +458,10 @@ class _RankFile:
         job.first = False
         job.left -= 1
         if job.left == 0 and job.crc:
-            self._check_crc(job.running, job.rec, job.skey, job.key)
+            if job.sink is not None:
+                job.sink(job.running)
+            else:
+                self._check_crc(job.running, job.rec, job.skey, job.key)
 
     def _ensure_pool(self, workers: int) -> None:
         if self._pool is None or self._pool._max_workers < workers:

@@ -25,6 +25,7 @@ from dist_restore._bytes import iovec as _iovec
 from dist_restore._base.crc import crc32_at, crc32_buf
 from dist_restore._format.index import CheckpointIndex
 from dist_restore._bytes.read import _CHUNK, _SMALL, ReadStats, _file_view, _RankFile
+from dist_restore._bytes.shares import RecordPieces, grid_of, share_at, share_of_range
 from dist_restore._base.regions import Box
 from dist_restore._planning.reshard import ShardJob
 from dist_restore._format.unpickle import TensorRef
@@ -91,7 +92,7 @@ def _pread_exact(fd: int, addr: int, nbytes: int, offset: int) -> None:
 
 
 def _pooled(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequence[Box], rec: Any, skey: str,
-            verify: bool) -> bool:
+            verify: bool, off: int) -> bool:
     """Read a large piece that is one contiguous byte range into one contiguous target
     slice on the file's I/O pool (CPU targets: :meth:`_RankFile._pipelined`, straight into
     the target; CUDA targets: :meth:`_RankFile._staged`, through pinned buffers): requests in
@@ -106,11 +107,27 @@ def _pooled(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequence[Box
     if d.device.type not in ("cpu", "cuda"):
         return False
     nbytes = b.numel * src.element_size()
-    whole = verify and nbytes == rec.size  # a slice of a record cannot be checked
+    file_off = s.storage_offset() * src.element_size()
     read = rf._pipelined if d.device.type == "cpu" else rf._staged
-    read(d, s.storage_offset() * src.element_size(), nbytes, whole, rec, skey, job.key)
+    read(d, file_off, nbytes, verify, rec, skey, job.key,
+         sink=None if nbytes == rec.size else _sink(rf, rec, skey, job.key, file_off - off, nbytes))
     rf.stats.bytes_read += nbytes
     return True
+
+
+def _pieces(rf: _RankFile, rec: Any, skey: str, key: str) -> RecordPieces:
+    """This rank's pieces of a record it reads in part (checked with the other ranks')."""
+    k = (str(rf.index.file), skey)
+    got = rf.stats.pieces.get(k)
+    if got is None:
+        got = rf.stats.pieces[k] = RecordPieces(str(rf.index.file), skey, key, rec.size, rec.crc32)
+    return got
+
+
+def _sink(rf: _RankFile, rec: Any, skey: str, key: str, base: int, nbytes: int) -> Any:
+    """Where the CRC32 of a contiguous piece of a record goes, once its reads settle."""
+    pieces = _pieces(rf, rec, skey, key)
+    return lambda crc: pieces.groups.append(share_of_range(base, nbytes, crc, rec.size))
 
 
 def _row_iovecs(d: torch.Tensor) -> tuple[np.ndarray, int] | None:
@@ -142,7 +159,7 @@ def _rows_part(fd: int, file_off: int, iov: np.ndarray, file_size: int, rf: _Ran
 
 
 def _pooled_rows(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequence[Box], rec: Any, skey: str,
-                 verify: bool) -> bool:
+                 verify: bool, off: int) -> bool:
     """Read a large piece whose source bytes are one contiguous range of the file and whose
     target is a set of rows (a column slice of a row-major shard: tensor-parallel weights
     split by columns) on the file's I/O pool, in groups of about ``_CHUNK`` bytes of rows
@@ -162,11 +179,11 @@ def _pooled_rows(rf: _RankFile, src: torch.Tensor, job: ShardJob, boxes: Sequenc
     nbytes = b.numel * src.element_size()
     per = max(1, _CHUNK // row)  # rows per request
     base = s.storage_offset() * src.element_size()
-    whole = verify and nbytes == rec.size  # a slice of a record cannot be checked
-    parts = [(rf.fd, base + i * row, iov[i:i + per], rf.index.file_size, rf if whole else None)
+    parts = [(rf.fd, base + i * row, iov[i:i + per], rf.index.file_size, rf if verify else None)
              for i in range(0, len(iov), per)]
     sizes = [len(p[2]) * row for p in parts]
-    rf.submit_parts(_rows_part, parts, sizes, key=job.key, rec=rec if whole else None, skey=skey)
+    sink = None if not verify or nbytes == rec.size else _sink(rf, rec, skey, job.key, base - off, nbytes)
+    rf.submit_parts(_rows_part, parts, sizes, key=job.key, rec=rec if verify else None, skey=skey, sink=sink)
     rf.stats.bytes_read += nbytes
     return True
 
@@ -195,6 +212,40 @@ def _record_bytes(rf: _RankFile, off: int, dst: torch.Tensor, boxes: Sequence[Bo
     return (ctypes.c_char * n).from_address(rf.whole.data_ptr() + off)
 
 
+def _add_shares(rf: _RankFile, off: int, ref: TensorRef, boxes: Sequence[Box], rec: Any, key: str) -> None:
+    """The shares of the bytes ``boxes`` of ``ref`` covered, from the mapped record (the copy
+    has just brought its pages in); a piece too scattered to describe is left unchecked."""
+    pieces = _pieces(rf, rec, ref.storage.key, key)
+    isz = ref.dtype.itemsize
+    addr = rf.whole.data_ptr() + off
+    for b in boxes:
+        if b.numel == 0:
+            continue
+        g = grid_of(ref.storage_offset, ref.stride, b, isz)
+        if g is None:
+            pieces.groups.append(((-1, 0, (), ()), 0))  # never tiles: the record stays unchecked
+            continue
+        pieces.groups.append((g, share_at(addr, g, rec.size)))
+
+
+def _add_margins(rf: _RankFile, off: int, ref: TensorRef, boxes: Sequence[Box], rec: Any, key: str) -> None:
+    """The shares of the record's bytes outside its view (FSDP2 pads uneven shards' storage):
+    taken by the rank whose piece holds the view's first (last) element, so that the ranks'
+    pieces can cover the whole record."""
+    isz = ref.dtype.itemsize
+    lo, hi = ref.element_span()
+    lo_b, hi_b = lo * isz, hi * isz
+    first = any(b.numel and not any(b.src_start) for b in boxes)
+    last = any(b.numel and all(a + n == m for a, n, m in zip(b.src_start, b.size, ref.size)) for b in boxes)
+    addr = rf.whole.data_ptr() + off
+    if first and lo_b > 0:
+        g = (0, lo_b, (), ())
+        _pieces(rf, rec, ref.storage.key, key).groups.append((g, share_at(addr, g, rec.size)))
+    if last and rec.size > hi_b:
+        g = (hi_b, rec.size - hi_b, (), ())
+        _pieces(rf, rec, ref.storage.key, key).groups.append((g, share_at(addr, g, rec.size)))
+
+
 def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
               entries: Mapping[tuple[int, str], Any], stats: ReadStats, *, verify: bool = True) -> None:
     """Fill every job's target from its pieces.
@@ -204,8 +255,9 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
         indexes: ``{file rank: index}`` of every file a piece names (opened in the plan).
         entries: ``{(file rank, key): local TensorRef}`` checked in the plan.
         stats: ``bytes_read`` grows by the bytes copied.
-        verify: Check the zip CRC32 of every record a piece copies whole (a slice of a
-            record cannot be checked: the CRC covers the record).
+        verify: Check the zip CRC32 of every record a piece copies whole; of a record read
+            in part, collect the CRC32 shares of the bytes read in ``stats.pieces``, to be
+            checked with the other ranks' (:func:`dist_restore._bytes.shares.check_records`).
     """
     by_file: dict[int, list[tuple[ShardJob, Any]]] = defaultdict(list)
     for job in jobs:
@@ -228,9 +280,11 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                     # (a record not aligned for its dtype is a copy, not the mapping: no preadv then)
                     direct = rf.fd if src.untyped_storage().data_ptr() == rf.whole.data_ptr() else None
                     rec = index.records[ref.storage.key]
-                    if direct is not None and (_pooled(rf, src, job, piece.boxes, rec, ref.storage.key, verify)
+                    if verify and sum(b.numel for b in piece.boxes) * ref.dtype.itemsize != rec.size:
+                        _add_margins(rf, off, ref, piece.boxes, rec, job.key)  # a piece: the record's ends too
+                    if direct is not None and (_pooled(rf, src, job, piece.boxes, rec, ref.storage.key, verify, off)
                                                or _pooled_rows(rf, src, job, piece.boxes, rec, ref.storage.key,
-                                                               verify)):
+                                                               verify, off)):
                         continue
                     n = copy_boxes(src, job.target, piece.boxes, direct, index.file_size,
                                    submit=partial(rf.submit, key=job.key))
@@ -241,6 +295,8 @@ def read_jobs(jobs: Sequence[ShardJob], indexes: Mapping[int, CheckpointIndex],
                                 f"CRC32 mismatch in storage record data/{ref.storage.key}: tensor data is corrupt",
                                 file=index.file, key=job.key)
                         stats.bytes_verified += n
+                    elif verify and n:  # a piece of the record: its CRC32 shares, through the mapping
+                        _add_shares(rf, off, ref, piece.boxes, rec, job.key)
                     since_drop += n
                     if n >= _PIECE_DROP:  # a large piece: its pages go at once
                         blo, bhi = _span_bytes(ref, piece.boxes)
