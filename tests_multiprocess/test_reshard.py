@@ -261,7 +261,8 @@ def test_reader_fills_whole_tensors_from_every_file_and_checks_crc(saved, tmp_pa
     for k, v in res.state_dict["model"].items():
         assert torch.equal(v, full[f"model.{k}"]), k
     assert res.bytes_read == sum(v.numel() * v.element_size() for v in target["model"].values())
-    assert 0 < res.bytes_verified <= res.bytes_read  # records copied whole (FSDP pads some: not those)
+    # every byte read is checked; padded records (FSDP2 pads uneven shards) with their padding
+    assert res.bytes_read <= res.bytes_verified
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     f = broken / "checkpoint_2.pt"
