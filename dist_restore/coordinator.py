@@ -18,8 +18,9 @@ The protocol of :meth:`RestoreCoordinator.restore`, in order:
    When every rank runs on one host, owners instead pack their buckets into a memory
    file during the read phase and the others copy them out of it (see :mod:`dist_restore._bytes.shm`).
 4. **finish** (all ranks): agree that every copy succeeded (and broadcast what a rank
-   could not copy from a memory file); assemble the result; closing barrier. (rank 0)
-   log the report.
+   could not copy from a memory file); assemble the result; closing barrier (when shared
+   entries were exchanged: otherwise the read agreement was the last step every rank
+   passed). (rank 0) log the report.
 
 Every collective has a timeout: a rank that died or hung makes the others raise
 :class:`RestoreError` instead of blocking.
@@ -359,7 +360,7 @@ class RestoreCoordinator:
             if owner_file is not None:  # every rank has agreed its copies are done (or failed)
                 owner_file.close()
         result_sd = rp.result(state_dict, values)
-        if rp.catalog is None:  # (a catalogue source exchanges nothing: its read agreement was the last step)
+        if ios:  # nothing exchanged (the same on every rank): the read agreement was the last step all passed
             try:
                 pg.barrier()
             except CollectiveError as e:

@@ -19,12 +19,12 @@ import errno
 import math
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dist_restore._bytes.read import _io_pool
 from dist_restore._format.catalog import Catalog, Chunk
 from dist_restore._planning.catalog import CatalogJob
 from dist_restore._base.regions import Box
@@ -213,14 +213,24 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
             for batch, fd, path in work:
                 _run_batch(batch, fd, path)
         else:
-            with ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="dist_restore_io") as pool:
-                futures = [pool.submit(_run_batch, b, fd, path) for b, fd, path in work]
+            pool = _io_pool(threads)  # (shared: it may have more threads; `threads` tasks use them)
+            n = min(threads, len(work))
+            futures = [pool.submit(_run_batches, work[i::n]) for i in range(n)]
+            try:
                 for fut in futures:
                     fut.result()
+            finally:  # reads write into targets: every one has ended before this returns
+                for fut in futures:
+                    fut.exception()
     finally:
         for fd in fds.values():
             os.close(fd)
     return total, len(fds)
+
+
+def _run_batches(work: list[tuple[list[_Part], int, object]]) -> None:
+    for batch, fd, path in work:
+        _run_batch(batch, fd, path)
 
 
 def _run_batch(batch: list[_Part], fd: int, path: object) -> None:

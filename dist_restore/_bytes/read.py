@@ -162,6 +162,23 @@ class _Job:
     sink: Any = None  # given the range's CRC32 when it is a part of its record (else: checked)
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
+
+
+def _io_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's I/O pool, of at least ``workers`` threads: kept between files and restores
+    (starting threads costs milliseconds on a loaded machine), made anew after a fork."""
+    global _POOL
+    if _POOL is not None and _POOL[0] == os.getpid() and _POOL[1]._max_workers >= workers:
+        return _POOL[1]
+    old = _POOL[1] if _POOL is not None and _POOL[0] == os.getpid() else None
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dist_restore_io")
+    _POOL = (os.getpid(), pool)
+    if old is not None:
+        old.shutdown(wait=False)  # its work was drained by the file that asked for more
+    return pool
+
+
 class _RankFile:
     """One open rank file, mapped private and read-only in effect (nothing writes to it).
 
@@ -196,8 +213,8 @@ class _RankFile:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)  # pipelined reads write into targets: let them end
+        for fut, *_rest in self._pending:  # pipelined reads write into targets: let them end
+            fut.exception()
         self._pending.clear()
         for dev in self._cuda_used:  # the copies to the device are complete when we return
             torch.cuda.synchronize(dev)
@@ -466,9 +483,7 @@ class _RankFile:
     def _ensure_pool(self, workers: int) -> None:
         if self._pool is None or self._pool._max_workers < workers:
             self.drain()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dist_restore_io")
+            self._pool = _io_pool(workers)
 
     def _check_crc(self, crc: int | None, rec: Any, skey: str, key: str) -> None:
         if crc != rec.crc32:

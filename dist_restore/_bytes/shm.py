@@ -19,6 +19,7 @@ broadcast after all (see ``coordinator.py``).
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -49,6 +50,7 @@ def layout(sizes: list[int]) -> tuple[list[int], int]:
     return offsets, end
 
 
+@functools.lru_cache(maxsize=1)
 def host_id() -> str | None:
     """This process's host and PID namespace, or ``None`` where memory files cannot be
     shared (not Linux). Ranks with equal ids can open each other's ``/proc/<pid>/fd``."""
