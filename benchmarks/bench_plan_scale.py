@@ -67,8 +67,11 @@ def _dtensors(n: int, rank: int, entries: int, rows: int, local: int | None = No
     return out
 
 
-def write(root: Path, n: int, target: int, me: int, entries: int) -> Path:
-    d = root / f"saved{n}"
+def write(root: Path, n: int, target: int, me: int, entries: int, index_files: bool) -> Path:
+    from dist_restore._format.index import read_index
+    from dist_restore._format.indexfile import build_index_file, index_path
+
+    d = root / f"saved{n}{'i' if index_files else ''}"
     d.mkdir()
     rows = ROWS * max(n, target)
     per = rows // target  # the measured rank's rows: [me * per, (me + 1) * per)
@@ -78,6 +81,8 @@ def write(root: Path, n: int, target: int, me: int, entries: int) -> Path:
         f = d / f"checkpoint_{r}.pt"
         if r in need:
             torch.save({"model": _dtensors(n, r, entries, rows)}, f)
+            if index_files:  # what CheckpointWriter writes beside each rank file
+                index_path(f).write_bytes(build_index_file(read_index(f, use_index_file=False)))
         else:
             f.touch()
     return d
@@ -116,6 +121,8 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--index-files", choices=["no", "yes", "both"], default="both",
+                    help="index files beside the rank files (as CheckpointWriter writes them)")
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -126,21 +133,23 @@ def main() -> None:
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench_plan_scale_"))
     try:
-        for n in [int(x) for x in args.saved.split(",")]:
-            d = write(root, n, args.target, me, args.entries)
-            files = sum(1 for f in d.iterdir() if f.stat().st_size)
+        kinds = {"no": [False], "yes": [True], "both": [False, True]}[args.index_files]
+        for n, idx_files in [(int(x), k) for x in args.saved.split(",") for k in kinds]:
+            d = write(root, n, args.target, me, args.entries, idx_files)
+            files = sum(1 for f in d.glob("checkpoint_*.pt") if f.stat().st_size)
             target = {"model": _dtensors(args.target, me, args.entries, ROWS * max(n, args.target))}
             plan_once(d, n, target, me)  # warm-up
             got = [plan_once(d, n, target, me) for _ in range(args.repeats)]
             sec = statistics.median(s for s, _i in got)
             idx = statistics.median(i for _s, i in got)
-            rows.append((n, files, sec, sec / args.entries * 1e6, idx))
+            rows.append((n, "index files" if idx_files else "torch.save pickle", files, sec,
+                         sec / args.entries * 1e6, idx))
             shutil.rmtree(d)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         dist.destroy_process_group()
-    head = ("saved ranks", "files indexed", "plan s", "us / entry", "indexing s")
-    table = [(str(n), str(f), f"{s:.3f}", f"{u:.1f}", f"{i:.3f}") for n, f, s, u, i in rows]
+    head = ("saved ranks", "indexed from", "files indexed", "plan s", "us / entry", "indexing s")
+    table = [(str(n), k, str(f), f"{s:.3f}", f"{u:.1f}", f"{i:.3f}") for n, k, f, s, u, i in rows]
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))

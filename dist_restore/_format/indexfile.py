@@ -283,10 +283,25 @@ def _layout_from_tuple(t: Any) -> DLayout:
         else:
             raise IndexFileError(f"unknown placement {p!r}")
     ints = lambda x: tuple(int(v) for v in x)  # noqa: E731
-    return DLayout(ints(shape), tuple(ps), MeshInfo(
-        ints(mshape), tuple(str(n) for n in names) if names is not None else None,
-        ints(coord) if coord is not None else None, int(rank) if rank is not None else None,
-        tuple(ints(g) for g in groups) if groups is not None else None))
+    # the table's DTensors share one rank map object (the pickle's memo), which can span
+    # thousands of ranks: converted once, the rest of the mesh compared by value
+    key = (id(groups), mshape, names, coord, rank)
+    hit = _MESH_TUPLES.get(key)
+    if hit is not None and hit[0] is groups:
+        mesh = hit[1]
+    else:
+        mesh = MeshInfo(ints(mshape), tuple(str(n) for n in names) if names is not None else None,
+                        ints(coord) if coord is not None else None, int(rank) if rank is not None else None,
+                        tuple(ints(g) for g in groups) if groups is not None else None)
+        _MESH_TUPLES[key] = (groups, mesh)
+        while len(_MESH_TUPLES) > 64:
+            _MESH_TUPLES.pop(next(iter(_MESH_TUPLES)))
+    return DLayout(ints(shape), tuple(ps), mesh)
+
+
+#: (id of an index file's rank map, the other mesh fields) -> (the rank map, its MeshInfo): the
+#: last few, each kept with its rank map so that its id stays its own.
+_MESH_TUPLES: dict[Any, tuple[Any, MeshInfo]] = {}
 
 
 # -- reading ---------------------------------------------------------------------------------

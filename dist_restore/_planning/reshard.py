@@ -101,9 +101,11 @@ def placements_of(key: str, placements: Sequence[Any]) -> tuple[Placement, ...]:
     return tuple(out)
 
 
-def target_region(key: str, t: torch.Tensor) -> tuple[torch.Tensor, ShardRuns] | None:
+def target_region(key: str, t: torch.Tensor, memo: dict[Any, Any] | None = None
+                  ) -> tuple[torch.Tensor, ShardRuns] | None:
     """``(tensor to fill, its global region)``; ``None`` when this rank holds no part of a
-    DTensor target (not in its mesh).
+    DTensor target (not in its mesh). ``memo``: a dict kept across the targets of one plan
+    (targets of one shape and layout share their region: thousands of layers' weights).
 
     Raises:
         LayoutError: a placement the math cannot map, or a local tensor whose shape is not
@@ -111,11 +113,27 @@ def target_region(key: str, t: torch.Tensor) -> tuple[torch.Tensor, ShardRuns] |
     """
     if not is_dtensor(t):
         return t, full_runs(tuple(t.shape))
-    mesh = t.device_mesh
+    spec = t._spec
+    mesh = spec.mesh
+    if memo is not None:
+        mkey = (id(mesh), tuple(t.shape), tuple(map(repr, spec.placements)), repr(getattr(spec, "shard_order", None)))
+        runs = memo.get(mkey)
+        if runs is not None:
+            local = t._local_tensor  # (to_local() without the autograd function's cost)
+            if tuple(local.shape) != local_shape(runs):
+                raise LayoutError(f"key {key!r}: target local tensor has shape {tuple(local.shape)}, its "
+                                  f"placements {tuple(t.placements)} give {local_shape(runs)}")
+            return local, runs
+    got = _target_region(key, t, mesh, spec)
+    if memo is not None and got is not None:
+        memo[mkey] = got[1]
+    return got
+
+
+def _target_region(key: str, t: torch.Tensor, mesh: Any, spec: Any) -> tuple[torch.Tensor, ShardRuns] | None:
     coord = mesh.get_coordinate()
     if coord is None:
         return None
-    spec = t._spec
     order = getattr(spec, "shard_order", None)
     if order and not getattr(spec, "use_strided_shard_as_shard_order", False):
         for entry in order:
@@ -218,7 +236,8 @@ def dtensor_holders(layout: DLayout, dst: ShardRuns) -> list[tuple[ShardRuns, li
 
 
 def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: ShardRuns, *, home: int,
-             own: int | None, nfiles: int, reading: set[int], spread: int) -> ShardJob:
+             own: int | None, nfiles: int, reading: set[int], spread: int,
+             memo: dict[Any, Any] | None = None) -> ShardJob:
     """The pieces that fill one target shard.
 
     Args:
@@ -229,6 +248,8 @@ def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: Sh
         nfiles: How many rank files the checkpoint has.
         reading: Files this rank already reads; updated with the files chosen.
         spread: This rank's index for spreading replicas over ranks (its rank).
+        memo: A dict kept across the entries of one plan: entries of one layout, shape and
+            target region share their holders and boxes.
 
     Raises:
         LayoutError: unmappable layouts, a file the checkpoint does not have, or a target
@@ -241,27 +262,41 @@ def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: Sh
     if not isinstance(source, DTensorRef):
         raise LayoutError(f"key {key!r}: checkpoint holds {type(source).__name__}, not a tensor")
     layout = source.layout
+    mkey = (id(layout.mesh), layout.shape, layout.placements, dst)
+    found = memo.get(mkey) if memo is not None else None
+    if found is None:
+        found = _holders_and_boxes(key, layout, dst, nfiles)
+        if memo is not None:
+            memo[mkey] = found
     pieces = []
-    got = 0
-    for region, holders in dtensor_holders(layout, dst):
-        if not holders:
-            continue
-        files = [f for f, _c in holders]
-        bad = [f for f in files if not 0 <= f < nfiles]
-        if bad:
-            raise LayoutError(f"key {key!r}: the saved mesh places shards on rank {bad[0]}, but the checkpoint "
-                              f"has {nfiles} rank file(s)")
+    for holders, boxes in found:
         pick = next((h for h in holders if h[0] in reading), None) \
             or next((h for h in holders if h[0] == own), None) \
             or holders[spread % len(holders)]
         reading.add(pick[0])
-        boxes = overlap(region, dst)
+        pieces.append(Piece(pick[0], pick[1], boxes))
+    return ShardJob(key, path, target, tuple(pieces), source)
+
+
+def _holders_and_boxes(key: str, layout: DLayout, dst: ShardRuns, nfiles: int
+                       ) -> list[tuple[list[tuple[int, tuple[int, ...]]], tuple[Box, ...]]]:
+    """The saved regions that fill ``dst``: each one's holders and boxes, checked."""
+    out = []
+    got = 0
+    for region, holders in dtensor_holders(layout, dst):
+        if not holders:
+            continue
+        bad = [f for f, _c in holders if not 0 <= f < nfiles]
+        if bad:
+            raise LayoutError(f"key {key!r}: the saved mesh places shards on rank {bad[0]}, but the checkpoint "
+                              f"has {nfiles} rank file(s)")
+        boxes = tuple(overlap(region, dst))
         got += sum(b.numel for b in boxes)
-        pieces.append(Piece(pick[0], pick[1], tuple(boxes)))
+        out.append((holders, boxes))
     need = math.prod(local_shape(dst))
     if got != need:
         raise LayoutError(f"key {key!r}: the saved shards cover {got} of the {need} elements this rank needs")
-    return ShardJob(key, path, target, tuple(pieces), source)
+    return out
 
 
 def check_source(key: str, job_source: Any, entry: Any, piece: Piece, file: object) -> str | None:
@@ -366,13 +401,15 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
 
     reading: set[int] = {own} if own is not None and own == home else set()
     jobs = []
+    regions: dict[Any, Any] = {}
+    memo: dict[Any, Any] = {}
     for lf in leaves:
-        got = target_region(lf.key, lf.target)
+        got = target_region(lf.key, lf.target, regions)
         if got is None:
             continue
         target, dst = got
         jobs.append(plan_job(lf.key, lf.path, lf.source, target, dst, home=home, own=own, nfiles=nfiles,
-                             reading=reading, spread=spread))
+                             reading=reading, spread=spread, memo=memo))
     indexes: dict[int, Any] = {home: home_index}
     entries: dict[tuple[int, str], TensorRef] = {}
     for job in jobs:
