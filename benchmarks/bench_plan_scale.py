@@ -104,6 +104,16 @@ def plan_once(d: Path, n: int, target_sd: dict[str, Any], me: int) -> tuple[floa
         indexing += time.perf_counter() - t
         return ix
 
+    from dist_restore._gc import paused
+
+    with paused():  # as the coordinator plans: no cyclic GC over the plan's objects
+        return _plan(d, n, target_sd, me, index, lambda: indexing)
+
+
+def _plan(d: Path, n: int, target_sd: dict[str, Any], me: int, index: Any, indexing: Any) -> tuple[float, float]:
+    from dist_restore._planning.plan import plan_read
+    from dist_restore._planning.reshard import plan_shards, split_leaves
+
     t0 = time.perf_counter()
     home = index(0)
     plan = plan_read(target_sd, *home.walkable)
@@ -111,7 +121,7 @@ def plan_once(d: Path, n: int, target_sd: dict[str, Any], me: int) -> tuple[floa
     shards = plan_shards(reshard, home=0, home_index=home, own=me if me < n else None, nfiles=n,
                          open_index=index, spread=me)
     assert len(shards.jobs) == len(target_sd["model"])
-    return time.perf_counter() - t0, indexing
+    return time.perf_counter() - t0, indexing()
 
 
 def main() -> None:

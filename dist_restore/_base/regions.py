@@ -16,6 +16,7 @@ them into ``k``, and keeps piece ``i`` of every one (see ``_StridedShard._split_
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -126,12 +127,27 @@ def split_runs(runs: DimRuns, k: int, c: int, p: Shard) -> DimRuns:
 
 def shard_runs(global_shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[Placement],
                coordinate: Sequence[int]) -> ShardRuns:
-    """The runs of every tensor dimension held at ``coordinate`` of the mesh.
+    """The runs of every tensor dimension held at ``coordinate`` of the mesh (remembered for
+    the last few thousand layouts: a model's layers repeat a handful of shapes).
 
     Raises:
         LayoutError: a ``Partial`` placement, a shard dim out of range, or a coordinate
             or placement count that does not fit the mesh.
     """
+    try:
+        return _shard_runs_cached(tuple(global_shape), tuple(mesh_shape), tuple(placements), tuple(coordinate))
+    except TypeError:  # unhashable parts: compute (and raise) as they are
+        return _shard_runs(global_shape, mesh_shape, placements, coordinate)
+
+
+@functools.lru_cache(maxsize=8192)
+def _shard_runs_cached(global_shape: tuple[int, ...], mesh_shape: tuple[int, ...],
+                       placements: tuple[Placement, ...], coordinate: tuple[int, ...]) -> ShardRuns:
+    return _shard_runs(global_shape, mesh_shape, placements, coordinate)
+
+
+def _shard_runs(global_shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[Placement],
+                coordinate: Sequence[int]) -> ShardRuns:
     if len(placements) != len(mesh_shape) or len(coordinate) != len(mesh_shape):
         raise LayoutError(f"{len(placements)} placements and coordinate {tuple(coordinate)} "
                           f"for a mesh of shape {tuple(mesh_shape)}")
