@@ -50,10 +50,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from _common import drop_cache, print_table, reset_peak, status  # noqa: E402
 from tests_multiprocess import _workers_hf as w  # noqa: E402
 from tests_multiprocess.harness import run_ranks  # noqa: E402
 
@@ -97,53 +99,6 @@ def write_checkpoint(root: Path, cfg: dict[str, Any], shard_bytes: int = 250 * 1
     return d
 
 
-def _build(layout: str, world: int, cfg: dict[str, Any]) -> Any:
-    """The model on the meta device, sharded, then materialised (no init cost)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    with torch.device("meta"):
-        m = w.Llama.__new__(w.Llama)
-        torch.nn.Module.__init__(m)
-        m.model = w._Body(cfg)
-        m.lm_head = torch.nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
-        m.to(torch.bfloat16)
-    if layout == "fsdp":
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-        for layer in m.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(m, mesh=mesh)
-    elif layout == "tp":
-        w._tp(m, init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
-    else:
-        raise ValueError(layout)
-    m.to_empty(device="cpu")
-    return m
-
-
-def _drop_cache(d: Path) -> None:
-    for f in d.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
-
-
 def _local_slices(t: Any) -> tuple[Any, tuple[slice, ...]] | None:
     """``(local tensor, its global slices)`` (one run per dim in these layouts)."""
     from dist_restore._planning.reshard import target_region
@@ -173,7 +128,7 @@ def restore_worker(rank: int, world: int, d: str, layout: str, layers: int, repe
 
     path = Path(d)
     cfg = config(layers)
-    m = _build(layout, world, cfg)
+    m = w.build(layout, world, torch.bfloat16, config=cfg, meta=True)
     sd = m.state_dict()
     shard_bytes = sum((v.to_local() if hasattr(v, "to_local") else v).nbytes for v in sd.values())
     coord = RestoreCoordinator(timeout=1200)
@@ -256,9 +211,9 @@ def restore_worker(rank: int, world: int, d: str, layout: str, layers: int, repe
         with torch.no_grad():
             for v in sd.values():
                 (v.to_local() if hasattr(v, "to_local") else v).zero_()
-        base = _reset_peak()
+        base = reset_peak()
         fn()
-        out[f"{name}_peak"] = _status("VmHWM") - base
+        out[f"{name}_peak"] = status("VmHWM") - base
         if name not in NOT_RESTORES:
             for k in oracle_keys:
                 v = sd[k]
@@ -270,7 +225,7 @@ def restore_worker(rank: int, world: int, d: str, layout: str, layers: int, repe
         order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
         for name in order:
             if cold and rank == 0:
-                _drop_cache(path)
+                drop_cache(path.iterdir())
             dist.barrier()
             t0 = time.perf_counter()
             nbytes = runs[name]()
@@ -312,17 +267,7 @@ def main() -> None:
     head = ("scenario", "method", "wall s", "read/shard", "x dcp", "x floor", "peak RSS MiB")
     fmt = [lambda v: v, lambda v: v, lambda v: f"{v:.3f}", lambda v: "-" if v is None else f"{v:.2f}",
            lambda v: f"{v:.2f}", lambda v: f"{v:.2f}", lambda v: f"{v:.0f}"]
-    table = [[f(v) for f, v in zip(fmt, r)] for r in rows]
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in table:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(wd) for h, wd in zip(head, widths)))
-        for r in table:
-            print("  ".join(c.ljust(wd) for c, wd in zip(r, widths)))
+    print_table(head, [[f(v) for f, v in zip(fmt, r)] for r in rows], args.markdown)
     print(f"load avg after: {os.getloadavg()[0]:.2f}")
 
 

@@ -34,9 +34,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from _common import print_table  # noqa: E402
 
 ROWS, COLS = 2, 8  # each saving rank's local shard of every entry
 
@@ -91,8 +94,6 @@ def write(root: Path, n: int, target: int, me: int, entries: int, index_files: b
 def plan_once(d: Path, n: int, target_sd: dict[str, Any], me: int) -> tuple[float, float]:
     """``(plan seconds, of which indexing)`` of one rank's plan, as the coordinator runs it."""
     from dist_restore._format.index import read_index
-    from dist_restore._planning.plan import plan_read
-    from dist_restore._planning.reshard import plan_shards, split_leaves
 
     indexing = 0.0
 
@@ -160,16 +161,7 @@ def main() -> None:
         dist.destroy_process_group()
     head = ("saved ranks", "indexed from", "files indexed", "plan s", "us / entry", "indexing s")
     table = [(str(n), k, str(f), f"{s:.3f}", f"{u:.1f}", f"{i:.3f}") for n, k, f, s, u, i in rows]
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in table:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-        for r in table:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(head, table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from _common import print_table  # noqa: E402
 from tests_multiprocess.harness import run_ranks  # noqa: E402
 
 METHODS = ("dist_restore", "dist_restore verify=none", "dcp", "naive", "naive mmap", "floor: pread", "floor: pread+crc32")
@@ -326,17 +328,7 @@ def main() -> None:
     head = ("scenario", "method", "wall s", "read/shard", "x dcp", "x naive", "peak RSS MiB")
     fmt = [lambda v: v, lambda v: v, lambda v: f"{v:.3f}", lambda v: "-" if v is None else f"{v:.2f}",
            lambda v: f"{v:.2f}", lambda v: f"{v:.2f}", lambda v: f"{v:.0f}"]
-    table = [[f(v) for f, v in zip(fmt, r)] for r in rows]
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in table:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-        for r in table:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print_table(head, [[f(v) for f, v in zip(fmt, r)] for r in rows], args.markdown)
     print(f"load avg after: {os.getloadavg()[0]:.2f}")
 
 

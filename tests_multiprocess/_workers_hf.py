@@ -55,9 +55,10 @@ class Llama(nn.Module):
         self.model = _Body(c)
         self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
         self.to(dtype)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.fill_(-7.0)  # nothing like the saved values
+        if next(self.parameters()).device.type != "meta":
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.fill_(-7.0)  # nothing like the saved values
 
 
 def _tp(m: Llama, mesh: Any) -> None:
@@ -75,14 +76,20 @@ def _tp(m: Llama, mesh: Any) -> None:
     parallelize_module(m, mesh, plan)
 
 
-def build(layout: str, world: int, dtype: torch.dtype = torch.float32) -> Llama:
+def build(layout: str, world: int, dtype: torch.dtype = torch.float32, *, config: dict[str, Any] = CONFIG,
+          meta: bool = False) -> Llama:
     """``layout``: ``fsdp`` (FSDP2, 1-D), ``tp`` (tensor parallel only: embeddings and
     projections sharded, norms plain on every rank), ``fsdp_tp`` (2-D (dp, tp), tp=2),
-    ``hsdp`` (2-D (replicate, shard)), ``plain`` (every rank holds every tensor)."""
+    ``hsdp`` (2-D (replicate, shard)), ``plain`` (every rank holds every tensor). ``meta``:
+    built on the meta device, sharded, then given uninitialised memory (a large model)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    m = Llama(dtype=dtype)
+    if meta:
+        with torch.device("meta"):
+            m = Llama(config, dtype)
+    else:
+        m = Llama(config, dtype)
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
         for layer in m.model.layers:
@@ -101,6 +108,8 @@ def build(layout: str, world: int, dtype: torch.dtype = torch.float32) -> Llama:
         fully_shard(m, mesh=mesh)
     elif layout != "plain":
         raise ValueError(layout)
+    if meta:
+        m.to_empty(device="cpu")
     return m
 
 
