@@ -5,6 +5,7 @@ error naming the file (and key) before any target is touched; slice byte ranges 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -207,6 +208,8 @@ BAD = {
     "huge shape": (_raw({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, b"\0" * 8),
                    "bytes, data_offsets"),
     "bad metadata": (_raw({"__metadata__": {"a": 1}, "a": _F32}, b"\0" * 8), "__metadata__"),
+    "gap": (_raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8), "bytes unclaimed"),
+    "trailing bytes": (_raw({"a": _F32}, b"\0" * 12), "end at byte 8 of the 12-byte"),
 }
 
 
@@ -317,3 +320,71 @@ def test_box_runs_are_narrow(case) -> None:  # type: ignore[no-untyped-def]
         out[sl] = torch.frombuffer(bytearray(piece), dtype=dtype).reshape(p.size) if piece else out[sl]
     got = out.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     assert got == want_bytes
+
+
+# -- hostile files: mutations of a valid file, against safetensors' own reader ----------------
+
+def _valid_file() -> bytes:
+    import io
+
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(9)
+    return save({"a": torch.randn(3, 4, generator=g), "b": torch.arange(5, dtype=torch.int16),
+                 "c": torch.randn(2, generator=g).to(torch.bfloat16)}, metadata={"format": "pt"})
+
+
+_BASE = _valid_file()
+_HLEN = struct.unpack("<Q", _BASE[:8])[0]
+
+
+@st.composite
+def _mutant(draw):  # type: ignore[no-untyped-def]
+    data = bytearray(_BASE)
+    kind = draw(st.sampled_from(["flip", "truncate", "length", "json", "splice"]))
+    if kind == "flip":  # bytes of the length field and the header (the data are any bytes)
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, 8 + _HLEN - 1))
+            data[i] = draw(st.integers(0, 255))
+    elif kind == "truncate":
+        del data[draw(st.integers(0, len(data) - 1)):]
+    elif kind == "length":
+        data[:8] = struct.pack("<Q", draw(st.one_of(st.integers(0, 2 * len(data)), st.integers(0, 2**64 - 1))))
+    elif kind == "json":  # a header of other values, the data section as it is
+        names = st.sampled_from(["F32", "I16", "BF16", "F64", "U8", "BOOL", "F8_E4M3", "X", 3, None])
+        ints = st.one_of(st.integers(-2, 70), st.sampled_from([2**63, 2**64 + 1, 1.0, "4", True]))
+        entry = st.fixed_dictionaries({"dtype": names, "shape": st.lists(ints, max_size=3),
+                                       "data_offsets": st.lists(ints, min_size=0, max_size=3)})
+        doc = draw(st.dictionaries(st.sampled_from(["a", "b", "c", "__metadata__"]), entry, max_size=4))
+        raw = json.dumps(doc).encode()
+        body = _BASE[8 + _HLEN:]
+        data = bytearray(struct.pack("<Q", len(raw)) + raw + body)
+    else:  # a run of the file moved elsewhere in it
+        a = draw(st.integers(0, len(data) - 1))
+        n = draw(st.integers(1, 16))
+        b = draw(st.integers(0, len(data) - 1))
+        data[b:b + n] = data[a:a + n]
+    return bytes(data)
+
+
+@settings(max_examples=int(os.environ.get("DR_FUZZ_EXAMPLES", "400")), deadline=None)
+@given(_mutant())
+def test_mutated_files_read_as_safetensors_does_or_fail_naming_the_file(tmp_path_factory, raw: bytes) -> None:
+    """Any mutation: exactly what ``safetensors.torch.load_file`` returns, or our own
+    ``CorruptCheckpointError`` naming the file; when safetensors refuses the file, so do we."""
+    d = tmp_path_factory.mktemp("m")
+    f = d / "model.safetensors"
+    f.write_bytes(raw)
+    try:
+        want = load_file(f)
+    except Exception:  # noqa: BLE001 - safetensors refused it
+        want = None
+    try:
+        got, _missing = READER.read(f)
+    except CorruptCheckpointError as e:
+        assert str(f) in str(e)
+        return
+    assert want is not None, "safetensors refuses this file, dist_restore read it"
+    assert list(got) == list(want)
+    for k in want:
+        assert _same(got[k], want[k]), k

@@ -9,7 +9,8 @@ little-endian header length, a JSON header ``{key: {"dtype", "shape", "data_offs
 Everything a header says is checked before it is used, with Python integers (no wrap):
 the header's length against the file and safetensors' 100 MB cap, the JSON, each dtype,
 shape and offset pair, ``shape x dtype`` against the byte length, ranges inside the data
-section and not overlapping, and one key in one file. A failure raises
+section, not overlapping and filling it back to back (as ``safetensors`` requires), and one
+key in one file. A failure raises
 :class:`CorruptCheckpointError` naming the file (and the key). No tensor data is read here.
 """
 
@@ -142,6 +143,16 @@ def parse_header(file: Path, fd: int, size: int) -> tuple[dict[str, CatalogEntry
         if b1 < e0:
             raise CorruptCheckpointError(f"data of {k1!r} (from byte {b1}) overlaps {k0!r} (to byte {e0})",
                                          file=file, key=k1)
+    # as safetensors itself: the tensors' data lie back to back and fill the data section exactly
+    pos = 0
+    for b, e, k in spans:
+        if b != pos:
+            raise CorruptCheckpointError(f"data of {k!r} starts at byte {b} of the data section, where the "
+                                         f"previous tensor's ends at {pos}: bytes unclaimed", file=file, key=k)
+        pos = e
+    if pos != data_len:
+        raise CorruptCheckpointError(f"the tensors' data end at byte {pos} of the {data_len}-byte data section",
+                                     file=file)
     return entries, meta, data_start
 
 
