@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from _common import print_table  # noqa: E402
+from _common import drop_cache, print_table, reset_peak, status  # noqa: E402
 from tests_multiprocess.harness import run_ranks  # noqa: E402
 
 METHODS = ("dist_restore", "dist_restore verify=none", "dcp", "naive", "naive mmap", "floor: pread", "floor: pread+crc32")
@@ -125,33 +125,6 @@ def save_worker(rank: int, world: int, root: str, kind: str, layers: int, width:
         torch.save(full, Path(root) / "full.pt")
     dist.barrier()
     return {}
-
-
-def _drop_cache(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` size field, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> int:
-    """Reset the peak RSS (``VmHWM``) to the current RSS; return the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
 
 
 def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, width: int, repeats: int,
@@ -272,9 +245,9 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
             for _k, v in _leaves(sd):
                 if hasattr(v, "to_local"):
                     v.to_local().zero_()
-        base = _reset_peak()
+        base = reset_peak()
         fn()
-        out[f"{name}_peak"] = _status("VmHWM") - base
+        out[f"{name}_peak"] = status("VmHWM") - base
         for k, v in _leaves(sd):
             if name in NOT_RESTORES:
                 break
@@ -285,7 +258,7 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
         order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
         for name in order:
             if cold and rank == 0:
-                _drop_cache(Path(root))
+                drop_cache(p for p in Path(root).rglob("*") if p.is_file())
             dist.barrier()
             t0 = time.perf_counter()
             nbytes = runs[name]()
