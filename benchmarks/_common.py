@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -46,3 +46,23 @@ def reset_peak() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return status("VmRSS")
+
+
+def timed_rounds(runs: dict[str, Callable[[], int]], methods: Sequence[str], repeats: int, out: dict[str, list],
+                 before: Callable[[], None] | None = None) -> None:
+    """``repeats`` rounds of every method, in an order rotated each round; each run after
+    ``before()`` (e.g. dropping the page cache on one rank) and a barrier: ``out[name]`` gets
+    ``(seconds, what the run returned)``."""
+    import time
+
+    import torch.distributed as dist
+
+    for r in range(repeats):
+        order = list(methods[r % len(methods):]) + list(methods[:r % len(methods)])
+        for name in order:
+            if before is not None:
+                before()
+            dist.barrier()
+            t0 = time.perf_counter()
+            got = runs[name]()
+            out[name].append((time.perf_counter() - t0, got))

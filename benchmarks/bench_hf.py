@@ -44,7 +44,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from _common import drop_cache, print_table, reset_peak, status  # noqa: E402
+from _common import drop_cache, print_table, reset_peak, status, timed_rounds  # noqa: E402
 from tests_multiprocess import _workers_hf as w  # noqa: E402
 from tests_multiprocess.harness import run_ranks  # noqa: E402
 
@@ -221,15 +220,7 @@ def restore_worker(rank: int, world: int, d: str, layout: str, layers: int, repe
                 if not torch.equal(full, oracle[k]):
                     raise AssertionError(f"{name}: {k} differs from the file")
         out[name] = []
-    for r in range(repeats):
-        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
-        for name in order:
-            if cold and rank == 0:
-                drop_cache(path.iterdir())
-            dist.barrier()
-            t0 = time.perf_counter()
-            nbytes = runs[name]()
-            out[name].append((time.perf_counter() - t0, nbytes))
+    timed_rounds(runs, METHODS, repeats, out, before=(lambda: drop_cache(path.iterdir())) if cold and rank == 0 else None)
     return out
 
 

@@ -51,7 +51,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from _common import drop_cache, print_table, reset_peak, status  # noqa: E402
+from _common import drop_cache, print_table, reset_peak, status, timed_rounds  # noqa: E402
 from tests_multiprocess.harness import run_ranks  # noqa: E402
 
 METHODS = ("dist_restore", "dist_restore verify=none", "dcp", "naive", "naive mmap", "floor: pread", "floor: pread+crc32")
@@ -254,15 +253,7 @@ def restore_worker(rank: int, world: int, root: str, kind: str, layers: int, wid
             if hasattr(v, "full_tensor") and not torch.equal(v.full_tensor(), full[k]):
                 raise AssertionError(f"{name}: {k} differs from the values saved")
         out[name] = []
-    for r in range(repeats):
-        order = METHODS[r % len(METHODS):] + METHODS[:r % len(METHODS)]
-        for name in order:
-            if cold and rank == 0:
-                drop_cache(p for p in Path(root).rglob("*") if p.is_file())
-            dist.barrier()
-            t0 = time.perf_counter()
-            nbytes = runs[name]()
-            out[name].append((time.perf_counter() - t0, nbytes))
+    timed_rounds(runs, METHODS, repeats, out, before=(lambda: drop_cache(p for p in Path(root).rglob("*") if p.is_file())) if cold and rank == 0 else None)
     return out
 
 
