@@ -77,8 +77,9 @@ class RankPlan:
         """(read phase) Fill the targets this rank reads itself; ``{raw path: value}`` of what
         it allocated. ``received``: keys that arrive from another rank instead."""
         if self.catalog is not None:
-            nbytes, self.files_opened = read_source(self.catalog)
+            nbytes, self.files_opened, verified = read_source(self.catalog, verify=verify == "crc32")
             stats.bytes_read += nbytes
+            stats.bytes_verified += verified
             return {}
         if self.whole:
             self._whole_sd = read_all(self.index, map_location=map_location, verify=verify, stats=stats)

@@ -184,11 +184,11 @@ class CheckpointReader:
         if strict and (plan.missing or plan.unexpected):
             raise StateDictMismatchError(_strict_message(plan), file=path, rank=rank)  # type: ignore[arg-type]
         t1 = time.perf_counter()
-        nbytes, _files = read_source(plan)
+        nbytes, _files, verified = read_source(plan, verify=self._verify == "crc32")
         if plan.missing:
             logger.warning("rank %d: %d key(s) missing from %s: %s", rank, len(plan.missing), path,
                            _preview(plan.missing))
-        return ReadResult(plan.result(state_dict), list(plan.missing), list(plan.unexpected), nbytes, 0,
+        return ReadResult(plan.result(state_dict), list(plan.missing), list(plan.unexpected), nbytes, verified,
                           time.perf_counter() - t0, t1 - t0, 0)
 
     # -- the pieces, for the coordinator -------------------------------------------------

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dist_restore._base.crc import crc32_at, crc32_combine
+from dist_restore._base.regions import Box
 from dist_restore._bytes.read import _io_pool
 from dist_restore._format.catalog import Catalog, Chunk
 from dist_restore._planning.catalog import CatalogJob
-from dist_restore._base.regions import Box
 from dist_restore.errors import CorruptCheckpointError
 
 _PART = 8 << 20  # bytes of one part (a task of the I/O pool; the largest staging buffer)
@@ -115,12 +116,33 @@ def _holds_runs(d: torch.Tensor, k: int) -> bool:
     return True
 
 
+class _Whole:
+    """A chunk read whole whose CRC32 the format records: its parts' CRCs, combined in file order
+    once every part has landed (parts run on several threads)."""
+
+    __slots__ = ("chunk", "key", "parts")
+
+    def __init__(self, chunk: Chunk, key: str) -> None:
+        self.chunk, self.key = chunk, key
+        self.parts: list[tuple[int, int, int]] = []  # (file offset, bytes, crc32)
+
+    def check(self, path: object) -> None:
+        crc = 0
+        for _off, n, c in sorted(self.parts):
+            crc = crc32_combine(crc, c, n)
+        if crc != self.chunk.crc32:
+            raise CorruptCheckpointError(f"CRC32 mismatch in the record at byte {self.chunk.offset}: the bytes read "
+                                         f"hash to {crc:#010x}, the file records {self.chunk.crc32:#010x} "
+                                         "(corrupted on disk or in transit?)", file=path, key=self.key)
+
+
 @dataclass(slots=True)
 class _Part:
     job: CatalogJob
     chunk: Chunk
     box: Box
     nbytes: int
+    whole: _Whole | None = None
 
 
 def _read_into(fd: int, addr: int, n: int, off: int, path: object, key: str) -> None:
@@ -139,29 +161,58 @@ def _read_into(fd: int, addr: int, n: int, off: int, path: object, key: str) -> 
 
 
 def _do_part(p: _Part, fd: int, path: object) -> None:
-    """(I/O thread) One part: its runs straight into the target, or through staging."""
+    """(I/O thread) One part: its runs straight into the target, or through staging; with
+    ``p.whole``, the CRC32 of its bytes recorded."""
     job, isz = p.job, p.job.dtype.itemsize
-    offs, run, k = box_runs(p.chunk, p.box, isz)
     d = job.target[_slices(p.box.dst_start, p.box.size)]
+    if p.chunk.strides is not None:
+        _do_strided(p, d, fd, path)
+        return
+    offs, run, k = box_runs(p.chunk, p.box, isz)
     direct = (d.device.type == "cpu" and d.dtype == job.dtype and not d.is_conj() and not d.is_neg()
               and _holds_runs(d, k))
     if direct:
         base = d.data_ptr()
         if k == 0:
             _read_into(fd, base, run, int(offs[0]), path, job.key)
+            if p.whole is not None:
+                p.whole.parts.append((int(offs[0]), run, crc32_at(base, run)))
             return
         dst = _grid(d.shape[:k]) @ (np.asarray(d.stride()[:k], dtype=np.int64) * isz) + base
         pread = _pread
         for a, o in zip(dst.tolist(), offs.tolist()):  # rows of a column slice: one pread each
             if pread(fd, a, run, o) != run:
                 _read_into(fd, a, run, o, path, job.key)  # short, interrupted or failed: retried, or named
+        if p.whole is not None:  # a whole chunk's runs follow each other in the file
+            crc = 0
+            for a in dst.tolist():
+                crc = crc32_at(a, run, crc)
+            p.whole.parts.append((int(offs[0]), run * len(dst), crc))
         return
     stage = torch.empty(p.box.size, dtype=job.dtype)
     addr = stage.data_ptr()
     for i, o in enumerate(offs.tolist()):
         _read_into(fd, addr + i * run, run, o, path, job.key)
+    if p.whole is not None:
+        p.whole.parts.append((int(offs[0]), run * len(offs), crc32_at(addr, run * len(offs))))
     with torch.no_grad():
         d.copy_(stage)
+
+
+def _do_strided(p: _Part, d: torch.Tensor, fd: int, path: object) -> None:
+    """A box of a chunk stored with other strides: its element span read into staging, viewed
+    with the file's strides, copied."""
+    job, chunk, box, isz = p.job, p.chunk, p.box, p.job.dtype.itemsize
+    strides = chunk.strides or ()
+    lo = sum(a * st for a, st in zip(box.src_start, strides))
+    span = 1 + sum((n - 1) * st for n, st in zip(box.size, strides)) if box.numel else 0
+    stage = torch.empty(span, dtype=job.dtype)
+    if span:
+        _read_into(fd, stage.data_ptr(), span * isz, chunk.offset + lo * isz, path, job.key)
+    if p.whole is not None:
+        p.whole.parts.append((chunk.offset, span * isz, crc32_at(stage.data_ptr(), span * isz)))
+    with torch.no_grad():
+        d.copy_(torch.as_strided(stage, box.size, strides, 0))
 
 
 def _batches(parts: list[_Part]) -> Iterator[list[_Part]]:
@@ -177,23 +228,38 @@ def _batches(parts: list[_Part]) -> Iterator[list[_Part]]:
         yield batch
 
 
-def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: int | None = None) -> tuple[int, int]:
-    """Fill every job's target from its chunks; returns ``(bytes read, files opened)``.
+def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: int | None = None,
+                      verify: bool = True) -> tuple[int, int, int]:
+    """Fill every job's target from its chunks; returns ``(bytes read, files opened, bytes
+    whose CRC32 was checked)``.
+
+    With ``verify``, a chunk read whole whose CRC32 the format records (DCP's items) is checked
+    against it.
 
     Raises:
         CorruptCheckpointError: a file whose size changed since it was planned, or that ended
-            early, naming the file and the key.
+            early, or a CRC32 mismatch, naming the file and the key.
         OSError: an I/O error, naming the file and the key.
     """
     by_file: dict[str, list[_Part]] = {}
+    wholes: list[tuple[_Whole, str]] = []
     for job in jobs:
         isz = job.dtype.itemsize
         for chunk, boxes in job.pieces:
+            whole = None
+            if verify and chunk.crc32 is not None and len(boxes) == 1 and boxes[0].size == chunk.size:
+                whole = _Whole(chunk, job.key)
+                wholes.append((whole, chunk.file))
+            parts = by_file.setdefault(chunk.file, [])
             for box in boxes:
+                if chunk.strides is not None:  # read as one span (see _do_strided)
+                    span = 1 + sum((n - 1) * st for n, st in zip(box.size, chunk.strides)) if box.numel else 0
+                    parts.append(_Part(job, chunk, box, span * isz, whole))
+                    continue
                 for b in split_box(box, isz):
-                    by_file.setdefault(chunk.file, []).append(_Part(job, chunk, b, b.numel * isz))
+                    parts.append(_Part(job, chunk, b, b.numel * isz, whole))
     if not by_file:
-        return 0, 0
+        return 0, 0, 0
     threads = io_threads() if threads is None else threads
     fds: dict[str, int] = {}
     total = 0
@@ -225,7 +291,9 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
     finally:
         for fd in fds.values():
             os.close(fd)
-    return total, len(fds)
+    for whole, f in wholes:
+        whole.check(catalog.path(f))
+    return total, len(fds), sum(n for whole, _f in wholes for _o, n, _c in whole.parts)
 
 
 def _run_batches(work: list[tuple[list[_Part], int, object]]) -> None:

@@ -136,17 +136,15 @@ def _central_directory(buf: memoryview | bytes, file: str) -> tuple[bytes, int, 
     if pos < 0:
         raise corrupt("end-of-central-directory record not found")
     eocd_pos = tail_start + pos
-    _, _disk, _cd_disk, _n_disk, n_entries, cd_size, cd_offset, _clen = _EOCD.unpack_from(
-        buf, eocd_pos
-    )
+    _, _disk, _cd_disk, _n_disk, n_entries, cd_size, cd_offset, _clen = _EOCD.unpack_from(tail, pos)
     if n_entries == 0xFFFF or cd_size == _U32 or cd_offset == _U32:
         loc = eocd_pos - _EOCD64_LOC.size
         if loc < 0 or bytes(buf[loc : loc + 4]) != _EOCD64_LOC_SIG:
             raise corrupt("zip64 locator missing")
-        _, _, eocd64_pos, _ = _EOCD64_LOC.unpack_from(buf, loc)
+        _, _, eocd64_pos, _ = _EOCD64_LOC.unpack(bytes(buf[loc : loc + _EOCD64_LOC.size]))
         if eocd64_pos + _EOCD64.size > size or bytes(buf[eocd64_pos : eocd64_pos + 4]) != _EOCD64_SIG:
             raise corrupt("zip64 end-of-central-directory record missing")
-        fields = _EOCD64.unpack_from(buf, eocd64_pos)
+        fields = _EOCD64.unpack(bytes(buf[eocd64_pos : eocd64_pos + _EOCD64.size]))
         n_entries, cd_size, cd_offset = fields[7], fields[8], fields[9]
     if cd_offset + cd_size > size:
         raise corrupt("central directory lies beyond the end of the file")
@@ -272,7 +270,10 @@ def prefetch_headers(fd: int, header_offsets: Iterable[int]) -> None:
 def data_offset(buf: memoryview | bytes, rec: ZipRecord, file: str) -> int:
     """Byte offset of a record's data: after its local header (read on demand)."""
     size = len(buf)
-    lsig, _v, _f, _m, _lt, _ld, _lc, _lcs, _lus, lnlen, lelen = _LOCAL.unpack_from(buf, rec.header_offset)
+    head = bytes(buf[rec.header_offset : rec.header_offset + _LOCAL.size])
+    if len(head) < _LOCAL.size:
+        raise CorruptCheckpointError(f"record {rec.name!r} has its local header past the end of the file", file=file)
+    lsig, _v, _f, _m, _lt, _ld, _lc, _lcs, _lus, lnlen, lelen = _LOCAL.unpack(head)
     if lsig != _LOCAL_SIG:
         raise CorruptCheckpointError(f"record {rec.name!r} has a bad local header", file=file)
     off = rec.header_offset + _LOCAL.size + lnlen + lelen

@@ -9,14 +9,14 @@ that the byte mover (:mod:`dist_restore._bytes.ranges`) turns into byte ranges o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk
 from dist_restore._base.regions import Box, ShardRuns, full_runs, overlap
+from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk, flatten
 from dist_restore._planning.reshard import is_dtensor, target_region
 
 KeyMap = Mapping[str, "str | None"] | Callable[[str], "str | None"] | None
@@ -46,6 +46,23 @@ class CatalogJob:
         return sum(b.numel for _c, boxes in self.pieces for b in boxes) * self.dtype.itemsize
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ObjectJob:
+    """One non-tensor value to load (a DCP ``BytesStorageMetadata`` entry).
+
+    Attributes:
+        key: The target's key.
+        file_key: The key in the checkpoint.
+        parent: The container it goes into (``None``: no target, a new value).
+        slot: Its key (or index) in ``parent``.
+    """
+
+    key: str
+    file_key: str
+    parent: Any
+    slot: Any
+
+
 @dataclass
 class CatalogPlan:
     """What one rank reads from a catalogue, and what its target lacks.
@@ -58,7 +75,10 @@ class CatalogPlan:
         mismatched: ``(key, why)`` for targets whose dtype or shape differs.
         values: ``{target key: tensor}`` of the result (targets, and allocated tensors).
         tied: Target keys not in the files whose tensor is another target's (tied weights).
-        assign: ``(dict, key, tensor)`` of allocated ``None`` targets, put in place by :meth:`result`.
+        assign: ``(dict, key, value)`` of allocated ``None`` targets and loaded values, put in
+            place by :meth:`result`.
+        objects: Non-tensor values to load.
+        object_bytes: Bytes read to load them.
     """
 
     catalog: Catalog
@@ -68,13 +88,15 @@ class CatalogPlan:
     mismatched: list[tuple[str, str]] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
     tied: list[str] = field(default_factory=list)
-    assign: list[tuple[Any, Any, torch.Tensor]] = field(default_factory=list)
+    assign: list[tuple[Any, Any, Any]] = field(default_factory=list)
+    objects: list[ObjectJob] = field(default_factory=list)
+    object_bytes: int = 0
 
     def result(self, state_dict: Mapping[str, Any] | None) -> dict[str, Any]:
         """The restored state dict: the target, its ``None`` values replaced by the tensors
         allocated for them (call after the read); a new flat dict for ``None``."""
         if state_dict is None:
-            return self.values
+            return self.catalog.source.nest(self.values)
         for parent, k, t in self.assign:
             parent[k] = t
         return state_dict  # type: ignore[return-value]
@@ -83,16 +105,6 @@ class CatalogPlan:
     def files(self) -> set[str]:
         """The files this rank reads bytes from."""
         return {c.file for job in self.jobs for c, boxes in job.pieces if any(b.numel for b in boxes)}
-
-
-def flatten(state_dict: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any], str, Any]]:
-    """``(dotted key, parent dict, its key, value)`` of every leaf of nested dicts."""
-    for k, v in state_dict.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            yield from flatten(v, key + ".")
-        else:
-            yield key, state_dict, k, v
 
 
 def map_key(key_map: KeyMap, key: str) -> str | None:
@@ -135,22 +147,35 @@ def plan_catalog(catalog: Catalog, all_keys: tuple[str, ...], state_dict: Mappin
     plan = CatalogPlan(catalog)
     device = device or torch.device("cpu")
     entries = catalog.entries
+    objects = catalog.objects
     if state_dict is None:
         for key in all_keys:
-            e = entries[key]
+            e = entries.get(key)
+            if e is None:
+                if key in objects:
+                    plan.objects.append(ObjectJob(key, key, None, None))
+                continue
             t = torch.empty(e.shape, dtype=e.dtype, device=device)
             plan.values[key] = t
             _add(plan, key, key, e, t, full_runs(e.shape))
-        return plan
+        return _located(plan)
     claimed: set[str] = set()
     found_ids: dict[tuple[Any, ...], str] = {}
     lost: list[tuple[str, Any]] = []
-    for key, parent, k, value in flatten(state_dict):
+    for key, parent, k, value in catalog.source.flatten(state_dict):
         fkey = map_key(key_map, key)
         if fkey is None:
             continue
         e = entries.get(fkey)
         if e is None:
+            if fkey in objects:
+                claimed.add(fkey)
+                if isinstance(value, torch.Tensor):
+                    named = f" as {fkey!r}" if fkey != key else ""
+                    plan.mismatched.append((key, f"target is a tensor, the checkpoint holds a non-tensor value{named}"))
+                else:
+                    plan.objects.append(ObjectJob(key, fkey, parent, k))
+                continue
             lost.append((key, value))
             continue
         claimed.add(fkey)
@@ -183,6 +208,24 @@ def plan_catalog(catalog: Catalog, all_keys: tuple[str, ...], state_dict: Mappin
         else:
             plan.missing.append(key)
     plan.unexpected = [k for k in all_keys if k not in claimed]
+    return _located(plan)
+
+
+def _located(plan: CatalogPlan) -> CatalogPlan:
+    """The plan with each chunk it reads resolved by the format (exact offsets, strides, CRC32:
+    DCP reads its items' framing here, in the plan phase, so a malformed item fails before any
+    target is touched)."""
+    needed = {}
+    entries = plan.catalog.entries
+    for job in plan.jobs:
+        for chunk, _boxes in job.pieces:
+            needed.setdefault(chunk, (entries[job.file_key], chunk))
+    if not needed:
+        return plan
+    where = plan.catalog.source.locate(plan.catalog, list(needed.values()))
+    if all(where[c] is c for c in needed):
+        return plan
+    plan.jobs = [replace(job, pieces=tuple((where[c], boxes) for c, boxes in job.pieces)) for job in plan.jobs]
     return plan
 
 
@@ -206,4 +249,4 @@ def _add(plan: CatalogPlan, key: str, fkey: str, e: CatalogEntry, target: torch.
     plan.jobs.append(CatalogJob(key, fkey, target, e.dtype, tuple(pieces)))
 
 
-__all__ = ["CatalogJob", "CatalogPlan", "KeyMap", "flatten", "map_key", "plan_catalog"]
+__all__ = ["CatalogJob", "CatalogPlan", "KeyMap", "ObjectJob", "flatten", "map_key", "plan_catalog"]
