@@ -135,8 +135,8 @@ def _rank_arg(text: str) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     directory: Path = args.dir
-    if source_format(directory) == "safetensors":
-        return _inspect_safetensors(args)
+    if source_format(directory) is not None:
+        return _inspect_catalog(args, source_format(directory))
     files, _temps = _scan(directory)
     if not files:
         return _fail(f"no rank files (checkpoint_<rank>.pt) in {str(directory)!r}")
@@ -181,40 +181,62 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
-def _inspect_safetensors(args: argparse.Namespace) -> int:
-    """``inspect`` of a Hugging Face safetensors file or directory: every key with its dtype,
-    shape, file and bytes; each file's size and ``__metadata__``."""
+def _inspect_catalog(args: argparse.Namespace, fmt: str | None) -> int:
+    """``inspect`` of a Hugging Face safetensors file or directory, or of a DCP directory: every
+    key with its dtype, shape, bytes and file(s) (DCP: its chunks; its non-tensor values too);
+    each file's size (safetensors: and ``__metadata__``). Reads headers and metadata only."""
     if args.rank is not None:
-        return _fail("--rank applies to rank files; a safetensors checkpoint has none")
+        return _fail(f"--rank applies to rank files; a {fmt} checkpoint has none")
     try:
         cat = read_catalog(args.dir)
     except Exception as e:  # noqa: BLE001 - one line, exit 1
         return _fail(_msg(e))
     select: Callable[[str], bool] = make_selector(args.keys) if args.keys else (lambda k: True)
     entries = [e for e in cat.entries.values() if select(e.key)]
-    doc = {
+    counts: dict[str, int] = {}
+    for e in cat.entries.values():
+        for c in e.chunks:
+            counts[c.file] = counts.get(c.file, 0) + 1
+    doc: dict[str, Any] = {
         "path": str(args.dir),
-        "format": "safetensors",
+        "format": fmt,
         "files": [{"file": f, "file_size": n, "metadata": dict(cat.metadata.get(f, {})),
-                   "num_tensors": sum(1 for e in cat.entries.values() if e.chunks[0].file == f)}
+                   "num_tensors" if fmt == "safetensors" else "num_chunks": counts.get(f, 0)}
                   for f, n in cat.file_sizes.items()],
         "entries": [{"key": e.key, "dtype": _dtype(e.dtype), "shape": list(e.shape), "nbytes": e.nbytes,
-                     "file": e.chunks[0].file, "offset": e.chunks[0].offset} for e in entries],
+                     "file": e.chunks[0].file if e.chunks else None,
+                     **({"offset": e.chunks[0].offset} if fmt == "safetensors" else
+                        {"chunks": [{"file": c.file, "offsets": list(c.start), "sizes": list(c.size)}
+                                    for c in e.chunks]})} for e in entries],
         "tensor_nbytes": sum(e.nbytes for e in entries),
     }
+    if fmt == "dcp":
+        doc["values"] = [{"key": k, "file": it.file, "nbytes": it.length} for k, it in cat.objects.items()
+                         if select(k)]
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    print(f"safetensors checkpoint {doc['path']}: {len(doc['files'])} file(s), {len(cat.entries)} tensors")
+    what = "tensors" if fmt == "safetensors" else f"tensors, {len(cat.objects)} values"
+    print(f"{fmt} checkpoint {doc['path']}: {len(doc['files'])} file(s), {len(cat.entries)} {what}")
     for f in doc["files"]:
         meta = f" metadata {json.dumps(f['metadata'])}" if f["metadata"] else ""
-        print(f"  {f['file']} ({_human(f['file_size'])}, {f['num_tensors']} tensors){meta}")
+        n = f.get("num_tensors", f.get("num_chunks"))
+        print(f"  {f['file']} ({_human(f['file_size'])}, {n} {'tensors' if fmt == 'safetensors' else 'chunks'})"
+              f"{meta}")
     print()
-    rows = [(d["key"], d["dtype"], _shape(d["shape"]), str(d["nbytes"]), d["file"]) for d in doc["entries"]]
+    if fmt == "safetensors":
+        rows = [(d["key"], d["dtype"], _shape(d["shape"]), str(d["nbytes"]), d["file"]) for d in doc["entries"]]
+        header = ("key", "dtype", "shape", "bytes", "file")
+    else:
+        rows = [(d["key"], d["dtype"], _shape(d["shape"]), str(d["nbytes"]), str(len(d["chunks"])))
+                for d in doc["entries"]]
+        rows += [(v["key"], "value", "-", str(v["nbytes"]), "1") for v in doc["values"]]
+        header = ("key", "dtype", "shape", "bytes", "chunks")
     if rows:
-        _table([("key", "dtype", "shape", "bytes", "file")] + rows, indent=2, right={3})
+        _table([header] + rows, indent=2, right={3})
     n = doc["tensor_nbytes"]
-    print(f"  total: {len(rows)} tensor{'s' * (len(rows) != 1)}, {n} bytes ({_human(n)})")
+    ntensors = len(doc["entries"])
+    print(f"  total: {ntensors} tensor{'s' * (ntensors != 1)}, {n} bytes ({_human(n)})")
     return 0
 
 

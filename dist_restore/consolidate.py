@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dist_restore._bytes.consolidate_io import ConsolidateProgress, open_index, stream
+from dist_restore._consolidate_catalog import consolidate_catalog
 from dist_restore._planning.consolidate_plan import plan_safetensors, plan_torch
 from dist_restore._gc import paused
 from dist_restore._format.index import CheckpointIndex
@@ -45,6 +46,7 @@ from dist_restore._bytes.read import ReadStats
 from dist_restore._format.safetensors import SafetensorsWriter
 from dist_restore._planning.shared import SharedSpec, make_selector
 from dist_restore._format.torchzip import TorchZipWriter
+from dist_restore._sources import source_format
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,16 @@ def consolidate(
         _check_out(d, dst, force)
     else:
         _check_out_dir(d, dst, force)
+    if source_format(d) is not None:  # a DCP (or safetensors) directory: its catalogue, tensor by tensor
+        select = make_selector(keys) if keys is not None else (lambda k: True)
+        with paused():
+            got = consolidate_catalog(
+                d, dst, fmt=format, select=select, verify=verify, progress=progress, write_one=_write_file,
+                write_shards=None if shard_limit is None else (
+                    lambda out, units, write: _write_shards(out, units, shard_limit, write)),
+                strip=(lambda units: _strip(units, strip_prefix, d)) if strip_prefix else None)
+        got["seconds"] = time.perf_counter() - t0
+        return ConsolidateResult(dst, format, **got)
     with paused():
         check_checkpoint(d, world_size=None)
         nfiles = rank_file_count(d)
@@ -321,7 +333,8 @@ def _check_out(d: Path, dst: Path, force: bool) -> None:
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {str(dst.parent)!r}")
     if d.is_dir() and dst.parent.resolve() == d.resolve() and (
-            dst.name == MANIFEST_NAME or (dst.name.startswith("checkpoint_") and dst.name.endswith(".pt"))):
+            dst.name in (MANIFEST_NAME, ".metadata") or dst.name.endswith(".distcp")
+            or (dst.name.startswith("checkpoint_") and dst.name.endswith(".pt"))):
         raise ValueError(f"output {str(dst)!r} would replace a file of the checkpoint itself")
 
 

@@ -5,6 +5,9 @@ refused with an error naming the file and key before any target is touched."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import pickle
 import random
@@ -355,3 +358,48 @@ def test_mutated_items_give_the_saved_values_or_our_error(ckpt: Path, tmp_path: 
             assert src.name in str(e) and e.key, e
             continue
         assert_same(tgt, want)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from dist_restore.cli import main
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(args))
+    return rc, buf.getvalue()
+
+
+def test_cli_inspect_verify_consolidate(ckpt: Path, tmp_path: Path) -> None:
+    rc, out = _cli("inspect", str(ckpt))
+    assert rc == 0 and "dcp checkpoint" in out and "model.w" in out and "train.step" in out
+    rc, out = _cli("inspect", str(ckpt), "--json")
+    doc = json.loads(out)
+    assert {e["key"] for e in doc["entries"]} == {k for k, v in _flat(_state()).items() if isinstance(v, torch.Tensor)}
+    rc, out = _cli("verify", str(ckpt))
+    assert rc == 0 and "verify: OK" in out
+    # consolidate: what dcp_to_torch_save writes, loadable with weights_only=True
+    dcp_to_torch_save(str(ckpt), str(tmp_path / "ref.pt"))
+    rc, _out = _cli("consolidate", str(ckpt), str(tmp_path / "all.pt"), "--quiet")
+    assert rc == 0
+    assert_same(torch.load(tmp_path / "all.pt", weights_only=True), torch.load(tmp_path / "ref.pt", weights_only=False))
+    rc, _out = _cli("consolidate", str(ckpt), str(tmp_path / "hf"), "--max-shard-size", "2KB", "--quiet")
+    from safetensors.torch import load_file
+    got = {}
+    for f in sorted((tmp_path / "hf").glob("*.safetensors")):
+        got.update(load_file(f))
+    want = {k: v for k, v in _flat(_dcp_load(ckpt, _target(_state()))).items() if isinstance(v, torch.Tensor)}
+    assert rc == 0 and len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    assert_same(got, want)
+    # a flipped byte: verify names the file and the key
+    bad = _copy(ckpt, tmp_path / "bad")
+    info = _items(bad)["model.i"]
+    f = bad / info.relative_path
+    raw = bytearray(f.read_bytes())
+    raw[info.offset + info.length - 900] ^= 1  # inside the int32 record (240 bytes) or its framing
+    f.write_bytes(bytes(raw))
+    rc, out = _cli("verify", str(bad))
+    assert rc == 1 and "model.i" in out and info.relative_path in out
+
+
+def _flat(sd: dict[str, Any]) -> dict[str, Any]:
+    from dist_restore._format.dcp import dcp_flatten
+    return {k: v for k, _p, _k, v in dcp_flatten(sd)}

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dist_restore._base.crc import crc32_buf
 from dist_restore._format.catalog import Catalog, CatalogEntry, CatalogSource, Chunk
 from dist_restore._format.dcp_meta import (
     MAX_METADATA,
@@ -222,6 +223,41 @@ def load_object(fd: int, path: Path, item: ItemInfo, key: str) -> Any:
     return map_leaves(tree, leaf)
 
 
+_BLOCK = 8 << 20
+
+
+def check_item(fd: int, path: Path, item: ItemInfo, key: str, *, checksum: bool = True) -> int:
+    """(``verify``) Parse an item's framing and, with ``checksum``, stream every record of it
+    through CRC32; returns the bytes checked.
+
+    Raises:
+        CorruptCheckpointError: a malformed item or a CRC32 mismatch, naming the file and key.
+    """
+    buf = _Window(fd, item.offset, item.length, path, key)
+    _tree, records, _prefix = _archive(buf, path, key, item.offset)
+    if not checksum:
+        return 0
+    done = 0
+    for rec in records.values():
+        try:
+            off = item.offset + data_offset(buf, rec, str(path))
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{e.reason} [the item at byte {item.offset}]", file=path, key=key) from None
+        crc, pos, end = 0, off, off + rec.size
+        while pos < end:
+            block = os.pread(fd, min(_BLOCK, end - pos), pos)
+            if not block:
+                raise CorruptCheckpointError(f"file ended at byte {pos}, inside record {rec.name!r}", file=path,
+                                             key=key)
+            crc = crc32_buf(block, crc)
+            pos += len(block)
+        if crc != rec.crc32:
+            raise CorruptCheckpointError(f"CRC32 mismatch in record {rec.name!r} of the item at byte {item.offset}",
+                                         file=path, key=key)
+        done += rec.size
+    return done
+
+
 def _terminal(value: Any) -> bool:
     """DCP's ``_is_terminal``: a list is a leaf unless it holds tensors, dicts or such lists."""
     if isinstance(value, Mapping):
@@ -373,4 +409,4 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
     return cat, meta.order
 
 
-__all__ = ["DcpSource", "dcp_flatten", "is_dcp", "load_object", "locate_chunk", "open_catalog", "read_metadata"]
+__all__ = ["DcpSource", "check_item", "dcp_flatten", "is_dcp", "load_object", "locate_chunk", "open_catalog", "read_metadata"]
