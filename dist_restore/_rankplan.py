@@ -77,7 +77,7 @@ class RankPlan:
         """(read phase) Fill the targets this rank reads itself; ``{raw path: value}`` of what
         it allocated. ``received``: keys that arrive from another rank instead."""
         if self.catalog is not None:
-            nbytes, self.files_opened, verified = read_source(self.catalog, verify=verify == "crc32")
+            nbytes, self.files_opened, verified = read_source(self.catalog, verify=verify == "crc32", pieces=stats.pieces)
             stats.bytes_read += nbytes
             stats.bytes_verified += verified
             return {}

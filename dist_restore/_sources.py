@@ -94,7 +94,7 @@ def plan_source(path: str | os.PathLike[str], state_dict: Mapping[str, Any] | No
     return plan
 
 
-def read_source(plan: CatalogPlan, *, verify: bool = True) -> tuple[int, int, int]:
+def read_source(plan: CatalogPlan, *, verify: bool = True, pieces: dict[Any, Any] | None = None) -> tuple[int, int, int]:
     """Fill the plan's targets and load its non-tensor values; ``(bytes read, files opened,
     bytes verified)``. ``verify``: check the CRC32 of each chunk read whole, where the format
     records one (a non-tensor value's records are always checked)."""

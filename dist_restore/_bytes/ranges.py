@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dist_restore._base.crc import crc32_at, crc32_combine
+from dist_restore._base.crc import crc32_at, crc32_combine, fold_fragments
 from dist_restore._base.regions import Box
 from dist_restore._bytes.read import _io_pool
+from dist_restore._bytes.shares import RecordPieces, grid_of, share_at
 from dist_restore._format.catalog import Catalog, Chunk
 from dist_restore._planning.catalog import CatalogJob
 from dist_restore.errors import CorruptCheckpointError
@@ -143,6 +144,26 @@ class _Part:
     box: Box
     nbytes: int
     whole: _Whole | None = None
+    record: RecordPieces | None = None  # a record read in part: this part's CRC32 share goes here
+
+
+def _row_major(size: Sequence[int]) -> list[int]:
+    st = [1] * len(size)
+    for i in range(len(size) - 2, -1, -1):
+        st[i] = st[i + 1] * size[i + 1]
+    return st
+
+
+def _share(p: _Part, offs: np.ndarray, run: int, k: int, crcs: list[int]) -> None:
+    """Record the CRC32 share of a part of a record read in part: its runs (file offsets ``offs``,
+    ``run`` bytes each, enumerated over the box's dims ``[0, k)``) as a grid of the record."""
+    rec, chunk, box, isz = p.record, p.chunk, p.box, p.job.dtype.itemsize
+    assert rec is not None
+    st = _row_major(chunk.size)
+    lead = [j for j in range(k) if box.size[j] > 1]
+    grid = (int(offs[0]) - chunk.offset, run, tuple(box.size[j] for j in lead), tuple(st[j] * isz for j in lead))
+    rel = [o - chunk.offset for o in offs.tolist()]
+    rec.groups.append((grid, fold_fragments(rel, crcs, run, rec.total)))
 
 
 def _read_into(fd: int, addr: int, n: int, off: int, path: object, key: str) -> None:
@@ -177,6 +198,8 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
             _read_into(fd, base, run, int(offs[0]), path, job.key)
             if p.whole is not None:
                 p.whole.parts.append((int(offs[0]), run, crc32_at(base, run)))
+            elif p.record is not None:
+                _share(p, offs, run, 0, [crc32_at(base, run)])
             return
         dst = _grid(d.shape[:k]) @ (np.asarray(d.stride()[:k], dtype=np.int64) * isz) + base
         pread = _pread
@@ -188,6 +211,8 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
             for a in dst.tolist():
                 crc = crc32_at(a, run, crc)
             p.whole.parts.append((int(offs[0]), run * len(dst), crc))
+        elif p.record is not None:
+            _share(p, offs, run, k, [crc32_at(a, run) for a in dst.tolist()])
         return
     stage = torch.empty(p.box.size, dtype=job.dtype)
     addr = stage.data_ptr()
@@ -195,6 +220,8 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
         _read_into(fd, addr + i * run, run, o, path, job.key)
     if p.whole is not None:
         p.whole.parts.append((int(offs[0]), run * len(offs), crc32_at(addr, run * len(offs))))
+    elif p.record is not None:
+        _share(p, offs, run, k, [crc32_at(addr + i * run, run) for i in range(len(offs))])
     with torch.no_grad():
         d.copy_(stage)
 
@@ -211,8 +238,15 @@ def _do_strided(p: _Part, d: torch.Tensor, fd: int, path: object) -> None:
         _read_into(fd, stage.data_ptr(), span * isz, chunk.offset + lo * isz, path, job.key)
     if p.whole is not None:
         p.whole.parts.append((chunk.offset, span * isz, crc32_at(stage.data_ptr(), span * isz)))
+    elif p.record is not None and span:  # the bytes of the box, where the span holds them
+        g = grid_of(0, strides, box, isz)
+        if g is None:
+            p.record.groups.append(((-1, 0, (), ()), 0))  # never tiles: the record stays unchecked
+        else:
+            p.record.groups.append((g, share_at(stage.data_ptr() - lo * isz, g, p.record.total)))
     with torch.no_grad():
         d.copy_(torch.as_strided(stage, box.size, strides, 0))
+
 
 
 def _batches(parts: list[_Part]) -> Iterator[list[_Part]]:
@@ -229,12 +263,15 @@ def _batches(parts: list[_Part]) -> Iterator[list[_Part]]:
 
 
 def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: int | None = None,
-                      verify: bool = True) -> tuple[int, int, int]:
+                      verify: bool = True, pieces: dict[tuple[str, str], RecordPieces] | None = None,
+                      ) -> tuple[int, int, int]:
     """Fill every job's target from its chunks; returns ``(bytes read, files opened, bytes
     whose CRC32 was checked)``.
 
     With ``verify``, a chunk read whole whose CRC32 the format records (DCP's items) is checked
-    against it.
+    against it; of one read in part, with ``pieces`` given, the CRC32 shares of the bytes read
+    are put there (``{(file, record): RecordPieces}``, as the rank-file reader does) to be
+    combined with the other ranks' (:func:`dist_restore._bytes.shares.check_records`).
 
     Raises:
         CorruptCheckpointError: a file whose size changed since it was planned, or that ended
@@ -246,18 +283,24 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
     for job in jobs:
         isz = job.dtype.itemsize
         for chunk, boxes in job.pieces:
-            whole = None
+            whole = record = None
             if verify and chunk.crc32 is not None and len(boxes) == 1 and boxes[0].size == chunk.size:
                 whole = _Whole(chunk, job.key)
                 wholes.append((whole, chunk.file))
+            elif verify and chunk.crc32 is not None and pieces is not None:
+                fname, skey = str(catalog.path(chunk.file)), f"0 at byte {chunk.offset}"
+                record = pieces.get((fname, skey))
+                if record is None:
+                    record = pieces[(fname, skey)] = RecordPieces(fname, skey, job.key, chunk.span(job.dtype),
+                                                                  chunk.crc32)
             parts = by_file.setdefault(chunk.file, [])
             for box in boxes:
                 if chunk.strides is not None:  # read as one span (see _do_strided)
                     span = 1 + sum((n - 1) * st for n, st in zip(box.size, chunk.strides)) if box.numel else 0
-                    parts.append(_Part(job, chunk, box, span * isz, whole))
+                    parts.append(_Part(job, chunk, box, span * isz, whole, record))
                     continue
                 for b in split_box(box, isz):
-                    parts.append(_Part(job, chunk, b, b.numel * isz, whole))
+                    parts.append(_Part(job, chunk, b, b.numel * isz, whole, record))
     if not by_file:
         return 0, 0, 0
     threads = io_threads() if threads is None else threads
