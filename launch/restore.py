@@ -11,9 +11,11 @@ tensor parallel) are resharded, by default into an even ``Shard(0)`` split over 
 ranks (``--reshard-to full``: every rank gets whole tensors); the other entries come from
 rank 0's file, and ``--per-rank PATTERN`` entries from each rank's own file.
 
-``--checkpoint`` may also be a Hugging Face safetensors directory (or file): every tensor is
-then restored as a DTensor split evenly by rows over this job's ranks (``--reshard-to full``:
-whole tensors on every rank), each rank reading only its rows' bytes.
+``--checkpoint`` may also be a Hugging Face safetensors directory (or file) or a DCP directory
+(``dcp.save``'s ``.metadata`` + ``.distcp`` files): every tensor is then restored as a DTensor
+split evenly by rows over this job's ranks (``--reshard-to full``: whole tensors on every rank),
+each rank reading only its rows' bytes; DCP's non-tensor values are loaded on every rank (keys
+flattened as DCP flattens them).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def reshard_target(path: Path, world: int, how: str) -> dict | None:
     from dist_restore._format.manifest import rank_file_count
     from dist_restore._sources import source_format
 
-    safetensors = source_format(path) == "safetensors"
+    fmt = source_format(path)
+    safetensors = fmt is not None  # a catalogue: safetensors or DCP
     if not safetensors and rank_file_count(path) == world:
         return None
     mesh = None
@@ -87,9 +90,12 @@ def reshard_target(path: Path, world: int, how: str) -> dict | None:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor import empty as dtensor_empty
 
-        return {k: torch.empty(e.shape, dtype=e.dtype) if mesh is None else
-                dtensor_empty(e.shape, dtype=e.dtype, device_mesh=mesh, placements=[Shard(0) if e.shape else Replicate()])
-                for k, e in read_catalog(path).entries.items()}
+        cat = read_catalog(path)
+        out = {k: torch.empty(e.shape, dtype=e.dtype) if mesh is None else
+               dtensor_empty(e.shape, dtype=e.dtype, device_mesh=mesh, placements=[Shard(0) if e.shape else Replicate()])
+               for k, e in cat.entries.items()}
+        out.update({k: None for k in cat.objects})  # DCP's non-tensor values: loaded as saved
+        return out
     tree = read_index(path / "checkpoint_0.pt").tree
     found = []
 
