@@ -97,9 +97,10 @@ def plan_source(path: str | os.PathLike[str], state_dict: Mapping[str, Any] | No
 def read_source(plan: CatalogPlan, *, verify: bool = True, pieces: dict[Any, Any] | None = None) -> tuple[int, int, int]:
     """Fill the plan's targets and load its non-tensor values; ``(bytes read, files opened,
     bytes verified)``. ``verify``: check the CRC32 of each chunk read whole, where the format
-    records one (a non-tensor value's records are always checked)."""
+    records one (a non-tensor value's records are always checked); ``pieces``: where the CRC32
+    shares of records read in part go (the coordinator checks them with the other ranks')."""
     with torch.no_grad():
-        nbytes, files, verified = read_catalog_jobs(plan.catalog, plan.jobs, verify=verify)
+        nbytes, files, verified = read_catalog_jobs(plan.catalog, plan.jobs, verify=verify, pieces=pieces)
     return nbytes + plan.object_bytes, files, verified
 
 

@@ -403,3 +403,14 @@ def test_cli_inspect_verify_consolidate(ckpt: Path, tmp_path: Path) -> None:
 def _flat(sd: dict[str, Any]) -> dict[str, Any]:
     from dist_restore._format.dcp import dcp_flatten
     return {k: v for k, _p, _k, v in dcp_flatten(sd)}
+
+
+def test_items_around_the_read_window_sizes(tmp_path: Path) -> None:
+    """Items just below and above the sizes where the reader switches from reading an item whole
+    to reading its ends (64 KiB) and where the ends overlap: every one restores as saved."""
+    g = torch.Generator().manual_seed(1)
+    sd = {f"t{n}": torch.randn(n, generator=g) for n in [*range(15_950, 16_100, 13), 1, 700, 1100, 2100]}
+    dcp.save(sd, checkpoint_id=str(tmp_path / "c"))
+    got = READER.load(tmp_path / "c", {k: torch.zeros_like(v) for k, v in sd.items()}).state_dict
+    assert_same(got, sd)
+    assert READER.load(tmp_path / "c", None).state_dict.keys() == sd.keys()

@@ -44,7 +44,7 @@ from dist_restore.errors import CorruptCheckpointError, UnsafeCheckpointError
 logger = logging.getLogger(__name__)
 
 _HEAD = 64 << 10  # an item this small is read whole; a larger one: its first and last bytes
-_TAIL = 0xFFFF + 22 + 20 + 56  # the zip's end records, with a comment of any length
+_EDGE = 4096  # bytes read at each end of a larger item (its first records; the zip's end records)
 
 
 def is_dcp(path: str | os.PathLike[str]) -> bool:
@@ -64,8 +64,8 @@ class _Window:
         if length <= _HEAD:
             self.cache.append((0, self._pread(0, length)))
         else:
-            self.cache.append((0, self._pread(0, 4096)))
-            self.cache.append((length - _TAIL, self._pread(length - _TAIL, _TAIL)))
+            self.cache.append((0, self._pread(0, _EDGE)))
+            self.cache.append((length - _EDGE, self._pread(length - _EDGE, _EDGE)))
 
     def _pread(self, off: int, n: int) -> bytes:
         parts, got = [], 0

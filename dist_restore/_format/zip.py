@@ -128,11 +128,15 @@ def _central_directory(buf: memoryview | bytes, file: str) -> tuple[bytes, int, 
 
     if size < _EOCD.size:
         raise corrupt("file too short for a zip directory")
-    tail_start = max(0, size - (_EOCD.size + 0xFFFF))
-    tail = bytes(buf[tail_start:size])
-    pos = tail.rfind(_EOCD_SIG)
-    while pos >= 0 and pos + _EOCD.size > len(tail):
-        pos = tail.rfind(_EOCD_SIG, 0, pos)
+    pos = -1
+    for reach in (4096, _EOCD.size + 0xFFFF):  # no comment (torch.save): the record is in the last bytes
+        tail_start = max(0, size - reach)
+        tail = bytes(buf[tail_start:size])
+        pos = tail.rfind(_EOCD_SIG)
+        while pos >= 0 and pos + _EOCD.size > len(tail):
+            pos = tail.rfind(_EOCD_SIG, 0, pos)
+        if pos >= 0 or tail_start == 0:
+            break
     if pos < 0:
         raise corrupt("end-of-central-directory record not found")
     eocd_pos = tail_start + pos
