@@ -128,8 +128,9 @@ class _Whole:
         self.parts: list[tuple[int, int, int]] = []  # (file offset, bytes, crc32)
 
     def check(self, path: object) -> None:
-        crc = 0
-        for _off, n, c in sorted(self.parts):
+        parts = sorted(self.parts)
+        crc = parts[0][2] if parts else 0
+        for _off, n, c in parts[1:]:
             crc = crc32_combine(crc, c, n)
         if crc != self.chunk.crc32:
             raise CorruptCheckpointError(f"CRC32 mismatch in the record at byte {self.chunk.offset}: the bytes read "
