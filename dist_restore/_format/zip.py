@@ -39,6 +39,11 @@ _CDIR_DTYPE = np.dtype([("sig", "<u4"), ("made_by", "<u2"), ("needed", "<u2"), (
                         ("clen", "<u2"), ("disk", "<u2"), ("iattr", "<u2"), ("eattr", "<u4"),
                         ("hoff", "<u4")])
 _U32 = 0xFFFFFFFF
+#: Longest record name the column tables hold (torch.save's are ``archive/data/123``); a zip with
+#: a longer one is read record by record (the tables would be entries x that length).
+_MAX_TABLE_NAME = 1024
+#: Bytes a record takes at least: its central-directory entry and its local header.
+_MIN_RECORD = 46 + 30
 
 
 class ZipRecord(NamedTuple):
@@ -75,7 +80,7 @@ def read_zip_records(buf: memoryview | bytes, file: str) -> dict[str, ZipRecord]
     size = len(buf)
     cd, n_entries, cd_offset, corrupt = _central_directory(buf, file)
     # numpy pays off from a few dozen records; a small zip (a DCP item: 7) is faster record by record
-    records = _records_vectorised(cd, n_entries, size) if n_entries > 32 else None
+    records = _records_vectorised(cd, n_entries, size, cd_offset) if n_entries > 32 else None
     if records is None:  # anything unusual: the loop below, which raises the precise error
         records = _records_loop(cd, n_entries, cd_offset, size, corrupt)
     return records
@@ -100,12 +105,14 @@ def read_zip_tables(buf: memoryview | bytes, file: str) -> ZipTables | None:
     Raises:
         CorruptCheckpointError: no readable end of the central directory.
     """
-    cd, n_entries, _cd_offset, _corrupt = _central_directory(buf, file)
-    cols = _directory_columns(cd, n_entries, len(buf))
+    cd, n_entries, cd_offset, _corrupt = _central_directory(buf, file)
+    cols = _directory_columns(cd, n_entries, len(buf), cd_offset)
     if cols is None:
         return None
     starts, nlen, hoff, usize, crc = cols
     width = max(1, int(nlen.max()))
+    if width > _MAX_TABLE_NAME:  # the name matrix is entries x the longest name: no such table
+        return None
     u8 = np.frombuffer(cd, dtype=np.uint8)
     at = starts[:, None] + np.arange(width)
     inside = np.arange(width) < nlen[:, None]
@@ -153,6 +160,8 @@ def _central_directory(buf: memoryview | bytes, file: str) -> tuple[bytes, int, 
         n_entries, cd_size, cd_offset = fields[7], fields[8], fields[9]
     if cd_offset + cd_size > size:
         raise corrupt("central directory lies beyond the end of the file")
+    if n_entries > size // _MIN_RECORD:
+        raise corrupt(f"{n_entries} entries cannot fit in the file (each takes at least {_MIN_RECORD} bytes)")
     cd = bytes(buf[cd_offset : cd_offset + cd_size])  # one copy; parsing bytes beats parsing an mmap
     return cd, n_entries, cd_offset, corrupt
 
@@ -179,14 +188,23 @@ def _records_loop(cd: bytes, n_entries: int, cd_offset: int, size: int,
             raise corrupt(f"record {name!r} is compressed (method {method}); torch.save stores records uncompressed")
         if hoff + _LOCAL.size + usize > size:
             raise corrupt(f"record {name!r} ({usize} bytes) extends past the end of the file")
+        if name in records:
+            raise corrupt(f"record name {name!r} occurs twice in the central directory (torch.load would read "
+                          "the first, other readers the last)")
         records[name] = ZipRecord(name, hoff, usize, crc)
+    spans = sorted((r.header_offset, r.header_offset + _LOCAL.size + r.size, r.name) for r in records.values())
+    for (_a, end, n0), (b, _e, n1) in zip(spans, spans[1:]):
+        if b < end:
+            raise corrupt(f"records {n0!r} and {n1!r} overlap (a zip's records lie one after another)")
+    if spans and spans[-1][1] > cd_offset:
+        raise corrupt(f"record {spans[-1][2]!r} runs into the central directory")
     return records
 
 
-def _records_vectorised(cd: bytes, n_entries: int, size: int) -> dict[str, ZipRecord] | None:
+def _records_vectorised(cd: bytes, n_entries: int, size: int, cd_offset: int) -> dict[str, ZipRecord] | None:
     """The central directory parsed with numpy: the same records as :func:`_records_loop`,
     or ``None`` whenever that loop might raise or the entries cannot be found this way."""
-    cols = _directory_columns(cd, n_entries, size)
+    cols = _directory_columns(cd, n_entries, size, cd_offset)
     if cols is None:
         return None
     starts, nlen, hoff, usize, crc = cols
@@ -194,10 +212,11 @@ def _records_vectorised(cd: bytes, n_entries: int, size: int) -> dict[str, ZipRe
     names = [cd[a:b].decode("utf-8", "replace") for a, b in zip(starts.tolist(), stops.tolist())]
     make = functools.partial(tuple.__new__, ZipRecord)  # no Python frame per record
     recs = map(make, zip(names, hoff.tolist(), usize.tolist(), crc.tolist()))
-    return dict(zip(names, recs))
+    out = dict(zip(names, recs))
+    return out if len(out) == len(names) else None  # a name twice: the loop names it
 
 
-def _directory_columns(cd: bytes, n_entries: int, size: int) -> tuple[np.ndarray, ...] | None:
+def _directory_columns(cd: bytes, n_entries: int, size: int, cd_offset: int) -> tuple[np.ndarray, ...] | None:
     """``(name starts, name lengths, header offsets, sizes, CRC32s)`` of every entry (int64,
     CRC32s uint32), or ``None`` whenever :func:`_records_loop` might raise or the entries
     cannot be found this way.
@@ -240,6 +259,10 @@ def _directory_columns(cd: bytes, n_entries: int, size: int) -> tuple[np.ndarray
         usize[i], csize[i], hoff[i] = u, c, h
     if ((fixed["method"] != 0) | (csize != usize) | (hoff + _LOCAL.size + usize > size)).any():
         return None
+    order = np.argsort(hoff, kind="stable")  # records one after another, before the directory
+    ends = (hoff + _LOCAL.size + usize)[order]
+    if (hoff[order][1:] < ends[:-1]).any() or ends[-1] > cd_offset:
+        return None
     return starts.astype(np.int64), nlen, hoff, usize, fixed["crc"]
 
 
@@ -281,6 +304,9 @@ def data_offset(buf: memoryview | bytes, rec: ZipRecord, file: str) -> int:
     lsig, _v, _f, _m, _lt, _ld, _lc, _lcs, _lus, lnlen, lelen = _LOCAL.unpack(head)
     if lsig != _LOCAL_SIG:
         raise CorruptCheckpointError(f"record {rec.name!r} has a bad local header", file=file)
+    at = rec.header_offset + _LOCAL.size
+    if bytes(buf[at : at + lnlen]).decode("utf-8", "replace") != rec.name:
+        raise CorruptCheckpointError(f"record {rec.name!r}: its local header names another record", file=file)
     off = rec.header_offset + _LOCAL.size + lnlen + lelen
     if off + rec.size > size:
         raise CorruptCheckpointError(
@@ -296,7 +322,7 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, 
         if tag == 1:
             j = i + 4
             vals = []
-            while j + 8 <= i + 4 + ln:
+            while j + 8 <= min(i + 4 + ln, len(extra)):  # a field longer than the extra: what is there
                 vals.append(struct.unpack_from("<Q", extra, j)[0])
                 j += 8
             it = iter(vals)
