@@ -17,16 +17,20 @@ from dist_restore._cli_util import (_human, _manifest_dict, _manifest_line, _msg
                                     _scan, _table, _try_manifest)
 from dist_restore._format.dcp import check_item, is_dcp, load_object, locate_chunk, open_catalog
 from dist_restore._format.index import read_index
-from dist_restore._format.manifest import MANIFEST_NAME, Manifest, RankFileInfo, check_checkpoint
+from dist_restore._format.manifest import MANIFEST_NAME, MAX_RANK_FILES, Manifest, RankFileInfo, _gaps, check_checkpoint
 from dist_restore.errors import CheckpointError, UnsafeCheckpointError
+
+#: A gap of this many missing rank files or more is reported as one problem, not one per rank.
+_MISSING_LISTED = 16
 
 _VERIFY_HELP = """\
 Checks, reporting every problem (one line each, naming the rank and the file):
   1. completeness: the manifest (dist_restore_manifest.json), if there is one, gives the
      world size and the rank files; otherwise the world size is inferred from the rank
-     files present. Missing rank files are problems; so are leftover temporary files
-     (.*.tmp) when there is no manifest (an interrupted save). With a manifest, temporary
-     files and rank files beyond its world size are only noted.
+     files present (a rank number of 2^20 or more is a problem, not a rank). Missing rank
+     files are problems (16 or more in a row: one problem for the run); so are leftover
+     temporary files (.*.tmp) when there is no manifest (an interrupted save). With a
+     manifest, temporary files and rank files beyond its world size are only noted.
   2. sizes and checksums (CRC32 of the whole file) against the manifest, rank by rank;
      skipped without a manifest.
   3. that every rank file parses: zip directory, CRC32 of data.pkl, restricted unpickle.
@@ -88,6 +92,7 @@ def _verify(args: argparse.Namespace) -> int:
         problems.append(Problem(None, MANIFEST_NAME, "manifest", manifest_error))
     found, temps = _scan(directory)
 
+    long_gaps: list[tuple[int, Problem]] = []  # (first rank, problem), in rank order
     if manifest is not None:  # the commit record: it says which files make the checkpoint
         world = manifest.world_size
         infos: dict[int, RankFileInfo] = {i.rank: i for i in manifest.ranks}
@@ -97,8 +102,18 @@ def _verify(args: argparse.Namespace) -> int:
         notes += [Problem(r, f.name, "extra", f"rank file not in the manifest (world size {world})")
                   for r, f in found.items() if r >= world]
     else:  # plain torch.save directory, or an interrupted write (see check_checkpoint)
-        world = max(found) + 1 if found else 0
-        infos, files = {}, {r: directory / _name(r) for r in range(world)}
+        problems += [Problem(r, f.name, "extra", f"rank number beyond the {MAX_RANK_FILES} ranks accepted: not a "
+                             "rank file of this checkpoint") for r, f in found.items() if r >= MAX_RANK_FILES]
+        ranks = [r for r in found if r < MAX_RANK_FILES]
+        world = ranks[-1] + 1 if ranks else 0
+        # missing ranks from the gaps between the files present: a long gap is one problem
+        for a, b in _gaps(ranks, world):
+            if b - a + 1 >= _MISSING_LISTED:
+                long_gaps.append((a, Problem(None, None, "missing", f"ranks {a}-{b} have no file ({_name(a)} to "
+                                                                    f"{_name(b)}: {b - a + 1} files)")))
+            else:
+                ranks += range(a, b + 1)
+        infos, files = {}, {r: directory / _name(r) for r in sorted(ranks)}
         problems += [Problem(None, t, "temp", "leftover temporary file: an interrupted save? "
                              "(no manifest commits this checkpoint)") for t in temps]
         if not found and not manifest_error:
@@ -106,7 +121,11 @@ def _verify(args: argparse.Namespace) -> int:
                                     "and no manifest: not a checkpoint directory?"))
 
     statuses = {r: _RankStatus(r, f.name, f.is_file()) for r, f in files.items()}
+    gap = 0
     for st in statuses.values():
+        while gap < len(long_gaps) and long_gaps[gap][0] < st.rank:  # missing ranks told in rank order
+            problems.append(long_gaps[gap][1])
+            gap += 1
         if st.exists:
             try:
                 st.size = files[st.rank].stat().st_size
@@ -116,6 +135,7 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             problems.append(Problem(st.rank, st.file, "missing", _not_a_file(files[st.rank]) + (
                 " (listed in the manifest)" if manifest else "")))
+    problems += [p for _a, p in long_gaps[gap:]]
     present = [st for st in statuses.values() if st.exists]
     progress = _Progress(sys.stderr, sum(st.size or 0 for st in present), len(present))
     try:

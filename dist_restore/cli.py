@@ -28,6 +28,7 @@ from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._base.ranks import format_ranks
 from dist_restore._sources import read_catalog, source_format
 from dist_restore._planning.shared import make_selector
+from dist_restore.errors import CheckpointError
 
 __all__ = ["Problem", "main"]
 
@@ -150,13 +151,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
     status = 0
     indexes: dict[int, CheckpointIndex] = {}
+    rank_docs: list[dict[str, Any]] = []
     for r, f in files.items():
         try:
             idx = read_index(f)
             idx.entries  # noqa: B018 - builds the entries now, so a damaged file fails here
+            rank_docs.append(_rank_dict(r, idx, select))  # a layout's regions: a bad one fails here
             indexes[r] = idx
         except Exception as e:  # noqa: BLE001 - report it and list the other ranks
-            print(f"dist-restore: error: rank {r}: {f.name}: {_msg(e)}", file=sys.stderr)
+            key = e.key if isinstance(e, CheckpointError) else None
+            print(f"dist-restore: error: rank {r}: {f.name}: {'' if key is None else f'key {key!r}: '}{_msg(e)}",
+                  file=sys.stderr)
             status = 1
     replicated: list[IndexEntry] | None = None
     suggested: list[str] = []
@@ -169,7 +174,7 @@ def _inspect(args: argparse.Namespace) -> int:
     doc = {
         "dir": str(directory),
         "manifest": _manifest_dict(manifest, manifest_error),
-        "ranks": [_rank_dict(r, idx, select) for r, idx in indexes.items()],
+        "ranks": rank_docs,
         "replicated": None if replicated is None else [_entry_dict(e) for e in replicated],
         "replicated_nbytes": None if replicated is None else sum(e.nbytes for e in replicated),
         "suggested_shared": suggested,

@@ -60,7 +60,8 @@ from dist_restore._planning.shared import (SharedItem, SharedMode, SharedSpec, a
 from dist_restore._planning.shared import shared_items as shared_items_of
 from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
-from dist_restore.errors import RestoreError
+from dist_restore._base.regions import LayoutError
+from dist_restore.errors import CorruptCheckpointError, RestoreError, StateDictMismatchError
 from dist_restore.reader import CheckpointReader
 
 logger = logging.getLogger(__name__)
@@ -489,7 +490,7 @@ class RestoreCoordinator:
         plan = plan_read(state_dict, *index.walkable)
         bad = first_out_of_bounds(plan.leaves)
         if bad:
-            raise RuntimeError(f"{index.file}: key {bad[0].key!r}: {bad[1]}")
+            raise CorruptCheckpointError(bad[1], file=index.file, rank=home, key=bad[0].key)
         dtensor_keys = {lf.key for lf in plan.leaves if isinstance(lf.source, DTensorRef)}
         if not same:
             for lf in plan.leaves:
@@ -503,8 +504,11 @@ class RestoreCoordinator:
         files_opened = {home}
         shards = None
         if reshard:
-            shards = plan_shards(reshard, home=home, home_index=index, own=own, nfiles=nfiles,
-                                 open_index=lambda f: self._open(path, f, verify, checked=False), spread=rank)
+            try:
+                shards = plan_shards(reshard, home=home, home_index=index, own=own, nfiles=nfiles,
+                                     open_index=lambda f: self._open(path, f, verify, checked=False), spread=rank)
+            except LayoutError as e:  # as CheckpointReader.plan_shards: the home file named
+                raise StateDictMismatchError(str(e), file=index.file, rank=rank) from None
             files_opened |= set(shards.indexes)
         own_index, own_leaves, overrides, missing = None, [], {}, list(plan.missing)
         objects = list(plan.objects)

@@ -6,10 +6,27 @@ ordinary tensor record) and ``_spec`` (a ``DTensorSpec``: the ``DeviceMesh``, th
 placements and ``TensorMeta``). The unpickler resolves those classes to the inert stand-ins
 below: they record the arguments and state they are given and run no code of torch's. The
 reference's :class:`DTensorRef` then turns them into a :class:`DLayout` of plain values.
+
+A layout comes from a file and is checked before any region math runs on it (see
+:meth:`DLayout.__post_init__`, :meth:`MeshInfo.__post_init__` and
+:func:`dist_restore._base.regions.mesh_groups`); a layout outside these limits is refused
+with :class:`~dist_restore.errors.CorruptCheckpointError`, which the index names with the
+file and key:
+
+* global shape: non-negative integers;
+* one placement per mesh dimension; a ``Shard``/``_StridedShard`` dim inside the global
+  shape's dimensions;
+* ``_StridedShard`` split factor: at least 1, and at most the size of the dimension it splits
+  and :data:`~dist_restore._base.regions.MAX_SPLIT_FACTOR` (2^16);
+* mesh: every dimension's size at least 1, and their product at most
+  :data:`~dist_restore._base.regions.MAX_MESH_RANKS` (2^20); with a rank map, at most its
+  length and dividing it (the rank map itself 1 to 2^20 ranks); this file's coordinate
+  inside the mesh.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -19,8 +36,8 @@ from typing import Any
 
 import torch
 
-from dist_restore._base.regions import LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, mesh_groups, \
-    shard_runs
+from dist_restore._base.regions import MAX_MESH_RANKS, MAX_SPLIT_FACTOR, LayoutError, Partial, Placement, Replicate, \
+    Shard, ShardRuns, mesh_groups, shard_box, shard_runs
 from dist_restore.errors import CorruptCheckpointError
 
 
@@ -114,6 +131,25 @@ class MeshInfo:
     rank: int | None
     groups: tuple[tuple[int, ...], ...] | None
 
+    def __post_init__(self) -> None:
+        """Refuse a mesh the region math cannot hold (see the module docstring).
+
+        Raises:
+            LayoutError: a size below 1, more than ``MAX_MESH_RANKS`` ranks, or rank map
+                copies of another size. (The coordinate is checked by :class:`DLayout`.)
+        """
+        total = 1
+        for k in self.shape:
+            if type(k) is not int or k < 1:
+                raise LayoutError(f"mesh shape {self.shape!r:.200}: sizes must be integers >= 1")
+            total *= k
+            if total > MAX_MESH_RANKS:
+                raise LayoutError(f"mesh shape {self.shape!r:.200} has more than {MAX_MESH_RANKS} ranks")
+        if self.groups is not None and (
+                len(self.groups) * total > MAX_MESH_RANKS or any(len(g) != total for g in self.groups)):
+            raise LayoutError(f"rank map copies of mesh {self.shape} are not {total} ranks each (or span "
+                              f"more than {MAX_MESH_RANKS} ranks)")
+
     @property
     def root_size(self) -> int | None:
         """How many ranks the root mesh (the saving job's mesh) spans, where recorded."""
@@ -138,9 +174,40 @@ class DLayout:
     placements: tuple[Placement, ...]
     mesh: MeshInfo
 
+    def __post_init__(self) -> None:
+        """Refuse a layout the region math cannot map, or could only map at a cost out of all
+        proportion to the file (see the module docstring).
+
+        Raises:
+            LayoutError: naming the placement or shape.
+        """
+        for n in self.shape:
+            if type(n) is not int or n < 0:
+                raise LayoutError(f"global shape {self.shape!r:.200}: sizes must be integers >= 0")
+        if len(self.placements) != len(self.mesh.shape):
+            raise LayoutError(f"{len(self.placements)} placements on a {len(self.mesh.shape)}-d mesh")
+        coord, mshape = self.mesh.coordinate, self.mesh.shape
+        if coord is not None and (len(coord) != len(mshape) or not all(0 <= c < k for c, k in zip(coord, mshape))):
+            raise LayoutError(f"coordinate {coord!r:.200} outside mesh {mshape}")
+        for md, p in enumerate(self.placements):
+            if not isinstance(p, Shard):
+                continue
+            if type(p.dim) is not int or not 0 <= p.dim < len(self.shape):
+                raise LayoutError(f"placement {p} on mesh dim {md} of a {len(self.shape)}-d tensor")
+            sf, n = p.split_factor, self.shape[p.dim]
+            if type(sf) is not int or sf < 0 or (n and sf > min(n, MAX_SPLIT_FACTOR)):
+                raise LayoutError(f"placement {p} on mesh dim {md}: the split factor must be at least 1 and at "
+                                  f"most the size of dim {p.dim} ({n}) and {MAX_SPLIT_FACTOR}")
+
     def runs_at(self, coordinate: tuple[int, ...]) -> ShardRuns:
         """The global region held at a mesh coordinate (see :mod:`dist_restore._base.regions`)."""
         return shard_runs(self.shape, self.mesh.shape, self.placements, coordinate)
+
+    def box_at(self, coordinate: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+        """The region held at a mesh coordinate as ``(offset, size)`` per dim when it is a box,
+        else ``None`` (:func:`~dist_restore._base.regions.shard_box`: no run listed for a
+        strided region)."""
+        return shard_box(self.shape, self.mesh.shape, self.placements, coordinate)
 
     def describe(self) -> str:
         return f"[{', '.join(map(str, self.placements))}] on mesh {self.mesh}"
@@ -186,27 +253,32 @@ class DTensorRef:
         """
         try:
             return _parse_spec(self._spec, tuple(self.size))
-        except (LayoutError, TypeError, ValueError, KeyError, AttributeError) as e:
+        except (LayoutError, TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:
             raise CorruptCheckpointError(f"DTensor layout not understood: {e}") from None
+        except RecursionError:
+            raise CorruptCheckpointError("DTensor layout not understood: nested too deeply") from None
 
     def __repr__(self) -> str:
         return f"DTensorRef({self.dtype}, global {tuple(self.size)}, local {self.local!r})"
 
 
 def _ints(x: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in x)
+    return tuple(operator.index(v) for v in x)
 
 
 def _placement(p: Any) -> Placement:
     if not isinstance(p, _Stub):
-        raise TypeError(f"placement {p!r} is not a placement")
+        raise TypeError(f"placement {p!r:.200} is not a placement")
     f = p.fields()
     if p.kind == "Replicate":
         return Replicate()
     if p.kind == "Shard":
-        return Shard(int(f["dim"]))
+        return Shard(operator.index(f["dim"]))
     if p.kind == "_StridedShard":
-        return Shard(int(f["dim"]), int(f.get("split_factor", f.get("sf", 1))))
+        sf = operator.index(f.get("split_factor", f.get("sf", 1)))
+        if sf < 1:  # 0 would read as a plain Shard below
+            raise LayoutError(f"_StridedShard(dim={f['dim']!r:.50}, split_factor={sf}): the split factor must be >= 1")
+        return Shard(operator.index(f["dim"]), sf)
     if p.kind in ("Partial", "_NormPartial", "_MaskPartial"):
         return Partial(str(f.get("reduce_op", "sum")))
     raise TypeError(f"unknown placement {p.kind}")
@@ -221,9 +293,7 @@ def _parse_spec(spec: Any, size: tuple[int, ...]) -> DLayout:
     if order:
         _check_default_order(order, placements)
     mesh = _parse_mesh(f["mesh"])
-    if len(placements) != len(mesh.shape):
-        raise LayoutError(f"{len(placements)} placements on a {len(mesh.shape)}-d mesh")
-    return DLayout(size, placements, mesh)
+    return DLayout(size, placements, mesh)  # checked there
 
 
 def _check_default_order(order: Any, placements: tuple[Placement, ...]) -> None:
@@ -281,17 +351,15 @@ def _parse_mesh_uncached(mesh: Any) -> MeshInfo:
         else:  # torch 2.9-2.11: one CuTe layout, a (possibly nested) mode per mesh dimension
             s, d = lf["shape"], lf["stride"]
             axes = list(zip(s, d)) if isinstance(s, tuple) and isinstance(d, tuple) else [(s, d)]
-        shape = []
-        for s, _d in axes:
-            n = 1
-            for v in (s if isinstance(s, tuple) else (s,)):
-                n *= _flat_size(v)
-            shape.append(n)
         rank_map = f.get("_flatten_rank_map")
         if rank_map is not None:
+            if len(rank_map) > MAX_MESH_RANKS:
+                raise LayoutError(f"a rank map of {len(rank_map)} ranks (at most {MAX_MESH_RANKS} accepted)")
+            # checks every size against the rank map before expanding anything
             groups = tuple(tuple(g) for g in mesh_groups(axes, _ints(rank_map)))
+        shape = [_flat_size(s) for s, _d in axes]
     elif "mesh" in f and hasattr(f["mesh"], "size"):  # older torch: the mesh's rank tensor
-        shape = list(f["mesh"].size)
+        shape = list(_ints(f["mesh"].size))
     else:
         raise TypeError("a DeviceMesh with neither _layout nor mesh")
     return MeshInfo(tuple(shape), tuple(names) if names else None,
@@ -300,9 +368,16 @@ def _parse_mesh_uncached(mesh: Any) -> MeshInfo:
 
 
 def _flat_size(v: Any) -> int:
+    """The product of a (possibly nested) shape, refused once past ``MAX_MESH_RANKS``
+    (a shape of many huge factors would otherwise make an enormous integer)."""
     if isinstance(v, tuple):
         n = 1
         for x in v:
             n *= _flat_size(x)
+            if n > MAX_MESH_RANKS:
+                raise LayoutError(f"mesh layout shape {v!r:.200} has more than {MAX_MESH_RANKS} ranks")
         return n
-    return int(v)
+    n = operator.index(v)
+    if n < 1:
+        raise LayoutError(f"mesh layout size {n}: sizes must be >= 1")
+    return n

@@ -19,6 +19,16 @@ runs isal's CRC32 over them. On a 1 GiB file, warm page cache, this project's 2-
 VM (other jobs running): ~5 GB/s median of 5 (4.6-5.8); 16 MiB chunks: ~4.1 GB/s (a
 buffer that fits the cache is refilled and checksummed faster); the zlib fallback:
 ~1.8 GB/s. The CRC alone runs at ~8 GB/s (isal) / ~1.8-3 GB/s (zlib) on memory.
+
+Caps (a hostile directory costs no more than these allow):
+
+* the manifest is at most :data:`MAX_MANIFEST_BYTES` (64 MiB: some 350,000 ranks with index
+  files); a larger one, or one nested too deeply for the JSON parser, is a
+  :class:`~dist_restore.errors.CorruptCheckpointError` naming it;
+* a rank file name's number must be below :data:`MAX_RANK_FILES` (2^20): a
+  ``checkpoint_{rank}.pt`` beyond it is refused with an error naming it (it only counts where no
+  manifest says which files make the checkpoint). Missing ranks are found from the gaps
+  between the rank files present, never by listing every rank.
 """
 
 from __future__ import annotations
@@ -54,6 +64,11 @@ _CHECKSUM = re.compile(r"^crc32:[0-9a-f]{8}$")
 #: A temp file of :func:`temp_path` for a rank file or the manifest (safe for rank 0 to sweep).
 _OUR_TEMP = re.compile(r"^\.(checkpoint_\d+\.(?:pt|idx)|" + re.escape(MANIFEST_NAME) + r")\.\d+\.[0-9a-f]{8}\.tmp$")
 _MAX_NAMES = 10
+#: Largest commit manifest read (bytes); JSON objects cost ~20x their text in memory.
+MAX_MANIFEST_BYTES = 64 << 20
+#: Rank file numbers must be below this (a directory without a manifest is as large as its
+#: highest-numbered rank file says).
+MAX_RANK_FILES = 1 << 20
 _RANKS_SLOT = "\x00ranks\x00"  # placeholder; "ranks" precedes "metadata", so replacing the first is safe
 
 
@@ -146,10 +161,14 @@ class Manifest:
         def bad(why: str) -> CorruptCheckpointError:
             return CorruptCheckpointError(f"invalid commit manifest: {why}", file=file)
 
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise bad(f"{len(text)} bytes, more than the {MAX_MANIFEST_BYTES} accepted")
         try:
             doc = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"not JSON ({e})") from None
+        except RecursionError:
+            raise bad("nested too deeply to parse") from None
         if not isinstance(doc, dict):
             raise bad(f"expected a JSON object, got {type(doc).__name__}")
         version = doc.get("format_version")
@@ -320,15 +339,20 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
     """The directory's manifest, or ``None`` if it has none.
 
     Raises:
-        CorruptCheckpointError: the manifest exists but is not valid.
+        CorruptCheckpointError: the manifest exists but is not valid, or is larger than
+            :data:`MAX_MANIFEST_BYTES`.
     """
     path = Path(directory) / MANIFEST_NAME
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # never more than the cap, whatever stat says
     except FileNotFoundError:
         return None
     except OSError as e:
         raise_with_path(e, path)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"invalid commit manifest: larger than the {MAX_MANIFEST_BYTES} bytes "
+                                     "accepted", file=path)
     return Manifest.from_json(data, file=path)
 
 
@@ -429,31 +453,74 @@ def _check_index_file(d: Path, info: RankFileInfo) -> None:
 
 def rank_file_count(directory: str | os.PathLike[str]) -> int:
     """How many ranks wrote the checkpoint: the manifest's world size, else one more than
-    the highest ``checkpoint_{rank}.pt`` present (0 if none). Opens no rank file."""
+    the highest ``checkpoint_{rank}.pt`` present (0 if none). Opens no rank file.
+
+    Raises:
+        CorruptCheckpointError: no manifest, and a rank file numbered :data:`MAX_RANK_FILES`
+            or more (naming it).
+    """
     d = Path(directory)
     manifest = read_manifest(d)
     if manifest is not None:
         return manifest.world_size
-    present = [int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(d)) if m]
-    return max(present) + 1 if present else 0
+    present = _rank_files(d, os.listdir(d))
+    return present[-1] + 1 if present else 0
+
+
+def _rank_files(d: Path, names: Iterable[str]) -> list[int]:
+    """The ranks of the ``checkpoint_{rank}.pt`` among ``names``, sorted; one numbered
+    :data:`MAX_RANK_FILES` or more is refused (a directory without a manifest is as large as
+    its highest rank file says)."""
+    present = set()
+    for name in names:
+        m = _RANK_FILE.match(name)
+        if not m:
+            continue
+        r = int(m.group(1))
+        if r >= MAX_RANK_FILES:
+            raise CorruptCheckpointError(
+                f"a rank file numbered {r}, beyond the {MAX_RANK_FILES} ranks accepted: not a rank file of this "
+                "checkpoint (remove it, or commit the checkpoint with a manifest)", file=d / name)
+        present.add(r)
+    return sorted(present)
+
+
+def _gaps(present: list[int], expected: int) -> list[tuple[int, int]]:
+    """``[first, last]`` of every run of ranks in ``range(expected)`` that ``present``
+    (sorted) lacks: from the gaps between them, without listing every rank."""
+    out = []
+    nxt = 0
+    for r in present:
+        if r >= expected:
+            break
+        if r > nxt:
+            out.append((nxt, r - 1))
+        nxt = r + 1
+    if nxt < expected:
+        out.append((nxt, expected - 1))
+    return out
 
 
 def _check_uncommitted(d: Path, world_size: int | None) -> None:
     names = os.listdir(d)
-    present = {int(m.group(1)) for m in map(_RANK_FILE.match, names) if m}
+    if world_size is None:  # as many ranks as the highest rank file says: capped
+        ranks = _rank_files(d, names)
+    else:  # the job's world size bounds the work; higher numbers are 'extra' below
+        ranks = sorted({int(m.group(1)) for m in map(_RANK_FILE.match, names) if m})
     temps = sorted(n for n in names if is_temp_file(n))
-    expected = world_size if world_size is not None else (max(present) + 1 if present else 0)
-    extra = sorted(r for r in present if r >= expected)
+    expected = world_size if world_size is not None else (ranks[-1] + 1 if ranks else 0)
+    extra = [r for r in ranks if r >= expected]
     if extra:  # restoring fewer ranks would silently drop the others' shards
         raise IncompleteCheckpointError(
             f"world size mismatch: checkpoint has files for ranks up to {extra[-1]} (no commit manifest), "
             f"this job has {expected}", file=d)
-    missing = [r for r in range(expected) if r not in present]
+    missing = _gaps(ranks, expected)
     parts = []
     if missing:
-        parts.append(f"rank {missing[0]} has no file" if len(missing) == 1
-                     else f"ranks {format_ranks(missing)} have no file")
-    elif not present:
+        text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in missing)
+        parts.append(f"rank {text} has no file" if missing == [(missing[0][0], missing[0][0])]
+                     else f"ranks {text} have no file")
+    elif not ranks:
         parts.append("no rank files (checkpoint_{rank}.pt)")
     if temps:
         shown = ", ".join(temps[:_MAX_NAMES])
@@ -463,4 +530,4 @@ def _check_uncommitted(d: Path, world_size: int | None) -> None:
         raise IncompleteCheckpointError(
             "incomplete checkpoint: no commit manifest; " + "; ".join(parts), file=d)
     logger.debug("%s has no commit manifest; accepting its %d rank files as a plain torch.save "
-                 "checkpoint", d, len(present))
+                 "checkpoint", d, len(ranks))

@@ -27,6 +27,12 @@ from dist_restore._format.keypath import RawPath
 from dist_restore._base.regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
     full_runs, local_shape, overlap, shard_runs, split_runs
 from dist_restore._format.unpickle import TensorRef
+from dist_restore.errors import CorruptCheckpointError
+
+#: Most runs (plus one per coordinate) :func:`_dim_options` builds for one dimension over all
+#: of a saved mesh's coordinates, per mesh dimension: a saved layout past it is refused before
+#: memory goes (~1 s, ~250 MB at the cap). FSDP2 over TP needs about two per saving rank.
+MAX_PLAN_RUNS = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +172,24 @@ def _steps(layout: DLayout) -> tuple[tuple[tuple[int, int, Shard], ...], ...]:
 @lru_cache(maxsize=4096)
 def _dim_options(n: int, steps: tuple[tuple[int, int, Shard], ...]) -> tuple[tuple[tuple[int, ...], DimRuns], ...]:
     """Every way the mesh dims in ``steps`` can split one dimension of size ``n``:
-    ``(their coordinates, the runs held)``. Cached: many entries share a dim size."""
+    ``(their coordinates, the runs held)``. Cached: many entries share a dim size.
+
+    Raises:
+        LayoutError: more than :data:`MAX_PLAN_RUNS` runs in all.
+    """
     options: list[tuple[tuple[int, ...], DimRuns]] = [((), ((0, n),) if n else ())]
     for _md, k, p in steps:
-        options = [(coords + (c,), split_runs(runs, k, c, p)) for coords, runs in options for c in range(k)]
+        nxt: list[tuple[tuple[int, ...], DimRuns]] = []
+        total = 0
+        for coords, runs in options:
+            for c in range(k):
+                got = split_runs(runs, k, c, p)
+                total += len(got) + 1
+                if total > MAX_PLAN_RUNS:
+                    raise LayoutError(f"saved placement {p} cuts a dimension of {n} into more than "
+                                      f"{MAX_PLAN_RUNS} pieces over the mesh")
+                nxt.append((coords + (c,), got))
+        options = nxt
     return tuple(options)
 
 
@@ -261,7 +281,7 @@ def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: Sh
         return ShardJob(key, path, target, (Piece(home, None, tuple(boxes)),) if boxes else (), source)
     if not isinstance(source, DTensorRef):
         raise LayoutError(f"key {key!r}: checkpoint holds {type(source).__name__}, not a tensor")
-    layout = source.layout
+    layout = _layout_of(source, key)
     mkey = (id(layout.mesh), layout.shape, layout.placements, dst)
     found = memo.get(mkey) if memo is not None else None
     if found is None:
@@ -299,6 +319,14 @@ def _holders_and_boxes(key: str, layout: DLayout, dst: ShardRuns, nfiles: int
     return out
 
 
+def _layout_of(ref: DTensorRef, key: str, file: object = None) -> DLayout:
+    """``ref.layout``, its error naming the key (and ``file``, where given)."""
+    try:
+        return ref.layout
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(e.reason, file=e.file or file, rank=e.rank, key=e.key or key) from None
+
+
 def check_source(key: str, job_source: Any, entry: Any, piece: Piece, file: object) -> str | None:
     """Why ``entry`` (the same key in another rank file) cannot give ``piece``, or ``None``."""
     if isinstance(job_source, TensorRef):
@@ -308,7 +336,7 @@ def check_source(key: str, job_source: Any, entry: Any, piece: Piece, file: obje
         return None
     if not isinstance(entry, DTensorRef):
         return f"{file} holds {type(entry).__name__} for {key!r}, where the home file holds a DTensor"
-    a, b = entry.layout, job_source.layout
+    a, b = _layout_of(entry, key, file), job_source.layout
     if entry.dtype != job_source.dtype or a.shape != b.shape or a.placements != b.placements \
             or a.mesh.shape != b.mesh.shape:
         return (f"{file}: {key!r} is {entry.dtype} {a.shape} {a.describe()}, the home file says "
@@ -396,7 +424,20 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
 
     Raises:
         LayoutError: an unmappable layout, or files that do not match the home file's layout.
+        CorruptCheckpointError: a saved layout that cannot be read (naming the file and key).
     """
+    try:
+        return _plan_shards(leaves, home=home, home_index=home_index, own=own, nfiles=nfiles,
+                            open_index=open_index, spread=spread)
+    except CorruptCheckpointError as e:
+        if e.file is not None:
+            raise
+        raise CorruptCheckpointError(e.reason, file=getattr(home_index, "file", None), rank=e.rank,
+                                     key=e.key) from None
+
+
+def _plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int | None, nfiles: int,
+                 open_index: Any, spread: int) -> ShardPlan:
     from dist_restore._planning.plan import view_out_of_bounds
 
     reading: set[int] = {own} if own is not None and own == home else set()
