@@ -26,7 +26,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from dist_restore._paths import open_regular, raise_with_path
 from dist_restore._planning.plan import PlannedLeaf
 from dist_restore._format.unpickle import TensorRef
 from dist_restore._format.zip import _LOCAL, _LOCAL_SIG
-from dist_restore.errors import CorruptCheckpointError
+from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +74,28 @@ class ReadStats:
 
 
 def resolve_device(location: str, map_location: MapLocation, *, file: object, key: str) -> torch.device:
-    """The device a tensor saved at ``location`` is allocated on."""
-    if isinstance(map_location, Mapping):
-        dev = torch.device(map_location.get(location, location))
-    elif map_location is None:
-        dev = torch.device(location)
-    else:
-        dev = torch.device(map_location)
+    """The device a tensor saved at ``location`` is allocated on.
+
+    Raises:
+        CorruptCheckpointError: the file's location names no device (or one this machine lacks).
+        ValueError: ``map_location`` names no device.
+    """
+    try:
+        if isinstance(map_location, Mapping):
+            mapped = type(location) is str and location in map_location
+            spec = map_location[location] if mapped else location
+        else:
+            mapped = map_location is not None
+            spec = map_location if mapped else location
+    except TypeError:  # an unhashable location (not a str: a damaged file)
+        mapped, spec = False, location
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError) as e:
+        if mapped:
+            raise ValueError(f"map_location {spec!r} is not a device: {e}") from None
+        raise CorruptCheckpointError(f"tensor was saved on {location!r}, which is not a device ({e})",
+                                     file=file, key=key) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CorruptCheckpointError(
             f"tensor was saved on {location!r} and CUDA is not available here; "
@@ -106,17 +121,51 @@ def produce(
     values: dict[RawPath, Any] = {}
     if not leaves:
         return values
-    dense = [lf for lf in leaves if isinstance(lf.source, TensorRef) and index.native_order]
-    other = [lf for lf in leaves if not (isinstance(lf.source, TensorRef) and index.native_order)]
-    if dense:
-        _produce_dense(index, dense, values, map_location, verify, stats)
-    if other:
-        _produce_fallback(index, other, values, map_location, stats)
+    _check_map_location(map_location)
+    at: list[str | None] = [None]  # the key being produced, for the error of a failure
+    try:
+        dense = [lf for lf in leaves if isinstance(lf.source, TensorRef) and index.native_order]
+        other = [lf for lf in leaves if not (isinstance(lf.source, TensorRef) and index.native_order)]
+        if dense:
+            _produce_dense(index, dense, values, map_location, verify, stats, at)
+        if other:
+            _produce_fallback(index, other, values, map_location, stats, at)
+    except Exception as e:  # noqa: BLE001 - turned into ours below, or raised as it is
+        raise_as_ours(e, index.file, at[0])
     return values
 
 
+def raise_as_ours(e: Exception, file: object, key: str | None) -> NoReturn:
+    """Raise ``e`` as one of our errors (call it in the ``except`` block that caught it).
+
+    A :class:`CheckpointError`, a ``MemoryError`` or an ``OSError`` that names its path is
+    raised as it is (an ``OSError`` naming none names ``file``); anything else, made from the
+    file's fields somewhere a check did not foresee (``torch.empty_strided`` of a size the
+    checks let through, ...), becomes a :class:`CorruptCheckpointError` naming ``file`` and
+    ``key``, caused by ``e``: never a bare builtin error that names no file.
+    """
+    if isinstance(e, (CheckpointError, MemoryError)):
+        raise e
+    if isinstance(e, OSError):
+        raise_with_path(e, file)  # type: ignore[arg-type]
+    raise CorruptCheckpointError(f"the tensor could not be made from the file ({type(e).__name__}: {e})",
+                                 file=file, key=key) from e
+
+
+def _check_map_location(map_location: MapLocation) -> None:
+    """``ValueError`` for a ``map_location`` that names no device (a bad argument: said before
+    anything is read, and never taken for a damaged file)."""
+    specs = map_location.values() if isinstance(map_location, Mapping) else [map_location]
+    for spec in specs:
+        if spec is not None and not isinstance(spec, torch.device):
+            try:
+                torch.device(spec)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f"map_location {spec!r} is not a device: {e}") from None
+
+
 def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values: dict[RawPath, Any],
-                   map_location: MapLocation, verify: Verify, stats: ReadStats) -> None:
+                   map_location: MapLocation, verify: Verify, stats: ReadStats, at: list[str | None]) -> None:
     by_storage: dict[str, list[PlannedLeaf]] = defaultdict(list)
     for lf in leaves:
         by_storage[lf.source.storage.key].append(lf)
@@ -126,11 +175,13 @@ def _produce_dense(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values
             with torch.no_grad():  # filling Parameters that require grad is not an autograd op
                 small = [k for k in order if rf.is_small_whole(k, by_storage[k])]
                 if small:
-                    rf.small_whole(small, [by_storage[k][0] for k in small])
+                    rf.small_whole(small, [by_storage[k][0] for k in small], at)
                     done = set(small)
                     order = [k for k in order if k not in done]
                 for skey in order:
+                    at[0] = by_storage[skey][0].key
                     rf.storage(skey, by_storage[skey])
+                at[0] = None  # (a pipelined read's error names its own key)
                 rf.drain()
     except OSError as e:  # fstat, mmap, madvise: errors that name no file
         raise_with_path(e, index.file)
@@ -146,6 +197,16 @@ _DROP_SMALL = 2 << 20  # ... and in these, for small records: their tensors cost
 _data_ptr = torch.Tensor.data_ptr
 _size = operator.attrgetter("size")
 _crc = operator.attrgetter("crc32")
+_hoff = operator.attrgetter("header_offset")
+
+
+def _local_offsets(u8: np.ndarray, hoff: np.ndarray) -> np.ndarray:
+    """Where each record's data starts by its local header at ``hoff`` (every header's 30 bytes
+    inside ``u8``, the mapped file): what torch.load reads; ``-1`` where no local header is."""
+    sig = (u8[hoff] == 0x50) & (u8[hoff + 1] == 0x4B) & (u8[hoff + 2] == 3) & (u8[hoff + 3] == 4)
+    names = u8[hoff + 26].astype(np.int64) | (u8[hoff + 27].astype(np.int64) << 8)
+    extras = u8[hoff + 28].astype(np.int64) | (u8[hoff + 29].astype(np.int64) << 8)
+    return np.where(sig, hoff + _LOCAL.size + names + extras, -1)
 
 
 @dataclass
@@ -235,21 +296,31 @@ class _RankFile:
             return self._device(ref.storage.location, lf.key).type == "cpu"
         return t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
 
-    def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf]) -> None:
+    def small_whole(self, skeys: list[str], leaves: list[PlannedLeaf], at: list[str | None]) -> None:
         """:meth:`is_small_whole` records, in a tight loop: one memmove and one CRC32 each
-        (10,000 small tensors: several times faster than :meth:`storage` one by one)."""
+        (10,000 small tensors: several times faster than :meth:`storage` one by one).
+        ``at[0]`` is set to the key of a leaf whose tensor cannot be made."""
         records = self.index.records
         offsets = self._data_offsets(skeys)
+        if self.index.source == "index file":  # torch.load reads where the local headers say
+            recs = list(map(records.__getitem__, skeys))
+            self.check_local_headers(np.fromiter(map(_hoff, recs), dtype=np.int64, count=len(recs)),
+                                     np.array(offsets, dtype=np.int64), lambda i: (skeys[i], leaves[i].key),
+                                     drop=False)  # (dropped below, at once)
         end = offsets[-1] + records[skeys[-1]].size
         # parsing the local headers faulted in a page (and its neighbours) of every record:
         # unmap them all before the tensors are made
         self._drop(records[skeys[0]].header_offset, end)
         targets = [lf.target for lf in leaves]
-        for i, lf in enumerate(leaves):
-            if lf.target is None:
-                ref: TensorRef = lf.source
-                t = targets[i] = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
-                self.values[lf.path] = finish_tensor(t, ref)
+        try:
+            for i, lf in enumerate(leaves):
+                if lf.target is None:
+                    ref: TensorRef = lf.source
+                    t = targets[i] = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+                    self.values[lf.path] = finish_tensor(t, ref)
+        except Exception:
+            at[0] = lf.key
+            raise
         recs = list(map(records.__getitem__, skeys))
         # iterators in C: no Python frame, no list of ints per column
         self.copy_whole(zip(map(_data_ptr, targets), offsets, map(_size, recs), map(_crc, recs)),  # type: ignore[arg-type]
@@ -272,10 +343,14 @@ class _RankFile:
         dropped = start
         base = self.whole.data_ptr()
         memmove, check, crc32, drop_every = ctypes.memmove, self.check, _crc32, _DROP_SMALL
+        size = len(self.mm)
         read = 0  # bytes copied (and verified, with check): added to stats however the loop ends
         try:
             with memoryview(self.mm) as mv:
                 for i, (addr, off, n, want) in enumerate(records):
+                    if off < 0 or n < 0 or n > size - off:  # never a copy from outside the mapping
+                        skey, key = names(i)
+                        raise self._outside(off, n, skey, key)
                     if check and (crc32(mv[off : off + n]) if n < _CRC_BIG else crc32_buf(mv[off : off + n])) != want:
                         skey, key = names(i)
                         raise CorruptCheckpointError(
@@ -300,24 +375,21 @@ class _RankFile:
             return known
         hoff = np.array([index.records[k].header_offset for k in skeys], dtype=np.int64)
         index.prefetch_headers(self.fd, skeys)  # a cold file: the headers' reads in parallel
-        u8 = self.whole.numpy()
-        sig_ok = (u8[hoff] == 0x50) & (u8[hoff + 1] == 0x4B) & (u8[hoff + 2] == 3) & (u8[hoff + 3] == 4)
-        names = u8[hoff + 26].astype(np.int64) | (u8[hoff + 27].astype(np.int64) << 8)
-        extras = u8[hoff + 28].astype(np.int64) | (u8[hoff + 29].astype(np.int64) << 8)
-        offs = hoff + 30 + names + extras
+        offs = _local_offsets(self.whole.numpy(), hoff)
         sizes = np.array([index.records[k].size for k in skeys], dtype=np.int64)
-        ok = sig_ok & (offs + sizes <= index.file_size)
+        ok = (offs >= 0) & (offs + sizes <= index.file_size)
         out = offs.tolist()
         for i in np.flatnonzero(~ok).tolist():
             out[i] = index.data_offset(skeys[i], self.mm)  # raises the precise error
         return out
 
-    def _data_offset(self, skey: str) -> int:
+    def _data_offset(self, skey: str, key: str | None = None) -> int:
         """One record's data offset, its local header read by ``pread``: a fault on the
         mapping would read the file around it (up to the readahead size) synchronously,
-        and a partial restore does not need those bytes."""
+        and a partial restore does not need those bytes. An index file's offset is checked
+        against the local header (``key``: the entry's, for the error)."""
         known = self.index.data_offsets([skey])
-        if known is not None:
+        if known is not None and self.index.source != "index file":
             return known[0]
         rec = self.index.records[skey]
         head = os.pread(self.fd, _LOCAL.size, rec.header_offset)
@@ -325,8 +397,64 @@ class _RankFile:
             fields = _LOCAL.unpack(head)
             off = rec.header_offset + _LOCAL.size + fields[9] + fields[10]
             if fields[0] == _LOCAL_SIG and off + rec.size <= self.index.file_size:
+                if known is not None and off != known[0]:  # an index file's offset: one check, no read saved
+                    raise self._header_disagrees(skey, off, known[0], key)
                 return off
+        if known is not None:
+            raise self._header_disagrees(skey, -1, known[0], key)
         return self.index.data_offset(skey, self.mm)  # raises the precise error
+
+    def check_local_headers(self, header: np.ndarray, data: np.ndarray, names: Callable[[int], tuple[str, str]],
+                            *, drop: bool = True) -> None:
+        """An index file's data offsets ``data`` against the local headers at ``header`` (both in
+        file order): torch.load reads where the local header says, so an index file that says
+        otherwise (or a local header damaged since it was written) is not followed. The headers
+        are read a few MiB of the file at a time, the pages their reads mapped unmapped
+        after each (as when they are parsed to find the data: the file never mapped whole).
+
+        Args:
+            names: ``i -> (storage key, entry key)`` of record ``i``, for the error.
+            drop: Unmap the pages read (``False``: the caller unmaps them all itself).
+
+        Raises:
+            CorruptCheckpointError: a record's local header puts its data elsewhere.
+        """
+        if not len(header):
+            return
+        u8 = self.whole.numpy()
+        if int(header.min()) < 0 or int(header.max()) > len(u8) - _LOCAL.size:
+            i = int(np.argmax((header < 0) | (header > len(u8) - _LOCAL.size)))
+            raise self._outside(int(header[i]), _LOCAL.size, *names(i))
+        cuts: list[int] = []
+        if drop:
+            at = np.searchsorted(header, np.arange(int(header[0]) + _DROP_SMALL, int(header[-1]) + 1, _DROP_SMALL))
+            cuts = np.maximum.accumulate(at).tolist() if len(at) else []  # (each record in one window, sorted or not)
+        for lo, hi in zip([0, *cuts], [*cuts, len(header)]):
+            if hi <= lo:
+                continue
+            h = header[lo:hi]
+            bad = np.flatnonzero(_local_offsets(u8, h) != data[lo:hi])
+            if drop:
+                self._drop(int(h.min()) // mmap.PAGESIZE * mmap.PAGESIZE, int(h.max()) + _LOCAL.size + mmap.PAGESIZE)
+            if len(bad):
+                i = lo + int(bad[0])
+                skey, key = names(i)
+                raise self._header_disagrees(skey, int(_local_offsets(u8, header[i : i + 1])[0]), int(data[i]), key)
+
+    def _header_disagrees(self, skey: str, local: int, known: int, key: str | None) -> CorruptCheckpointError:
+        """The error for an index file's data offset the local header contradicts: the bytes
+        there are not the record's (its CRC32 says so), or the local header was damaged."""
+        rec = self.index.records[skey]
+        if 0 <= known and rec.size <= len(self.mm) - known:
+            with memoryview(self.mm) as mv:
+                if crc32_buf(mv[known : known + rec.size]) != rec.crc32:
+                    return CorruptCheckpointError(
+                        f"CRC32 mismatch in storage record data/{skey}: tensor data is corrupt (the index file "
+                        f"puts it at byte {known}, its local header at byte {local})", file=self.index.file, key=key)
+        where = f"at byte {local}" if local >= 0 else "nowhere (no local header where the directory says)"
+        return CorruptCheckpointError(
+            f"storage record data/{skey}: its local header puts its data {where}, the index file at byte "
+            f"{known} (the local header was damaged, or the index file lies)", file=self.index.file, key=key)
 
     def _device(self, location: str, key: str) -> torch.device:
         dev = self._devices.get(location)
@@ -339,7 +467,7 @@ class _RankFile:
         """Every planned view of one storage record: CRC-checked if read whole, then copied."""
         index, stats = self.index, self.stats
         rec = index.records[skey]
-        offset = self._data_offset(skey)
+        offset = self._data_offset(skey, group[0].key)
         isz = group[0].source.dtype.itemsize
         spans = [lf.source.element_span() for lf in group]
         lo_b = min(lo for lo, hi in spans) * isz
@@ -358,7 +486,7 @@ class _RankFile:
                     self._pipelined(dst, offset + lo_b, hi_b - lo_b, whole_record, rec, skey, group[0].key)
                     return
                 self.drain()  # errors in file order
-                crc = self._pread_into(dst, offset + lo_b, hi_b - lo_b, whole_record)
+                crc = self._pread_into(dst, offset + lo_b, hi_b - lo_b, whole_record, skey, group[0].key)
                 if whole_record:
                     self._check_crc(crc, rec, skey, group[0].key)
                 return
@@ -515,22 +643,31 @@ class _RankFile:
             return None
         return t
 
-    def _pread_into(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool) -> int | None:
+    def _pread_into(self, t: torch.Tensor, file_off: int, nbytes: int, crc: bool, skey: str, key: str) -> int | None:
         """Bytes ``[file_off, +nbytes)`` of a small range into ``t``'s memory: one memmove from
         the mapping; their CRC32 (``None`` without ``crc``). Large ranges go by
         :meth:`_pipelined`."""
         if nbytes == 0:
             return 0 if crc else None
+        if file_off < 0 or nbytes < 0 or nbytes > len(self.mm) - file_off or nbytes > t.numel() * t.element_size():
+            raise self._outside(file_off, nbytes, skey, key)
         addr = t.data_ptr()
         ctypes.memmove(addr, self.whole.data_ptr() + file_off, nbytes)
         return crc32_at(addr, nbytes) if crc else None
+
+    def _outside(self, off: int, nbytes: int, skey: str, key: str) -> CorruptCheckpointError:
+        """The error for a copy the checks before it should have refused (a defence in depth:
+        a memmove from past the mapping is a SIGBUS, not an error)."""
+        return CorruptCheckpointError(
+            f"storage record data/{skey}: {nbytes} bytes at offset {off} do not lie in the file "
+            f"({len(self.mm)} bytes)", file=self.index.file, key=key)
 
     def _drop(self, lo: int, hi: int) -> None:
         """Unmap the whole pages of file bytes ``[lo, hi)`` (page cache keeps them): the
         mapping's footprint stays at a window, not the file. Few large calls: each one
         costs a TLB shootdown on every core running this process."""
-        first = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = hi // mmap.PAGESIZE * mmap.PAGESIZE
+        first = max(0, -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE)
+        last = min(len(self.mm), hi) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
@@ -592,7 +729,7 @@ def finish_tensor(t: torch.Tensor, ref: TensorRef) -> torch.Tensor:
 
 
 def _produce_fallback(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], values: dict[RawPath, Any],
-                      map_location: MapLocation, stats: ReadStats) -> None:
+                      map_location: MapLocation, stats: ReadStats, at: list[str | None]) -> None:
     """Leaves the fast path does not read: take them from one full ``torch.load``.
 
     torch.load itself places them (``map_location``) and keeps views of one storage tied,
@@ -609,6 +746,7 @@ def _produce_fallback(index: CheckpointIndex, leaves: Sequence[PlannedLeaf], val
         stats.fallback_loads += 1
     moved: dict[tuple[int, torch.device], torch.UntypedStorage] = {}
     for lf in leaves:
+        at[0] = lf.key
         v: Any = tree
         for p in lf.path:
             v = v[p]

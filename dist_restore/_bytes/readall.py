@@ -29,7 +29,8 @@ from dist_restore._format.indexfile import KIND_TENSOR, KIND_VALUE, Columns, Fil
 from dist_restore._format.keypath import RawPath
 from dist_restore._paths import raise_with_path
 from dist_restore._planning.plan import _PLAIN_MAPPINGS, PlannedLeaf, _is_sequence, _rebuild_tuple, first_out_of_bounds
-from dist_restore._bytes.read import _SMALL, MapLocation, ReadStats, Verify, _RankFile, produce, resolve_device
+from dist_restore._bytes.read import _SMALL, MapLocation, ReadStats, Verify, _check_map_location, _RankFile, \
+    produce, raise_as_ours, resolve_device
 from dist_restore._planning.reshard import split_leaves
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
 
@@ -54,7 +55,14 @@ def read_all(index: CheckpointIndex, *, map_location: MapLocation = None, verify
             storage record (naming the entry's key).
     """
     assert isinstance(index, FileIndex)
-    stats = stats if stats is not None else ReadStats()
+    _check_map_location(map_location)
+    try:
+        return _read_all(index, map_location, verify, stats if stats is not None else ReadStats())
+    except Exception as e:  # noqa: BLE001 - turned into ours, or raised as it is
+        raise_as_ours(e, index.file, None)
+
+
+def _read_all(index: FileIndex, map_location: MapLocation, verify: Verify, stats: ReadStats) -> Any:
     cols = index.columns
     code, shapes = _common_rows(cols, _cpu_locations(index, cols.locations, map_location))
     rows, sto = cols.rows, cols.storages
@@ -85,10 +93,15 @@ def _copy(index: FileIndex, result: Any, snum: np.ndarray, addr: np.ndarray, map
         return
     sto = index.columns.storages
     data, size, crc = sto["data"][snum], sto["size"][snum], sto["crc"][snum]
+
+    def names(i: int) -> tuple[str, str]:
+        return index.storage_key(int(snum[i])), _key_of(result, int(addr[i]))
+
     try:
         with _RankFile(index, {}, map_location, verify == "crc32", stats) as rf:
-            rf.copy_whole(_slices(addr, data, size, crc), int(data[0]), int(data[-1] + size[-1]),
-                          lambda i: (index.storage_key(int(snum[i])), _key_of(result, int(addr[i]))))
+            if index.source == "index file":  # torch.load reads where the local headers say
+                rf.check_local_headers(sto["header"][snum], data, names)
+            rf.copy_whole(_slices(addr, data, size, crc), int(data[0]), int(data[-1] + size[-1]), names)
     except OSError as e:  # fstat, mmap, madvise: errors that name no file
         raise_with_path(e, index.file)
 

@@ -38,13 +38,23 @@ point into); ``rows``/``storages`` (counts); ``sections``:
 
 Trust: the index is used only when its own CRC32 holds, it parses, the rank file has the
 recorded size and the same directory (``tail_crc32``), and, in a directory with a commit
-manifest, the manifest lists it with its size and CRC32; anything else falls back to the
-pickle, with the reason at debug level. Tensor bytes are still checked against the zip's
-CRC32 as they are read, and views against their storage's bounds, exactly as without it.
+manifest, the manifest lists it with its size and CRC32. Whoever can edit an index file can
+recompute all of those, so it is never trusted over the zip directory it describes: every
+storage row must be the directory's entry of its name (header offset, size, CRC32, its data
+within that local header's span and before the directory), the zip may hold no other
+``data/`` record, ``data.pkl`` must be where the header says, every column must point inside
+the tables and the file (checked without int64 wrap-around), and the tree must name only rows
+the tables have (:func:`_check_directory`, :meth:`FileIndex._check_columns`,
+:func:`_check_tree`). Anything else falls back to the pickle, with the reason at debug level.
+Tensor bytes are still checked against the zip's CRC32 as they are read, and views against
+their storage's bounds, exactly as without it. What no check can tell is a tree section that
+describes in-bounds views or values other than the pickle's (it replaces the pickle): the
+commit manifest's checksum of the index file is the guard there.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import mmap
@@ -53,8 +63,9 @@ import pickle
 import struct
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import repeat
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -66,9 +77,11 @@ from dist_restore._format.dtensor import DLayout, DTensorRef, MeshInfo
 from dist_restore._format.index import CheckpointIndex, IndexEntry, iter_leaves, map_leaves
 from dist_restore._base.regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
+from dist_restore.errors import CheckpointError, CorruptCheckpointError
 from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
-from dist_restore._format.zip import _EOCD, _EOCD64, _EOCD64_LOC, _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _U32, \
-    ZipRecord, data_offset, read_zip_records
+from dist_restore._format.zip import _CDIR, _CDIR_DTYPE, _CDIR_SIG, _CDIR_USED, _EOCD, _EOCD64, _EOCD64_LOC, \
+    _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _LOCAL, _LOCAL_SIG, _U32, ZipRecord, _zip64_extra, data_offset, \
+    read_zip_records
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +125,20 @@ def zip_tail(fd: int, size: int) -> tuple[int, int]:
     Raises:
         IndexFileError: no readable end-of-central-directory record.
     """
+    tail = _zip_tail(fd, size)
+    return tail.offset, crc32(tail.data) & 0xFFFFFFFF
+
+
+class _Tail(NamedTuple):
+    """A zip file's central directory and what its end record says of it."""
+
+    offset: int  # where the directory starts
+    entries: int  # its entry count
+    size: int  # its length in bytes
+    data: bytes  # the file from ``offset`` to its end (the directory, then the end records)
+
+
+def _zip_tail(fd: int, size: int) -> _Tail:
     want = min(size, _EOCD.size + 0xFFFF)
     tail = os.pread(fd, want, size - want)
     pos = tail.rfind(_EOCD_SIG)
@@ -121,8 +148,8 @@ def zip_tail(fd: int, size: int) -> tuple[int, int]:
         raise IndexFileError("no zip end-of-central-directory record")
     eocd = size - want + pos
     fields = _EOCD.unpack_from(tail, pos)
-    cd_offset = fields[6]
-    if fields[4] == 0xFFFF or fields[5] == _U32 or cd_offset == _U32:
+    entries, cd_size, cd_offset = fields[4], fields[5], fields[6]
+    if entries == 0xFFFF or cd_size == _U32 or cd_offset == _U32:
         loc = pos - _EOCD64_LOC.size
         if loc < 0 or tail[loc : loc + 4] != _EOCD64_LOC_SIG:
             raise IndexFileError("zip64 locator missing")
@@ -130,13 +157,281 @@ def zip_tail(fd: int, size: int) -> tuple[int, int]:
         rec = os.pread(fd, _EOCD64.size, eocd64)
         if len(rec) != _EOCD64.size or rec[:4] != _EOCD64_SIG:
             raise IndexFileError("zip64 end-of-central-directory record missing")
-        cd_offset = _EOCD64.unpack(rec)[9]
+        entries, cd_size, cd_offset = _EOCD64.unpack(rec)[7:10]
     if not 0 <= cd_offset <= eocd:
         raise IndexFileError("central directory offset out of range")
     data = os.pread(fd, size - cd_offset, cd_offset)
     if len(data) != size - cd_offset:
         raise IndexFileError("rank file shorter than its directory says")
-    return cd_offset, crc32(data) & 0xFFFFFFFF
+    return _Tail(cd_offset, entries, cd_size, data)
+
+
+class _Entry(NamedTuple):
+    """One central directory entry, parsed on its own (the few records besides the storages')."""
+
+    name: bytes
+    header: int
+    size: int
+    crc: int
+    end: int  # where the next entry starts
+
+
+def _cd_entry(cd: bytes, p: int, cd_size: int) -> _Entry:
+    if p + _CDIR.size > cd_size:
+        raise IndexFileError("the zip directory is shorter than its entry count")
+    sig, method, crc, csize, usize, nlen, elen, clen, hoff = _CDIR_USED.unpack_from(cd, p)
+    q = p + _CDIR.size
+    end = q + nlen + elen + clen
+    if sig != _CDIR_SIG or end > cd_size:
+        raise IndexFileError(f"a bad zip directory entry at byte {p} of it")
+    if usize == _U32 or csize == _U32 or hoff == _U32:
+        usize, csize, hoff = _zip64_extra(cd[q + nlen : q + nlen + elen], usize, csize, hoff)
+    if method != 0 or csize != usize:
+        raise IndexFileError("a compressed zip record")
+    return _Entry(cd[q : q + nlen], hoff, usize, crc, end)
+
+
+_MAX_OTHERS = 64  # zip records besides the storages' (torch.save writes 6) checked one by one
+_MAX_EXTRA = 0xFFFF  # a local header's extra field: a record's data starts at most this far past its name
+
+
+def _check_directory(tail: _Tail, prefix: bytes, sto: np.ndarray, keys: list[bytes] | None,
+                     pickle_at: list[int]) -> None:
+    """Check an index file's storage table against the zip directory of its rank file.
+
+    Each storage row must be the directory's entry named ``{prefix}data/{key}``: same local
+    header offset, size and CRC32, its data offset within that local header's span (after the
+    header and its name, at most 64 KiB of extra field further), its data before the directory;
+    no other entry may carry a ``data/`` name (a second one of a name: which one torch.load
+    takes is not ours to guess), and ``data.pkl`` must be where the index says. torch.save
+    lists the storages in key order, one after another, so their entries' places follow from
+    their names' lengths (and zip64 extras, from the sizes and offsets) and every field of
+    every entry is compared with numpy at once; only the few other entries are parsed one by
+    one. A directory laid out otherwise is refused too (the pickle is read instead).
+
+    Raises:
+        IndexFileError: anything differs (the index is not used: the rank file's pickle is).
+    """
+    cd, cd_size, n = tail.data, tail.size, len(sto)
+    if not 0 <= cd_size <= len(cd):
+        raise IndexFileError("the zip directory's size is out of range")
+    stem = prefix + b"data/"
+    others: list[_Entry] = []
+    p = 0
+
+    def other(e: _Entry) -> None:
+        if len(others) == _MAX_OTHERS:
+            raise IndexFileError("the zip holds more records than the index lists")
+        others.append(e)
+
+    while len(others) < tail.entries:  # the entries before the storages' (data.pkl, byteorder, ...)
+        e = _cd_entry(cd, p, cd_size)
+        if e.name.startswith(stem):
+            if n:
+                break
+            raise IndexFileError(f"the zip holds a record the index does not list ({e.name!r})")
+        other(e)
+        p = e.end
+    if n:
+        if len(others) + n > tail.entries:
+            raise IndexFileError("the zip directory lists fewer records than the index")
+        p = _check_storages(cd, p, cd_size, tail.offset, stem, sto, keys)
+    while len(others) + n < tail.entries:  # the entries after them (version, ...)
+        e = _cd_entry(cd, p, cd_size)
+        if e.name.startswith(stem):
+            raise IndexFileError(f"the zip holds a record the index does not list ({e.name!r})")
+        other(e)
+        p = e.end
+    pkl = [e for e in others if e.name == prefix + b"data.pkl"]
+    if len(pkl) != 1:
+        raise IndexFileError("the zip directory does not hold one data.pkl")
+    e = pkl[0]
+    p_off, p_size, p_crc = pickle_at
+    if (e.size, e.crc) != (p_size, p_crc) or not 0 <= p_off - (e.header + _LOCAL.size + len(e.name)) <= _MAX_EXTRA:
+        raise IndexFileError("data.pkl is not where the zip directory says")
+
+
+def _check_storages(cd: bytes, p: int, cd_size: int, cd_offset: int, stem: bytes, sto: np.ndarray,
+                    keys: list[bytes] | None) -> int:
+    """The storages' entries of :func:`_check_directory`, from byte ``p`` of the directory;
+    returns where the entry after them starts."""
+    n = len(sto)
+    header, size, data = sto["header"], sto["size"], sto["data"]
+    if keys is None:  # "0", "1", ...: each key's digit count
+        key_no = np.arange(n, dtype=np.int64)
+        digits = np.searchsorted(_POW10[1 : len(str(n - 1))], key_no, side="right") + 1
+        nlen = len(stem) + digits
+    else:
+        if len(set(keys)) != n:
+            raise IndexFileError("a storage key is listed twice")
+        klen = np.fromiter(map(len, keys), dtype=np.int64, count=n)
+        nlen = len(stem) + klen
+    # where each entry starts: torch.save lists them one after another, each 46 bytes, its name
+    # and a zip64 extra (tag 1: the sizes, both, then the offset, that do not fit 32 bits)
+    zip64 = cd_offset >= _U32  # (else no storage's offset or size can need it)
+    if zip64:
+        if not ((header >= 0) & (header < cd_offset) & (size >= 0) & (size <= cd_offset)).all():
+            raise IndexFileError("a storage lies outside the rank file")
+        big_size, big_header = size >= _U32, header >= _U32
+        n64 = 2 * big_size + big_header
+        elen = np.where(n64 > 0, 4 + 8 * n64, 0)
+        step = _CDIR.size + nlen + elen
+    else:
+        elen, step = 0, _CDIR.size + nlen
+    at = np.empty(n, dtype=np.int64)
+    at[0] = p
+    np.cumsum(step[:-1], out=at[1:])
+    at[1:] += p
+    end = int(at[-1] + step[-1])
+    if end > cd_size:
+        raise IndexFileError("the zip directory does not list the storages the index does")
+    u8 = np.frombuffer(cd, dtype=np.uint8)
+    e = np.lib.stride_tricks.sliding_window_view(u8, _CDIR.size)[at].view(_CDIR_DTYPE).reshape(-1)
+    ok = ((e["sig"] == _CDIR_SIG_U32) & (e["method"] == 0) & (e["nlen"] == nlen) & (e["elen"] == elen)
+          & (e["clen"] == 0) & (e["crc"] == sto["crc"]) & (e["csize"] == e["usize"]))
+    if zip64:
+        ok &= (e["usize"] == np.where(big_size, _U32, size)) & (e["hoff"] == np.where(big_header, _U32, header))
+        big = np.flatnonzero(n64)
+        x, c, sz, hd = at[big] + _CDIR.size + nlen[big], n64[big], size[big], header[big]
+        i64 = _view(cd, "<i8")  # (a value >= 2^63 reads negative: it matches nothing)
+        v = [i64[np.minimum(x + 4 + 8 * j, len(cd) - 8)] for j in range(3)]
+        ok[big] &= ((_view(cd, "<u2")[x] == 1) & (_view(cd, "<u2")[x + 2] == 8 * c)
+                    & (v[0] == np.where(c >= 2, sz, hd)) & ((c < 2) | (v[1] == sz)) & ((c < 3) | (v[2] == hd)))
+    else:
+        ok &= (e["usize"] == size) & (e["hoff"] == header)
+    # the names: the stem, then the key
+    start = at + _CDIR.size
+    ok &= _same_bytes(cd, start, stem)
+    if keys is None and len(stem) >= 7 and n <= 10**8:
+        # the last 8 bytes of "{stem}{n}": n's digits zero-padded to 8, their leading zeros
+        # replaced by the stem's last bytes (the byte at the lowest address is the lowest)
+        lo8 = _ASCII4[key_no % 10000].astype(np.uint64) << np.uint64(32)
+        word = lo8 | _ASCII4[key_no // 10000]
+        keep = _TOP_BYTES[digits]
+        want = (word & keep) | _stem_tails(stem)[digits]
+        ok &= _view(cd, "<u8")[start + nlen - 8] == want
+    else:
+        k_at = start + len(stem)
+        k_len = nlen - len(stem)
+        if keys is None:
+            keys = [str(i).encode() for i in range(n)]
+        width = int(k_len.max(initial=0))
+        if width:
+            pad = np.concatenate([u8, np.zeros(width, dtype=np.uint8)]) if end + width > len(u8) else u8
+            got = np.lib.stride_tricks.sliding_window_view(pad, width)[k_at]
+            want_b = np.array(keys, dtype=f"S{width}").view(np.uint8).reshape(n, width)
+            ok &= ((got == want_b) | (np.arange(width) >= k_len[:, None])).all(axis=1)
+    # the data: after its local header and name, within the extra field's reach, before the directory
+    lo = header + _LOCAL.size + nlen
+    ok &= (data >= lo) & (data <= lo + _MAX_EXTRA) & (size <= cd_offset - data)
+    if not ok.all():
+        raise IndexFileError(f"storage {_key(keys, int(np.argmin(ok)))} is not what the zip directory says")
+    return end
+
+
+def _view(buf: bytes, dtype: str) -> np.ndarray:
+    """``buf`` as numbers of ``dtype`` starting at every byte (unaligned): ``v[i]`` is the one at byte ``i``."""
+    size = np.dtype(dtype).itemsize
+    return np.ndarray((max(0, len(buf) - size + 1),), dtype=dtype, buffer=buf, strides=(1,))
+
+
+def _same_bytes(buf: bytes, at: np.ndarray, want: bytes) -> np.ndarray:
+    """Per position: whether ``buf[at : at + len(want)] == want`` (eight bytes at a time; every
+    range must lie in ``buf``, and ``want`` be 8 bytes or more)."""
+    n = len(want)
+    if n < 8:
+        win = np.lib.stride_tricks.sliding_window_view(np.frombuffer(buf, dtype=np.uint8), n)
+        return (win[at] == np.frombuffer(want, dtype=np.uint8)).all(axis=1)
+    words = _view(buf, "<u8")
+    ok = np.ones(len(at), dtype=bool)
+    for i in [*range(0, n - 7, 8), n - 8]:
+        ok &= words[at + i] == int.from_bytes(want[i : i + 8], "little")
+    return ok
+
+
+#: 10^i, i = 0..18
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+#: x -> x's four decimal digits, zero-padded, as ASCII in a little-endian uint32
+_ASCII4 = sum((48 + np.arange(10000, dtype=np.uint32) // 10 ** (3 - i) % 10) << (8 * i) for i in range(4))
+#: d -> the mask of a uint64's top d bytes (the last d of its eight)
+_TOP_BYTES = np.array([0] + [((1 << 8 * d) - 1) << 8 * (8 - d) for d in range(1, 9)], dtype=np.uint64)
+
+
+def _stem_tails(stem: bytes) -> np.ndarray:
+    """d -> the stem's last 8 - d bytes, where a name of d digits has them in its last 8."""
+    return np.array([0] + [int.from_bytes(stem[len(stem) - (8 - d):] if d < 8 else b"", "little") for d in range(1, 9)],
+                    dtype=np.uint64)
+
+
+def _key(keys: list[bytes] | None, i: int) -> str:
+    return repr(str(i) if keys is None else keys[i].decode("utf-8", "replace"))
+
+
+_CDIR_SIG_U32 = int.from_bytes(_CDIR_SIG, "little")
+
+
+def _check_tree(skel: Any, objects: dict[Any, Any], dtensors: dict[Any, Any], kind: np.ndarray, limit: int) -> None:
+    """The tree section must be what :func:`build_index_file` writes: containers (dicts, exact
+    lists and tuples) whose leaves are row numbers the tables have; ``objects`` the value of
+    every value row, ``dtensors`` the global size, stride and layout of every DTensor row.
+
+    Walked a level at a time with loops that run in C, never recursively (a skeleton can be
+    nested 100,000 deep). A container that occurs twice (as the pickle's memo can make it) is
+    walked twice: the walk stops at ``limit`` nodes, the tree section's length in bytes, which
+    every node the writer makes costs at least (so a cycle, or a container shared over and
+    over, cannot make the walk, or the reads after it, long).
+
+    Raises:
+        IndexFileError: anything else.
+    """
+    nrows = len(kind)
+    isint = int.__instancecheck__
+    level, nodes = [skel], 0
+    while level:
+        nodes += len(level)
+        if nodes > limit:
+            raise IndexFileError("the skeleton has more nodes than its pickle has bytes (a container in it twice?)")
+        types = set(map(type, level))
+        bad = [t for t in types if not (t is int or t in _SEQUENCES or issubclass(t, dict))]
+        if bad:
+            raise IndexFileError(f"unexpected {bad[0].__name__} in the skeleton")
+        if int in types:
+            if len(types) == 1:
+                ints, level = level, []
+            else:  # the containers first, then the ints (one sort of a key that is all but sorted)
+                level.sort(key=isint)
+                cut = bisect_left(level, True, key=isint)
+                ints, level = level[cut:], level[:cut]
+            rows = np.fromiter(ints, dtype=np.int64, count=len(ints))
+            if int(rows.min()) < 0 or int(rows.max()) >= nrows:
+                raise IndexFileError(f"the tree names a row outside the table of {nrows}")
+            types.discard(int)
+            if not types:
+                break
+        if types <= _DICTS:
+            level = list(chain.from_iterable(map(dict.values, level)))
+        elif types <= _SEQUENCES:
+            level = list(chain.from_iterable(level))
+        else:
+            level = list(chain.from_iterable(v.values() if isinstance(v, dict) else v for v in level))
+    values, dts = np.flatnonzero(kind == KIND_VALUE), np.flatnonzero(kind == KIND_DTENSOR)
+    for table, rows, what in ((objects, values, "values"), (dtensors, dts, "DTensor")):
+        # as many keys as rows, every row a key: the keys are the rows (a key that only equals
+        # one, 1.0 or True for 1, finds the same entry)
+        if len(table) != len(rows) or not all(map(table.__contains__, rows.tolist())):
+            raise IndexFileError(f"the {what} table does not match the {what} rows")
+    if not all(type(v) is tuple and len(v) == 3 for v in dtensors.values()):
+        raise IndexFileError("a DTensor row's entry is not (global size, global stride, layout)")
+    # (each layout is checked as it is made: see FileIndex._layout)
+
+
+_DICTS = {dict, collections.OrderedDict}  # what map_leaves makes of the tree's mappings, as a rule
+_SEQUENCES = {list, tuple}
+
+
+def _sizes(v: Any) -> bool:
+    """Whether ``v`` is a tuple of sizes (ints >= 0)."""
+    return type(v) is tuple and all(type(x) is int and x >= 0 for x in v)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -387,9 +682,12 @@ class FileIndex(CheckpointIndex):
             raise IndexFileError(f"written for a rank file of {rf['size']} bytes, this one has {size}")
         if h["byteorder"] != sys.byteorder:
             raise IndexFileError(f"written on a {h['byteorder']}-endian machine")
-        if zip_tail(fd, size) != (rf["tail_offset"], rf["tail_crc32"]):
+        tail = _zip_tail(fd, size)
+        if (tail.offset, crc32(tail.data) & 0xFFFFFFFF) != (rf["tail_offset"], rf["tail_crc32"]):
             raise IndexFileError("written for another rank file (its zip directory differs)")
-        p_off, p_size, p_crc = rf["pickle"]
+        p_off, p_size, p_crc = pickle_at = rf["pickle"]
+        if not (type(p_off) is int and type(p_size) is int and 0 <= p_off and 0 <= p_size <= tail.offset - p_off):
+            raise IndexFileError("data.pkl's place lies outside the rank file")
         if crc32(os.pread(fd, p_size, p_off)) & 0xFFFFFFFF != p_crc:  # the pickle this index describes
             raise IndexFileError("the rank file's data.pkl is not the one it was built from (damaged?)")
 
@@ -402,16 +700,21 @@ class FileIndex(CheckpointIndex):
 
         nrows, nsto = int(h["rows"]), int(h["storages"])
         ordinal = h["ordinal_keys"] is True
-        skeys = None if ordinal else bytes(section("skeys")).decode("utf-8").split("\x00") if nsto else []
+        raw_keys = None if ordinal else bytes(section("skeys")).split(b"\x00") if nsto else []
+        skeys = None if raw_keys is None else [k.decode("utf-8") for k in raw_keys]
         rows = np.frombuffer(section("rows"), dtype=_ROW)
         sto = np.frombuffer(section("storages"), dtype=_STORAGE)
         if len(rows) != nrows or len(sto) != nsto or (skeys is not None and len(skeys) != nsto):
             raise IndexFileError("row or storage counts disagree with the header")
+        prefix = str(h["prefix"])
+        # the storage table against the zip directory it claims to describe (never trusted over it)
+        _check_directory(tail, prefix.encode("utf-8"), sto, raw_keys, pickle_at)
         dtypes = [_dtype(n) for n in h["dtypes"]]
         locations = [str(n) for n in h["locations"]]
         dims = np.frombuffer(section("dims"), dtype="<i8")
-        self._set_tables(file, size, str(h["prefix"]), dtypes, locations, rows, dims, sto, skeys,
-                         lambda: unpickle_refs(bytes(section("tree")), str(index_path(file)))[0], t0)
+        tree = bytes(section("tree"))
+        self._set_tables(file, size, prefix, dtypes, locations, rows, dims, sto, skeys,
+                         lambda: unpickle_refs(tree, str(index_path(file)))[0], len(tree), t0)
 
     @classmethod
     def from_tables(cls, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
@@ -430,12 +733,15 @@ class FileIndex(CheckpointIndex):
         ix = cls.__new__(cls)
         ix.source = "pickle"  # type: ignore[misc]
         ix._set_tables(file, size, prefix, dtypes, locations, rows, dims, storages, skeys,
-                       lambda: unpickle_refs(tree, str(file))[0], t0)
+                       lambda: unpickle_refs(tree, str(file))[0], None, t0)
         return ix
 
     def _set_tables(self, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
                     rows: np.ndarray, dims: np.ndarray, sto: np.ndarray, skeys: list[str] | None,
-                    tree: Callable[[], Any], t0: float) -> None:
+                    tree: Callable[[], Any], tree_bytes: int | None, t0: float) -> None:
+        """Install the tables (checked against the rank file's size and each other) and the tree
+        section; ``tree_bytes``: the tree section's length, to check it against the tables
+        (``None``: a tree made here from the pickle, rows and values as the tables have them)."""
         nrows, nsto = len(rows), len(sto)
         self.file, self.file_size, self.format = file, size, "zip"
         self.native_order = True
@@ -445,9 +751,14 @@ class FileIndex(CheckpointIndex):
         self._rows, self._dims, self._sto = rows, dims, sto
         self._ordinal = skeys is None
         self._check_columns(size)
-        skel, objects, dtensors = tree()
-        if not isinstance(objects, dict) or not isinstance(dtensors, dict):
+        got = tree()
+        if type(got) is not tuple or len(got) != 3:
             raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
+        skel, objects, dtensors = got
+        if type(objects) is not dict or type(dtensors) is not dict:
+            raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
+        if tree_bytes is not None:
+            _check_tree(skel, objects, dtensors, rows["kind"], tree_bytes)
         self._skeleton, self._objects, self._dtensors = skel, objects, dtensors
         self._nsto = nsto
         self._skeys_list = skeys
@@ -475,13 +786,19 @@ class FileIndex(CheckpointIndex):
         tensors = r["kind"] != KIND_VALUE
         if bool((r["storage"][tensors] < 0).any()):
             raise IndexFileError("a tensor row without a storage")
+        if bool((self._dims < 0).any()):
+            raise IndexFileError("a negative size or stride")
+        # no int64 sum or product below can wrap: each is bounded first (data > header >= 0, so
+        # size - data cannot; numel <= size // itemsize, so numel * itemsize <= size)
         if len(s) and (int(s["dtype"].max()) >= len(self._dtypes) or int(s["loc"].max()) >= len(self._locations)
                        or bool((s["header"] < 0).any()) or bool((s["data"] <= s["header"]).any())
-                       or bool((s["size"] < 0).any()) or bool((s["data"] + s["size"] > size).any())):
+                       or bool((s["size"] < 0).any()) or bool((s["size"] > size - s["data"]).any())):
             raise IndexFileError("a storage record lies outside the rank file")
-        isz = np.array([d.itemsize for d in self._dtypes], dtype=np.int64)
-        if len(s) and bool((s["numel"] * isz[s["dtype"]] != s["size"]).any()):
-            raise IndexFileError("a storage's numel disagrees with its size")
+        isz = np.array([max(1, d.itemsize) for d in self._dtypes], dtype=np.int64)
+        if len(s):
+            numel, sisz = s["numel"], isz[s["dtype"]]
+            if bool((numel < 0).any()) or bool((numel > size // sisz).any()) or bool((numel * sisz != s["size"]).any()):
+                raise IndexFileError("a storage's numel disagrees with its size")
 
     # -- what CheckpointIndex offers ---------------------------------------------------------
 
@@ -519,9 +836,23 @@ class FileIndex(CheckpointIndex):
         return self._snum_dict[key]
 
     def data_offset(self, storage_key: str, buf: Any = None) -> int:
-        if self._data_list is not None:
-            return self._data_list[self._snum(storage_key)]
-        return self._srow(self._snum(storage_key))[1]
+        """The record's data offset; with ``buf`` (the rank file's bytes, a mapping) an index
+        file's is checked against the record's local header, where torch.load reads.
+
+        Raises:
+            CorruptCheckpointError: the local header puts the data elsewhere.
+        """
+        i = self._snum(storage_key)
+        off = self._data_list[i] if self._data_list is not None else self._srow(i)[1]
+        if buf is not None and self.source == "index file":
+            header = int(self._sto["header"][i])
+            head = bytes(buf[header : header + _LOCAL.size])
+            fields = _LOCAL.unpack(head) if len(head) == _LOCAL.size else None
+            if fields is None or fields[0] != _LOCAL_SIG or header + _LOCAL.size + fields[9] + fields[10] != off:
+                raise CorruptCheckpointError(
+                    f"storage record data/{storage_key}: its local header does not put its data at byte {off}, "
+                    "where the index file does (the local header was damaged, or the index file lies)", file=self.file)
+        return off
 
     def data_offsets(self, storage_keys: list[str]) -> list[int] | None:
         snum = self._snum
@@ -590,8 +921,8 @@ class FileIndex(CheckpointIndex):
 
     def dtensor_layouts(self) -> Iterator[DLayout]:
         """The layout of every DTensor entry, from the tree section's table (no leaf built)."""
-        for _size, _stride, layout in self._dtensors.values():
-            yield _layout_from_tuple(layout)
+        for row, (_size, _stride, layout) in self._dtensors.items():
+            yield self._layout(row, layout)
 
     def leaf(self, row: int) -> Any:
         """The reference (or value) of one leaf of the skeleton."""
@@ -659,11 +990,29 @@ class FileIndex(CheckpointIndex):
             t.requires_grad, t.is_parameter = grad, param
             return t
         size, stride, layout = self._dtensors[row]
-        d = DTensorRef(t.dtype, tuple(size), tuple(stride), grad)
+        if not (_sizes(size) and _sizes(stride)):
+            raise CorruptCheckpointError(f"DTensor row {row} of the index file has a global size or stride "
+                                         f"that is not sizes ({size!r}, {stride!r})", file=index_path(self.file))
+        d = DTensorRef(t.dtype, size, stride, grad)
         d.is_parameter = param
         d.local = t
-        d.__dict__["layout"] = _layout_from_tuple(layout)  # the cached_property's slot
+        d.__dict__["layout"] = self._layout(row, layout)  # the cached_property's slot
         return d
+
+    def _layout(self, row: int, layout: Any) -> DLayout:
+        """A DTensor row's layout, made when used: one the index file holds wrong is our error,
+        naming the index file (its rows' layouts are not all made when it is loaded: a
+        checkpoint of thousands of DTensors would pay for every one of them)."""
+        try:
+            return _layout_from_tuple(layout)
+        except CheckpointError as e:
+            if e.file is not None:
+                raise
+            raise CorruptCheckpointError(f"DTensor row {row} of the index file: {e.reason}",
+                                         file=index_path(self.file), key=e.key) from None
+        except Exception as e:  # a malformed tuple: TypeError, ValueError, ...
+            raise CorruptCheckpointError(f"DTensor row {row} of the index file has a malformed layout "
+                                         f"({type(e).__name__}: {e})", file=index_path(self.file)) from e
 
     def _storage(self, i: int) -> StorageRef:
         ref = self._storage_refs[i]
