@@ -26,7 +26,7 @@ from dist_restore._format.dtensor import DLayout, DTensorRef
 from dist_restore._gc import gc_paused, paused
 from dist_restore._format.keypath import RawPath
 from dist_restore._paths import open_regular, raise_with_path
-from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
+from dist_restore._format.unpickle import MAX_NESTING, ExoticRef, StorageRef, TensorRef, deep_key, unpickle_refs
 from dist_restore._format.zip import ZipRecord, data_offset, is_zip, prefetch_headers, read_zip_records
 from dist_restore.errors import CorruptCheckpointError
 
@@ -176,12 +176,21 @@ class CheckpointIndex:
     def dtensor_layouts(self) -> Iterator[DLayout]:
         """The layout of every DTensor entry, without building an :class:`IndexEntry` per
         leaf or reading any record's local header."""
-        for key, _path, v in iter_leaves(self.tree):
+        for key, _path, v in self._leaves(self.tree):
             if isinstance(v, DTensorRef):
                 try:
                     yield v.layout
                 except CorruptCheckpointError as e:
                     raise CorruptCheckpointError(e.reason, file=self.file, key=key) from None
+
+    def _leaves(self, tree: Any) -> Iterator[tuple[str, RawPath, Any]]:
+        """:func:`iter_leaves`, its errors naming this file."""
+        try:
+            yield from iter_leaves(tree)
+        except CorruptCheckpointError as e:
+            if e.file is not None:
+                raise
+            raise CorruptCheckpointError(e.reason, file=self.file, key=e.key) from None
 
     def prefetch_headers(self, fd: int, storage_keys: Iterable[str]) -> None:
         """Start reading the local headers of these records whose data offsets are not
@@ -212,7 +221,7 @@ class CheckpointIndex:
         return sum(e.nbytes for e in self.entries.values() if e.kind != "object")
 
     def _iter_entries(self) -> Iterator[IndexEntry]:
-        for key, _path, value in iter_leaves(self.tree):
+        for key, _path, value in self._leaves(self.tree):
             yield self._entry(key, value)
 
     def _entry(self, key: str, v: Any) -> IndexEntry:
@@ -246,19 +255,30 @@ class CheckpointIndex:
         return IndexEntry(key, "object", value=v)
 
 
-def map_leaves(tree: Any, leaf: Callable[[Any], Any]) -> Any:
+def map_leaves(tree: Any, leaf: Callable[[Any], Any], _depth: int = 0) -> Any:
     """``tree`` rebuilt with the same containers (a mapping as its own type, exact lists and
     tuples) and every leaf ``v`` replaced by ``leaf(v)``. A list or tuple subclass (such as
-    ``torch.Size``) is a leaf: ``leaf`` decides whether it can stand."""
+    ``torch.Size``) is a leaf: ``leaf`` decides whether it can stand.
+
+    Raises:
+        CorruptCheckpointError: a container deeper than :data:`MAX_NESTING` (the recursion
+            stays well inside Python's limit).
+    """
     if isinstance(tree, Mapping):
+        if _depth >= MAX_NESTING:
+            raise _too_deep("")
         out = type(tree)()
         for k, c in tree.items():
-            out[k] = map_leaves(c, leaf)
+            out[k] = map_leaves(c, leaf, _depth + 1)
         return out
     if type(tree) is list:
-        return [map_leaves(c, leaf) for c in tree]
+        if _depth >= MAX_NESTING:
+            raise _too_deep("")
+        return [map_leaves(c, leaf, _depth + 1) for c in tree]
     if type(tree) is tuple:
-        return tuple(map_leaves(c, leaf) for c in tree)
+        if _depth >= MAX_NESTING:
+            raise _too_deep("")
+        return tuple([map_leaves(c, leaf, _depth + 1) for c in tree])
     return leaf(tree)
 
 
@@ -267,20 +287,33 @@ def iter_leaves(tree: Any, key: str = "", path: RawPath = ()) -> Iterator[tuple[
 
     Dicts, lists and tuples are descended into; everything else is a leaf, ``torch.Size``
     included (a value, as ``torch.load`` returns it, not a container of ints).
+
+    Raises:
+        CorruptCheckpointError: a container deeper than :data:`MAX_NESTING` (counted from the
+            root: ``path`` is where ``tree`` is), naming the key (not the file: the caller's).
     """
     stack: list[tuple[str, RawPath, Any]] = [(key, path, tree)]
     pop, push = stack.pop, stack.append
     while stack:
         k, p, v = pop()
         if isinstance(v, Mapping):
+            if len(p) >= MAX_NESTING:  # (its path's length is a container's depth)
+                raise _too_deep(k)
             items = list(v.items())
             for sub, child in reversed(items):
                 push((f"{k}.{sub}" if k else str(sub), p + (sub,), child))
         elif isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
+            if len(p) >= MAX_NESTING:
+                raise _too_deep(k)
             for i in range(len(v) - 1, -1, -1):
                 push((f"{k}[{i}]", p + (i,), v[i]))
         else:
             yield k, p, v
+
+
+def _too_deep(key: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"the tree nests deeper than {MAX_NESTING} levels (dist_restore's limit)",
+                                  key=deep_key(key) if key else None)
 
 
 def shares_containers(tree: Any) -> bool:

@@ -38,6 +38,7 @@ from dist_restore._format.indexfile import _F_CONJ, _F_GRAD, _F_NEG, _F_PARAM, _
     FileIndex
 from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef
 from dist_restore._format.zip import ZipTables, read_zip_tables
+from dist_restore.errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def pickle_tables(path: Path, mm: mmap.mmap, size: int, t0: float) -> FileIndex 
         with paused():  # several objects per tensor: no full collections over all of torch
             return _tables(path, mm, size, t0)
     except MemoryError:
-        raise
+        raise CorruptCheckpointError("ran out of memory indexing the file (MemoryError): a file whose few bytes "
+                                     "ask for much memory, or too little memory for it", file=path) from None
     except Exception as e:  # noqa: BLE001 - whatever it is, the reference path says it precisely
         logger.debug("%s: indexed as references, not tables: %s: %s", path, type(e).__name__, e)
         return None
@@ -93,7 +95,8 @@ def _tables(path: Path, mm: mmap.mmap, size: int, t0: float) -> FileIndex:
         if mm[at : at + int(zt.size[bo[0]])].decode("ascii", "replace") != sys.byteorder:
             raise _NotTables("another byte order")
     up = _Columns()
-    tree = _TableUnpickler(data, up).load()  # the unpickler and its memo go right after
+    tree = _unpickle.load_deep(_TableUnpickler(data, up).load, data, str(path))  # the unpickler and its memo go
+    _unpickle.check_tree(tree, len(data), str(path))  # right after; too deep: the reference path says where
     del data
     # The skeleton and the values, pickled as an index file's tree section and loaded back
     # from that: unpickling data.pkl left ~500 bytes a tensor of the memo's objects freed
@@ -115,7 +118,9 @@ def _tables(path: Path, mm: mmap.mmap, size: int, t0: float) -> FileIndex:
     s_dtype = np.frombuffer(up.s_dtype, dtype=np.uint8)
     s_numel = np.frombuffer(up.s_numel, dtype=np.int64)
     rec_size = zt.size[rec]
-    if nsto and not np.array_equal(rec_size, s_numel * isz[s_dtype]):
+    s_isz = isz[s_dtype]
+    # numel within the record before any product (numel * itemsize can wrap int64 around)
+    if nsto and not ((s_numel >= 0) & (s_numel <= rec_size // s_isz) & (s_numel * s_isz == rec_size)).all():
         raise _NotTables("a storage record's size is not what the pickle says")
     sto = np.zeros(nsto, dtype=_STORAGE)
     sto["header"] = zt.header_offset[rec]
@@ -130,6 +135,9 @@ def _tables(path: Path, mm: mmap.mmap, size: int, t0: float) -> FileIndex:
                       ("storage", up.storage), ("dims", up.dims_at), ("offset", up.offset)):
         rows[name] = np.frombuffer(col, dtype=rows.dtype[name].newbyteorder("="))
     dims = np.frombuffer(up.dims, dtype=np.int64) if len(up.dims) else np.zeros(0, dtype=np.int64)
+    # (each row's sizes, strides and offset were checked as the rebuild functions met them:
+    # non-negative int64, torch's element count; with every storage's numel its record's, the
+    # readers' span checks over these columns cannot wrap)
     return FileIndex.from_tables(path, size, prefix.decode("utf-8"), dtypes, list(up.locations), rows, dims,
                                  sto, up.skeys, blob, t0)
 
@@ -203,6 +211,8 @@ class _TableUnpickler(pickle.Unpickler):
             ("torch._tensor", "_rebuild_from_type_v2"): cols.rebuild_from_type_v2,
         }
         self.persistent_load = cols.persistent_load
+        for key in _unpickle._BYTEARRAY:
+            self._rebuild[key] = _unpickle.bounded_bytearray(len(data))
 
     def find_class(self, module: str, name: str) -> Any:
         f = self._rebuild.get((module, name))
@@ -237,12 +247,14 @@ class _Columns:
 
     def persistent_load(self, pid: Any) -> _Sto:
         tag, stype, key, location, numel = pid
-        if tag != "storage" or not isinstance(stype, _unpickle._StorageType):
-            raise _NotTables(f"persistent id {pid!r:.80}")
-        key = key if key.__class__ is str else str(key)
+        if tag != "storage" or not isinstance(stype, _unpickle._StorageType) or key.__class__ is not str:
+            raise _NotTables("an unusual persistent id")  # (a key of another type: torch.load reads the
+            # record once per key type, each in its own dtype; the reference path sorts that out)
         known = self._known(key)
         if known is not None:
             return _Sto(known)
+        if numel.__class__ is not int or not 0 <= numel < _unpickle._I64:
+            raise _NotTables("a storage's numel is not an int64 >= 0")
         if location.__class__ is not str:
             location = location.decode("ascii") if isinstance(location, bytes) else str(location)
         n = len(self.s_numel)
@@ -253,7 +265,7 @@ class _Columns:
             self.skeys.append(key)
             self._snum[key] = n  # type: ignore[index]
         self.s_dtype.append(self._code(self.dtypes, stype.dtype))
-        self.s_numel.append(numel if numel.__class__ is int else int(numel))
+        self.s_numel.append(numel)
         self.s_loc.append(self._code(self.locations, location))
         return _Sto(n)
 
@@ -279,24 +291,30 @@ class _Columns:
 
     def _row(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, metadata: Any,
              dtype: torch.dtype | None) -> _Row:
-        if storage.__class__ is not _Sto:
+        if type(storage) is not _Sto:
             raise _NotTables("a tensor rebuilt from something other than a storage record")
+        if type(size) is not tuple or type(stride) is not tuple:
+            if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+                raise _NotTables("sizes or strides that are not sequences")
+            size, stride = tuple(size), tuple(stride)
+        # the reference path's checks (any failure: it says which and where)
+        if ((not _plain_view(offset, size, stride) and _view_problem(offset, size, stride) is not None)
+                or type(requires_grad) is not bool or len(size) > 255):
+            raise _NotTables("a tensor's fields are not ones torch.load accepts")
+        code = self.s_dtype[storage] if dtype is None else self._code(self.dtypes, dtype)
         flags = _F_GRAD if requires_grad else 0
         if metadata:
-            if not isinstance(metadata, dict) or set(metadata) - {"conj", "neg"}:
-                raise _NotTables(f"tensor metadata {metadata!r:.80}")
+            if _metadata_problem(metadata, _dtype_of(self.dtypes, code)) or set(metadata) - {"conj", "neg"}:
+                raise _NotTables("unusual tensor metadata")
             flags |= (_F_CONJ if metadata.get("conj") else 0) | (_F_NEG if metadata.get("neg") else 0)
-        size, stride = tuple(size), tuple(stride)
-        if len(size) != len(stride) or len(size) > 255:
-            raise _NotTables("sizes and strides disagree")
         row = len(self.kind)
         self.kind.append(KIND_TENSOR)
-        self.dtype.append(self.s_dtype[storage] if dtype is None else self._code(self.dtypes, dtype))
+        self.dtype.append(code)
         self.ndim.append(len(size))
         self.flags.append(flags)
         self.storage.append(storage)
         self.dims_at.append(len(self.dims))
-        self.offset.append(offset if offset.__class__ is int else int(offset))
+        self.offset.append(offset)
         self.dims.extend(size)
         self.dims.extend(stride)
         return _Row(row)
@@ -369,3 +387,10 @@ class _Columns:
 
 
 _NOT_VALUES = (_Sto, StorageRef, TensorRef, ExoticRef, DTensorRef, torch.Tensor)
+_view_problem = _unpickle.view_problem
+_plain_view = _unpickle.plain_view
+_metadata_problem = _unpickle.metadata_problem
+
+
+def _dtype_of(codes: dict[torch.dtype, int], code: int) -> torch.dtype:
+    return next(d for d, c in codes.items() if c == code)

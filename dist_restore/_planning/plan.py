@@ -26,7 +26,8 @@ from torch import Tensor
 from dist_restore._format.dtensor import DTensorRef
 from dist_restore._format.index import SOURCE_TENSOR_TYPES, iter_leaves
 from dist_restore._format.keypath import RawPath, join_index, join_key
-from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef
+from dist_restore._format.unpickle import MAX_NESTING, ExoticRef, StorageRef, TensorRef, deep_key
+from dist_restore.errors import CorruptCheckpointError
 
 
 class PlannedLeaf(NamedTuple):
@@ -279,13 +280,19 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any], leaf: Callab
         if raw and type(src) is int:
             src, raw = leaf(src), False  # type: ignore[misc]
         if isinstance(src, Mapping):
+            if len(path) >= MAX_NESTING:  # (the index checked it; this recursion relies on it)
+                raise _too_deep(path)
             out = type(src)() if type(src) in _PLAIN_MAPPINGS else {}
             for k, v in src.items():
                 out[k] = build(v, path + (k,), raw)
             return out
         if isinstance(src, list):
+            if len(path) >= MAX_NESTING:
+                raise _too_deep(path)
             return [build(v, path + (i,), raw) for i, v in enumerate(src)]
         if _is_sequence(src):
+            if len(path) >= MAX_NESTING:
+                raise _too_deep(path)
             return _rebuild_tuple(src, [build(v, path + (i,), raw) for i, v in enumerate(src)])
         if isinstance(src, SOURCE_TENSOR_TYPES):
             return values[path]
@@ -329,6 +336,14 @@ def assemble(target: Any, tree: Any, values: Mapping[RawPath, Any], leaf: Callab
 
 
 _PLAIN_MAPPINGS = (dict, collections.OrderedDict, collections.Counter)  # what the unpickler makes
+
+
+def _too_deep(path: RawPath) -> CorruptCheckpointError:
+    key = ""
+    for p in path:
+        key = join_index(key, p) if type(p) is int else join_key(key, p)
+    return CorruptCheckpointError(f"the tree nests deeper than {MAX_NESTING} levels (dist_restore's limit)",
+                                  key=deep_key(key) if key else None)
 
 
 def _is_sequence(v: Any) -> bool:
