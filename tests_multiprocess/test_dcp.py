@@ -104,6 +104,9 @@ def _check(outs: list[list[dict[str, Any]]], jobs: list[tuple[Path, str, bool]])
                 keys = (sorted(o["missing"]), sorted(o["unexpected"]))
                 assert keys == ((["extra.new", "train.not_saved"], ["train.epoch"]) if partial else ([], [])), \
                     (where, keys)
+                # every tensor byte read is CRC-checked: whole records, or split ones from the pieces
+                if not partial:
+                    assert o["bytes_verified"] >= o["shard_bytes"], (where, o["bytes_verified"], o["shard_bytes"])
                 bound = 1.1 * o["shard_bytes"] + _read_slack(path)
                 assert o["bytes_read"] <= bound, (where, o["bytes_read"], o["shard_bytes"], bound)
                 assert (o["report"] is not None) == (r == 0), where
@@ -281,20 +284,6 @@ def test_malicious_metadata_is_refused_unrun(errors: dict[str, Any], damaged: di
     assert not damaged["marker"].exists(), "the .metadata pickle ran"
 
 
-@pytest.mark.timeout(240)
-def test_dcp_load_on_damaged_copies(damaged: dict[str, Any], ckpts: dict[str, Path]) -> None:
-    """Why the checks above matter, and that the damage is real: dcp.load returns the flipped
-    value silently (torch.load does not check the zip's CRC32), and fails on the truncated and
-    missing files."""
-    src = str(ckpts["fsdp2"])
-    jobs = [(str(damaged[c]), src, "fsdp") for c in ("flipped", "truncated", "missing")]
-    outs = run_ranks(w.dcp_diff_many, 2, args=(jobs,), timeout=200, pg_timeout=60)
-    for r, (flipped, truncated, missing) in enumerate(outs):
-        assert flipped == {"error": None, "differ": [_FLIP_KEY]}, (r, flipped)
-        assert truncated["error"], (r, truncated)
-        assert missing["error"] and damaged["file"]["missing"] in missing["error"], (r, missing)
-
-
 @pytest.mark.timeout(30)
 def test_dcp_metadata_is_a_plain_pickle(ckpts: dict[str, Path], tmp_path: Path) -> None:
     """Why ours must not unpickle ``.metadata`` freely: DCP's own reader runs the payload."""
@@ -330,6 +319,4 @@ def test_flipped_byte_in_a_record_split_between_ranks(ckpts: dict[str, Path], tm
     for i in range(len(jobs)):
         _same_error_everywhere([per_rank[i] for per_rank in outs], fname, repr(_SPLIT_KEY), "CRC32",
                                "phase 'read'", untouched=False)
-    ok = run_ranks(w.restore, 4, args=(str(src), "fsdp", True), timeout=250, pg_timeout=60)
-    for r, o in enumerate(ok):
-        assert o["bad"] == [] and o["bytes_verified"] >= o["shard_bytes"], (r, o["bytes_verified"], o["shard_bytes"])
+    # (that the intact checkpoint verifies every byte each rank read: test_restore_on_4_ranks_grow)
