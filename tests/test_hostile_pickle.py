@@ -273,6 +273,25 @@ def test_a_billion_laughs_of_shared_lists_is_refused_quickly(tmp_path: Path) -> 
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.timeout(60)
+def test_map_leaves_stops_at_the_cap_and_the_limit() -> None:
+    """The tables path walks the tree with map_leaves before anything checks it: a shared list
+    60 levels deep (2^60 places) and a 300-deep one stop it at once."""
+    from dist_restore._format.index import map_leaves
+
+    dag: Any = []
+    for _ in range(60):
+        dag = [dag, dag]
+    with pytest.raises(CorruptCheckpointError, match="shared so often"):
+        map_leaves(dag, lambda v: v, limit=10_000)
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(CorruptCheckpointError, match="nests deeper"):
+        map_leaves(deep, lambda v: v)
+    assert map_leaves({"a": [1, (2, 3)]}, lambda v: -v, limit=5) == {"a": [-1, (-2, -3)]}
+
+
 # -- the deep-stack thread -----------------------------------------------------------------------
 
 @pytest.mark.timeout(60)

@@ -255,30 +255,44 @@ class CheckpointIndex:
         return IndexEntry(key, "object", value=v)
 
 
-def map_leaves(tree: Any, leaf: Callable[[Any], Any], _depth: int = 0) -> Any:
+def map_leaves(tree: Any, leaf: Callable[[Any], Any], *, limit: int | None = None) -> Any:
     """``tree`` rebuilt with the same containers (a mapping as its own type, exact lists and
     tuples) and every leaf ``v`` replaced by ``leaf(v)``. A list or tuple subclass (such as
     ``torch.Size``) is a leaf: ``leaf`` decides whether it can stand.
 
+    Args:
+        limit: At most this many places to visit (the items of every container, counted at
+            each place a shared container occurs: memo references can make a small pickle's
+            tree take 2**60 places to walk).
+
     Raises:
         CorruptCheckpointError: a container deeper than :data:`MAX_NESTING` (the recursion
-            stays well inside Python's limit).
+            stays well inside Python's limit), or more than ``limit`` places.
     """
-    if isinstance(tree, Mapping):
-        if _depth >= MAX_NESTING:
+    return _map_leaves(tree, leaf, 0, [_UNLIMITED if limit is None else limit])
+
+
+_UNLIMITED = 1 << 62
+
+
+def _map_leaves(tree: Any, leaf: Callable[[Any], Any], depth: int, left: list[int]) -> Any:
+    t = type(tree)
+    if t is list or t is tuple or isinstance(tree, Mapping):
+        if depth >= MAX_NESTING:
             raise _too_deep("")
-        out = type(tree)()
+        left[0] -= len(tree)
+        if left[0] < 0:
+            raise CorruptCheckpointError("the tree's containers are shared so often that walking it visits too "
+                                         "many places (memo references multiplying one container)")
+        depth += 1
+        if t is list:
+            return [_map_leaves(c, leaf, depth, left) for c in tree]
+        if t is tuple:
+            return tuple([_map_leaves(c, leaf, depth, left) for c in tree])
+        out = t()
         for k, c in tree.items():
-            out[k] = map_leaves(c, leaf, _depth + 1)
+            out[k] = _map_leaves(c, leaf, depth, left)
         return out
-    if type(tree) is list:
-        if _depth >= MAX_NESTING:
-            raise _too_deep("")
-        return [map_leaves(c, leaf, _depth + 1) for c in tree]
-    if type(tree) is tuple:
-        if _depth >= MAX_NESTING:
-            raise _too_deep("")
-        return tuple([map_leaves(c, leaf, _depth + 1) for c in tree])
     return leaf(tree)
 
 

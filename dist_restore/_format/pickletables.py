@@ -95,15 +95,21 @@ def _tables(path: Path, mm: mmap.mmap, size: int, t0: float) -> FileIndex:
         if mm[at : at + int(zt.size[bo[0]])].decode("ascii", "replace") != sys.byteorder:
             raise _NotTables("another byte order")
     up = _Columns()
-    tree = _unpickle.load_deep(_TableUnpickler(data, up).load, data, str(path))  # the unpickler and its memo go
-    _unpickle.check_tree(tree, len(data), str(path))  # right after; too deep: the reference path says where
+    limit = 2 * len(data) + 4096  # places in the tree: each costs its pickle at least a byte
+
+    def skeleton() -> Any:
+        tree = _TableUnpickler(data, up).load()  # the unpickler and its memo go right after
+        return up.skeleton(tree, limit)  # (its dict keys hashed again: on the same deep stack)
+
+    skel = _unpickle.load_deep(skeleton, data, str(path))
     del data
     # The skeleton and the values, pickled as an index file's tree section and loaded back
     # from that: unpickling data.pkl left ~500 bytes a tensor of the memo's objects freed
     # among the tree's, and the allocator's arenas stay as long as one object in them does
-    # (60,000 tensors: ~30 MiB of RSS). Once the tree goes too, they are returned whole.
-    blob = pickle.dumps((up.skeleton(tree), up.objects, {}), protocol=4)
-    del tree
+    # (60,000 tensors: ~30 MiB of RSS). Once the tree goes too, they are returned whole. (A key
+    # nested too deep fails to pickle here, or when the section is loaded: check_tree.)
+    blob = pickle.dumps((skel, up.objects, {}), protocol=4)
+    del skel
     up.objects = {}
     nsto = len(up.s_numel)
     if up.skeys is None:
@@ -247,14 +253,14 @@ class _Columns:
 
     def persistent_load(self, pid: Any) -> _Sto:
         tag, stype, key, location, numel = pid
-        if tag != "storage" or not isinstance(stype, _unpickle._StorageType) or key.__class__ is not str:
+        if tag != "storage" or type(stype) is not _StorageType or type(key) is not str:
             raise _NotTables("an unusual persistent id")  # (a key of another type: torch.load reads the
             # record once per key type, each in its own dtype; the reference path sorts that out)
         known = self._known(key)
         if known is not None:
             return _Sto(known)
-        if numel.__class__ is not int or not 0 <= numel < _unpickle._I64:
-            raise _NotTables("a storage's numel is not an int64 >= 0")
+        if type(numel) is not int:  # (its range: the int64 column, then its record's size)
+            raise _NotTables("a storage's numel is not an int")
         if location.__class__ is not str:
             location = location.decode("ascii") if isinstance(location, bytes) else str(location)
         n = len(self.s_numel)
@@ -297,9 +303,17 @@ class _Columns:
             if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
                 raise _NotTables("sizes or strides that are not sequences")
             size, stride = tuple(size), tuple(stride)
-        # the reference path's checks (any failure: it says which and where)
-        if ((not _plain_view(offset, size, stride) and _view_problem(offset, size, stride) is not None)
-                or type(requires_grad) is not bool or len(size) > 255):
+        # the reference path's checks (any failure: it says which and where); a 1-d view of small
+        # ints inline, as _rebuild_tensor_v2 does, anything else through view_problem
+        if type(requires_grad) is not bool or len(size) > 255:
+            raise _NotTables("a tensor's fields are not ones torch.load accepts")
+        if len(size) == 1 == len(stride) and type(offset) is int:
+            a, = size
+            b, = stride
+            plain = type(a) is int and type(b) is int and 0 <= a <= _SMALL and 0 <= b <= _SMALL and 0 <= offset <= _SMALL
+        else:
+            plain = _plain_view(offset, size, stride)
+        if not plain and _view_problem(offset, size, stride) is not None:
             raise _NotTables("a tensor's fields are not ones torch.load accepts")
         code = self.s_dtype[storage] if dtype is None else self._code(self.dtypes, dtype)
         flags = _F_GRAD if requires_grad else 0
@@ -357,9 +371,10 @@ class _Columns:
 
     # -- the skeleton --------------------------------------------------------------------------
 
-    def skeleton(self, tree: Any) -> Any:
+    def skeleton(self, tree: Any, limit: int) -> Any:
         """The tree with every leaf a row (as :func:`dist_restore._format.indexfile.build_index_file` makes it):
-        a tensor leaf its row (a second place of one tensor a copy of it), a value a new row."""
+        a tensor leaf its row (a second place of one tensor a copy of it), a value a new row; no
+        deeper than :data:`MAX_NESTING`, at most ``limit`` places (:func:`map_leaves`)."""
         seen = bytearray(len(self.kind))
 
         def tensor(r: int) -> int:
@@ -383,12 +398,14 @@ class _Columns:
             self.objects[row] = v
             return row
 
-        return map_leaves(tree, leaf)
+        return map_leaves(tree, leaf, limit=limit)
 
 
 _NOT_VALUES = (_Sto, StorageRef, TensorRef, ExoticRef, DTensorRef, torch.Tensor)
 _view_problem = _unpickle.view_problem
 _plain_view = _unpickle.plain_view
+_SMALL = _unpickle._SMALL
+_StorageType = _unpickle._StorageType
 _metadata_problem = _unpickle.metadata_problem
 
 

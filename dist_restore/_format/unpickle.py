@@ -550,7 +550,8 @@ class _RefUnpickler(pickle.Unpickler):
             dtype = stype.dtype
             if ref is not None:
                 return other_storage(key, dtype, location, numel)
-            if type(key) is not str or type(numel) is not int or not 0 <= numel <= _SMALL or type(location) is not str:
+            # (a numel out of range gives a byte count its record does not have: refused with it)
+            if type(key) is not str or type(numel) is not int or type(location) is not str:
                 return other_storage(key, dtype, location, numel)
             ref = new(StorageRef)
             ref.key = key
