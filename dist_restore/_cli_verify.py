@@ -184,7 +184,7 @@ def _verify_dcp(args: argparse.Namespace) -> int:
         for key, where, entry in sorted(items, key=lambda x: (x[1].file, x[1].offset)):
             path = cat.path(where.file)
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = cat.open(where.file)
             except OSError as e:
                 problems.append(Problem(None, where.file, "missing", _msg(e)))
                 continue
@@ -202,7 +202,7 @@ def _verify_dcp(args: argparse.Namespace) -> int:
                 kind = "checksum" if "CRC32" in str(e) else "parse"
                 problems.append(Problem(None, where.file, kind, f"key {key!r}: {_msg(e)}"))
             finally:
-                os.close(fd)
+                fd.close()
     ok = not problems
     if args.json:
         print(json.dumps({"ok": ok, "dir": str(directory), "format": "dcp", "checksum": checksum,

@@ -14,8 +14,6 @@ it had when planned.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -26,6 +24,7 @@ import torch
 
 from dist_restore._base.crc import crc32_at, crc32_combine, fold_fragments
 from dist_restore._base.regions import Box
+from dist_restore._base.source import ByteSource
 from dist_restore._bytes.read import _io_pool
 from dist_restore._bytes.shares import RecordPieces, grid_of, share_at
 from dist_restore._format.catalog import Catalog, Chunk
@@ -52,10 +51,6 @@ def io_threads() -> int:
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(_MAX_THREADS, cores // local))
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_pread = _libc.pread
-_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
-_pread.restype = ctypes.c_ssize_t
 
 
 def split_box(box: Box, isz: int, limit: int = _PART) -> list[Box]:
@@ -167,28 +162,13 @@ def _share(p: _Part, offs: np.ndarray, run: int, k: int, crcs: list[int]) -> Non
     rec.groups.append((grid, fold_fragments(rel, crcs, run, rec.total)))
 
 
-def _read_into(fd: int, addr: int, n: int, off: int, path: object, key: str) -> None:
-    got = 0
-    while got < n:
-        r = _pread(fd, addr + got, n - got, off + got)
-        if r < 0:
-            e = ctypes.get_errno()
-            if e == errno.EINTR:
-                continue
-            raise OSError(e, f"{os.strerror(e)} reading {n} bytes at {off} of {str(path)!r} for key {key!r}")
-        if r == 0:
-            raise CorruptCheckpointError(f"file ended at byte {off + got}, {n - got} bytes short of the tensor's "
-                                         "data (it shrank since it was planned?)", file=path, key=key)
-        got += r
-
-
-def _do_part(p: _Part, fd: int, path: object) -> None:
+def _do_part(p: _Part, src: ByteSource) -> None:
     """(I/O thread) One part: its runs straight into the target, or through staging; with
     ``p.whole``, the CRC32 of its bytes recorded."""
     job, isz = p.job, p.job.dtype.itemsize
     d = job.target[_slices(p.box.dst_start, p.box.size)]
     if p.chunk.strides is not None:
-        _do_strided(p, d, fd, path)
+        _do_strided(p, d, src)
         return
     offs, run, k = box_runs(p.chunk, p.box, isz)
     direct = (d.device.type == "cpu" and d.dtype == job.dtype and not d.is_conj() and not d.is_neg()
@@ -196,17 +176,14 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
     if direct:
         base = d.data_ptr()
         if k == 0:
-            _read_into(fd, base, run, int(offs[0]), path, job.key)
+            src.read_into(base, run, int(offs[0]), job.key)
             if p.whole is not None:
                 p.whole.parts.append((int(offs[0]), run, crc32_at(base, run)))
             elif p.record is not None:
                 _share(p, offs, run, 0, [crc32_at(base, run)])
             return
         dst = _grid(d.shape[:k]) @ (np.asarray(d.stride()[:k], dtype=np.int64) * isz) + base
-        pread = _pread
-        for a, o in zip(dst.tolist(), offs.tolist()):  # rows of a column slice: one pread each
-            if pread(fd, a, run, o) != run:
-                _read_into(fd, a, run, o, path, job.key)  # short, interrupted or failed: retried, or named
+        src.read_runs(dst.tolist(), offs.tolist(), run, job.key)  # rows of a column slice
         if p.whole is not None:  # a whole chunk's runs follow each other in the file
             crc = 0
             for a in dst.tolist():
@@ -217,8 +194,7 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
         return
     stage = torch.empty(p.box.size, dtype=job.dtype)
     addr = stage.data_ptr()
-    for i, o in enumerate(offs.tolist()):
-        _read_into(fd, addr + i * run, run, o, path, job.key)
+    src.read_runs([addr + i * run for i in range(len(offs))], offs.tolist(), run, job.key)
     if p.whole is not None:
         p.whole.parts.append((int(offs[0]), run * len(offs), crc32_at(addr, run * len(offs))))
     elif p.record is not None:
@@ -227,7 +203,7 @@ def _do_part(p: _Part, fd: int, path: object) -> None:
         d.copy_(stage)
 
 
-def _do_strided(p: _Part, d: torch.Tensor, fd: int, path: object) -> None:
+def _do_strided(p: _Part, d: torch.Tensor, src: ByteSource) -> None:
     """A box of a chunk stored with other strides: its element span read into staging, viewed
     with the file's strides, copied."""
     job, chunk, box, isz = p.job, p.chunk, p.box, p.job.dtype.itemsize
@@ -236,7 +212,7 @@ def _do_strided(p: _Part, d: torch.Tensor, fd: int, path: object) -> None:
     span = 1 + sum((n - 1) * st for n, st in zip(box.size, strides)) if box.numel else 0
     stage = torch.empty(span, dtype=job.dtype)
     if span:
-        _read_into(fd, stage.data_ptr(), span * isz, chunk.offset + lo * isz, path, job.key)
+        src.read_into(stage.data_ptr(), span * isz, chunk.offset + lo * isz, job.key)
     if p.whole is not None:
         p.whole.parts.append((chunk.offset, span * isz, crc32_at(stage.data_ptr(), span * isz)))
     elif p.record is not None and span:  # the bytes of the box, where the span holds them
@@ -305,23 +281,23 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
     if not by_file:
         return 0, 0, 0
     threads = io_threads() if threads is None else threads
-    fds: dict[str, int] = {}
+    fds: dict[str, ByteSource] = {}
     total = 0
     try:
         for f, parts in by_file.items():
             path = catalog.path(f)
-            fd = fds[f] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            size = os.fstat(fd).st_size
+            src = fds[f] = catalog.open(f)
+            size = src.size
             if size != catalog.file_sizes[f]:
                 raise CorruptCheckpointError(f"file is {size} bytes, it was {catalog.file_sizes[f]} when the "
                                              "restore was planned: it changed under the restore",
                                              file=path, key=parts[0].job.key)
             parts.sort(key=lambda p: p.chunk.offset)
             total += sum(p.nbytes for p in parts)
-        work = [(batch, fds[f], catalog.path(f)) for f, parts in by_file.items() for batch in _batches(parts)]
+        work = [(batch, fds[f]) for f, parts in by_file.items() for batch in _batches(parts)]
         if len(work) == 1 or threads <= 1:
-            for batch, fd, path in work:
-                _run_batch(batch, fd, path)
+            for batch, src in work:
+                _run_batch(batch, src)
         else:
             pool = _io_pool(threads)  # (shared: it may have more threads; `threads` tasks use them)
             n = min(threads, len(work))
@@ -333,21 +309,21 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
                 for fut in futures:
                     fut.exception()
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for src in fds.values():
+            src.close()
     for whole, f in wholes:
         whole.check(catalog.path(f))
     return total, len(fds), sum(n for whole, _f in wholes for _o, n, _c in whole.parts)
 
 
-def _run_batches(work: list[tuple[list[_Part], int, object]]) -> None:
-    for batch, fd, path in work:
-        _run_batch(batch, fd, path)
+def _run_batches(work: list[tuple[list[_Part], ByteSource]]) -> None:
+    for batch, src in work:
+        _run_batch(batch, src)
 
 
-def _run_batch(batch: list[_Part], fd: int, path: object) -> None:
+def _run_batch(batch: list[_Part], src: ByteSource) -> None:
     for p in batch:
-        _do_part(p, fd, path)
+        _do_part(p, src)
 
 
 __all__ = ["box_runs", "read_catalog_jobs", "split_box"]

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dist_restore._base.source import ByteSource, Location, UrlPath, location
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -119,9 +121,11 @@ class Catalog:
         header_bytes: Bytes of headers and metadata read to build the catalogue.
         objects: Keys of non-tensor values, with where they lie (format-specific).
         source: The format's hooks (:class:`CatalogSource`).
+        location: Where the files are read from (a local directory or an object-store prefix;
+            default: ``root``).
     """
 
-    root: Path
+    root: Path | str
     format: str
     entries: Mapping[str, CatalogEntry]
     file_sizes: Mapping[str, int]
@@ -129,9 +133,21 @@ class Catalog:
     header_bytes: int = 0
     objects: Mapping[str, Any] = field(default_factory=dict)
     source: CatalogSource = field(default_factory=CatalogSource)
+    location: Location | None = None
 
-    def path(self, file: str) -> Path:
-        return self.root / file
+    def __post_init__(self) -> None:
+        if self.location is None:
+            object.__setattr__(self, "location", location(self.root))
+
+    def path(self, file: str) -> Path | str:
+        """The file's path (a URL in an object store), as errors name it."""
+        if isinstance(self.root, Path):
+            return self.root / file
+        return UrlPath(self.root) / file
+
+    def open(self, file: str) -> ByteSource:
+        """``file`` open for range reads."""
+        return self.location.open(file)  # type: ignore[union-attr]
 
 
 __all__ = ["Catalog", "CatalogEntry", "CatalogSource", "Chunk", "flatten"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dist_restore._base.crc import crc32_buf
+from dist_restore._base.source import ByteSource, Location, is_url, local_path, location
 from dist_restore._format.catalog import Catalog, CatalogEntry, CatalogSource, Chunk
 from dist_restore._format.dcp_meta import (
     MAX_METADATA,
@@ -48,8 +49,10 @@ _EDGE = 4096  # bytes read at each end of a larger item (its first records; the 
 
 
 def is_dcp(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a DCP checkpoint directory (it holds ``.metadata``)."""
-    p = Path(path)
+    """Whether ``path`` is a DCP checkpoint directory (it holds ``.metadata``; local, or a URL)."""
+    if is_url(path):
+        return location(path).is_file(METADATA)
+    p = local_path(path)
     return p.is_dir() and (p / METADATA).is_file()
 
 
@@ -58,8 +61,8 @@ class _Window:
     takes), read with ``pread`` and cached at both ends: an item's own zip is parsed without
     reading its data."""
 
-    def __init__(self, fd: int, base: int, length: int, path: Path, key: str) -> None:
-        self.fd, self.base, self.length, self.path, self.key = fd, base, length, path, key
+    def __init__(self, src: ByteSource, base: int, length: int, path: Path, key: str) -> None:
+        self.src, self.base, self.length, self.path, self.key = src, base, length, path, key
         self.cache: list[tuple[int, bytes]] = []
         if length <= _HEAD:
             self.cache.append((0, self._pread(0, length)))
@@ -68,15 +71,10 @@ class _Window:
             self.cache.append((length - _EDGE, self._pread(length - _EDGE, _EDGE)))
 
     def _pread(self, off: int, n: int) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            b = os.pread(self.fd, n - got, self.base + off + got)
-            if not b:
-                raise CorruptCheckpointError(f"file ended at byte {self.base + off + got}, inside the item at "
-                                             f"{self.base} (truncated?)", file=self.path, key=self.key)
-            parts.append(b)
-            got += len(b)
-        return b"".join(parts)
+        if self.base + off + n > self.src.size:
+            raise CorruptCheckpointError(f"file ended at byte {self.src.size}, inside the item at {self.base} "
+                                         "(truncated?)", file=self.path, key=self.key)
+        return self.src.pread(n, self.base + off, self.key)
 
     def __len__(self) -> int:
         return self.length
@@ -150,7 +148,7 @@ def _storage(buf: Any, records: dict[str, ZipRecord], prefix: str, ref: TensorRe
     return data_offset(buf, rec, str(path)), rec
 
 
-def locate_chunk(fd: int, path: Path, item: ItemInfo, key: str, dtype: torch.dtype,
+def locate_chunk(src: ByteSource, path: Path, item: ItemInfo, key: str, dtype: torch.dtype,
                  chunk: Chunk) -> Chunk:
     """``chunk`` (pointing at its item) resolved: the offset of its first element in the file, its
     strides where not row-major, and the CRC32 of its record where the chunk is the whole record.
@@ -163,7 +161,7 @@ def locate_chunk(fd: int, path: Path, item: ItemInfo, key: str, dtype: torch.dty
         raise CorruptCheckpointError(f"the item is stored through transforms {list(item.transforms)} (compressed "
                                      "by a DCP extension); dist_restore reads plain items only: load this "
                                      "checkpoint with dcp.load, or save it without the extension", file=path, key=key)
-    buf = _Window(fd, item.offset, item.length, path, key)
+    buf = _Window(src, item.offset, item.length, path, key)
     tree, records, prefix = _archive(buf, path, key, item.offset)
     if isinstance(tree, ExoticRef) or not isinstance(tree, TensorRef):
         raise CorruptCheckpointError(f"the item holds a {getattr(tree, 'kind', type(tree).__name__)}, not a dense "
@@ -188,7 +186,7 @@ def locate_chunk(fd: int, path: Path, item: ItemInfo, key: str, dtype: torch.dty
     return Chunk(chunk.file, start, chunk.start, chunk.size, rec.crc32 if whole else None, tuple(tree.stride))
 
 
-def load_object(fd: int, path: Path, item: ItemInfo, key: str) -> Any:
+def load_object(src: ByteSource, path: Path, item: ItemInfo, key: str) -> Any:
     """The non-tensor value of an item, unpickled with the weights-only allowlist (tensors in it
     are built from the item's own records).
 
@@ -199,7 +197,7 @@ def load_object(fd: int, path: Path, item: ItemInfo, key: str) -> Any:
     if item.transforms:
         raise CorruptCheckpointError(f"the item is stored through transforms {list(item.transforms)}; "
                                      "dist_restore reads plain items only", file=path, key=key)
-    buf = _Window(fd, item.offset, item.length, path, key)
+    buf = _Window(src, item.offset, item.length, path, key)
     if item.length > _HEAD:
         buf = buf[0:item.length]  # one read: a value's storages are read anyway
     tree, records, prefix = _archive(buf, path, key, item.offset)
@@ -226,14 +224,14 @@ def load_object(fd: int, path: Path, item: ItemInfo, key: str) -> Any:
 _BLOCK = 8 << 20
 
 
-def check_item(fd: int, path: Path, item: ItemInfo, key: str, *, checksum: bool = True) -> int:
+def check_item(src: ByteSource, path: Path, item: ItemInfo, key: str, *, checksum: bool = True) -> int:
     """(``verify``) Parse an item's framing and, with ``checksum``, stream every record of it
     through CRC32; returns the bytes checked.
 
     Raises:
         CorruptCheckpointError: a malformed item or a CRC32 mismatch, naming the file and key.
     """
-    buf = _Window(fd, item.offset, item.length, path, key)
+    buf = _Window(src, item.offset, item.length, path, key)
     _tree, records, _prefix = _archive(buf, path, key, item.offset)
     if not checksum:
         return 0
@@ -245,10 +243,10 @@ def check_item(fd: int, path: Path, item: ItemInfo, key: str, *, checksum: bool 
             raise CorruptCheckpointError(f"{e.reason} [the item at byte {item.offset}]", file=path, key=key) from None
         crc, pos, end = 0, off, off + rec.size
         while pos < end:
-            block = os.pread(fd, min(_BLOCK, end - pos), pos)
-            if not block:
+            if pos >= src.size:
                 raise CorruptCheckpointError(f"file ended at byte {pos}, inside record {rec.name!r}", file=path,
                                              key=key)
+            block = src.pread(min(_BLOCK, end - pos, src.size - pos), pos, key)
             crc = crc32_buf(block, crc)
             pos += len(block)
         if crc != rec.crc32:
@@ -335,51 +333,44 @@ class DcpSource(CatalogSource):
             by_file.setdefault(c.file, []).append((e, c))
         for f, todo in by_file.items():
             path = catalog.path(f)
-            fd = _open(path, catalog.file_sizes[f], todo[0][0].key)
-            try:
+            with _open(catalog, f, todo[0][0].key) as src:
                 for e, c in sorted(todo, key=lambda ec: ec[1].offset):
                     if c not in out:
-                        out[c] = locate_chunk(fd, path, self.items[(c.file, c.offset)], e.key, e.dtype, c)
-            finally:
-                os.close(fd)
+                        out[c] = locate_chunk(src, path, self.items[(c.file, c.offset)], e.key, e.dtype, c)
         return out
 
     def load_object(self, catalog: Catalog, key: str) -> Any:
         item: ItemInfo = catalog.objects[key]
         path = catalog.path(item.file)
-        fd = _open(path, catalog.file_sizes[item.file], key)
-        try:
-            return load_object(fd, path, item, key)
-        finally:
-            os.close(fd)
+        with _open(catalog, item.file, key) as src:
+            return load_object(src, path, item, key)
 
     def nest(self, values: dict[str, Any]) -> dict[str, Any]:
         order = {k: i for i, k in enumerate(self.meta.order)}
         return _nest(dict(sorted(values.items(), key=lambda kv: order.get(kv[0], len(order)))), self.meta.paths)
 
 
-def _open(path: Path, size: int, key: str) -> int:
+def _open(catalog: Catalog, file: str, key: str) -> ByteSource:
+    path = catalog.path(file)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        src = catalog.open(file)
     except FileNotFoundError:
         raise CorruptCheckpointError("the file the metadata names is gone", file=path, key=key) from None
-    now = os.fstat(fd).st_size
-    if now != size:
-        os.close(fd)
-        raise CorruptCheckpointError(f"file is {now} bytes, it was {size} when the metadata was read: it changed "
-                                     "under the restore", file=path, key=key)
-    return fd
+    size = catalog.file_sizes[file]
+    if src.size != size:
+        src.close()
+        raise CorruptCheckpointError(f"file is {src.size} bytes, it was {size} when the metadata was read: it "
+                                     "changed under the restore", file=path, key=key)
+    return src
 
 
-def read_metadata(root: Path) -> tuple[DcpMetadata, int, dict[str, int]]:
+def read_metadata(root: Path | str | Location) -> tuple[DcpMetadata, int, dict[str, int]]:
     """``(checked metadata, its size, {file: size})`` of the DCP checkpoint in ``root``."""
-    file = root / METADATA
-    size = file.stat().st_size
-    if size > MAX_METADATA:
-        raise CorruptCheckpointError(f"{size}-byte metadata is above the {MAX_METADATA}-byte cap", file=file)
-    sizes: dict[str, int] = {}
-    meta = parse(root, file.read_bytes(), sizes)
-    return meta, size, sizes
+    loc = root if isinstance(root, Location) else location(root)
+    sizes: dict[str, int] = dict(loc.files()) if loc.is_remote else {}  # (local: stat-ed as named)
+    data = loc.read_bytes(METADATA, MAX_METADATA)
+    meta = parse(loc.root, data, sizes, listed=loc.is_remote)
+    return meta, len(data), sizes
 
 
 def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None) -> tuple[Catalog, tuple[str, ...]]:
@@ -394,10 +385,10 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
         UnsafeCheckpointError: ``.metadata`` asks for anything but DCP's own classes.
         CorruptCheckpointError: malformed metadata, naming the file and the key.
     """
-    root = Path(path)
-    if not (root / METADATA).is_file():
-        raise FileNotFoundError(f"no {METADATA} in {str(root)!r}: not a DCP checkpoint")
-    meta, msize, sizes = read_metadata(root)
+    loc = location(path)
+    if not loc.is_file(METADATA):
+        raise FileNotFoundError(f"no {METADATA} in {loc.name!r}: not a DCP checkpoint")
+    meta, msize, sizes = read_metadata(loc)
     wanted = None if want is None else set(want)
     entries: dict[str, CatalogEntry] = {}
     for key, t in meta.tensors.items():
@@ -405,7 +396,7 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
             chunks = tuple(Chunk(it.file, it.offset, o, s) for o, s, it in t.chunks)
             entries[key] = CatalogEntry(key, t.dtype, t.shape, chunks)
     objects = {k: v for k, v in meta.objects.items() if wanted is None or k in wanted}
-    cat = Catalog(root, "dcp", entries, sizes, {}, msize, objects, DcpSource(meta))
+    cat = Catalog(loc.root, "dcp", entries, sizes, {}, msize, objects, DcpSource(meta), location=loc)
     return cat, meta.order
 
 

@@ -215,14 +215,14 @@ def _dims(v: Any, file: Path, key: str, what: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def parse(root: Path, data: bytes, file_sizes: dict[str, int] | None = None) -> DcpMetadata:
+def parse(root: Path, data: bytes, file_sizes: dict[str, int] | None = None, *, listed: bool = False) -> DcpMetadata:
     """Check and convert ``.metadata`` (``data``) of the checkpoint in ``root``.
 
     Args:
         root: The checkpoint directory.
         data: ``.metadata``'s bytes.
         file_sizes: ``{file: size}`` to check item ranges against; the files not in it are
-            ``stat``-ed and added.
+            ``stat``-ed and added (with ``listed``: it lists every file; one not in it is missing).
 
     Raises:
         UnsafeCheckpointError, CorruptCheckpointError: see :func:`unpickle`; a field of the wrong
@@ -252,7 +252,7 @@ def parse(root: Path, data: bytes, file_sizes: dict[str, int] | None = None) -> 
             raise CorruptCheckpointError(f"a storage key's fqn is a {type(fqn).__name__}", file=file)
         off = _field(ist, "offset", file, fqn, "MetadataIndex", None)
         items[(fqn, None if off is None else _dims(off, file, fqn, "storage offset"))] = _item(
-            info, file, fqn, root, sizes)
+            info, file, fqn, root, sizes, listed)
     tensors: dict[str, TensorMeta] = {}
     objects: dict[str, ItemInfo] = {}
     for key, rec in sdm.items():
@@ -355,7 +355,7 @@ def _no_shared_bytes(root: Path, items: dict[tuple[str, Any], ItemInfo]) -> None
                                              file=root / f, key=k1)
 
 
-def _item(rec: Any, file: Path, key: str, root: Path, sizes: dict[str, int]) -> ItemInfo:
+def _item(rec: Any, file: Path, key: str, root: Path, sizes: dict[str, int], listed: bool = False) -> ItemInfo:
     st = _state(rec, "_StorageInfo", file, key, "the storage entry")
     rel = _field(st, "relative_path", file, key, "_StorageInfo")
     off = _field(st, "offset", file, key, "_StorageInfo")
@@ -376,6 +376,8 @@ def _item(rec: Any, file: Path, key: str, root: Path, sizes: dict[str, int]) -> 
     size = sizes.get(rel)
     if size is None:
         try:
+            if listed:
+                raise FileNotFoundError(rel)
             size = sizes[rel] = (root / rel).stat().st_size
         except FileNotFoundError:
             raise CorruptCheckpointError(f"the metadata puts the key in {rel!r}, which does not exist",

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dist_restore._base.source import ByteSource, Location, is_url, local_path, location, split
 from dist_restore._format.catalog import Catalog, CatalogEntry, Chunk
 from dist_restore._format.safetensors import DTYPES
 from dist_restore.errors import CorruptCheckpointError
@@ -49,8 +50,10 @@ if hasattr(torch, "float8_e8m0fnu"):
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a safetensors checkpoint: a ``.safetensors`` file, or a directory with
-    ``*.safetensors`` files (or an index JSON) and no rank files of ours."""
-    p = Path(path)
+    ``*.safetensors`` files (or an index JSON) and no rank files of ours (local, or a URL)."""
+    if is_url(path):
+        return _remote_kind(str(path)) is not None
+    p = local_path(path)
     if p.is_file():
         return p.name.endswith(".safetensors")
     if not p.is_dir():
@@ -59,9 +62,26 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
         names = os.listdir(p)
     except OSError:
         return False
+    return _holds_safetensors(names)
+
+
+def _holds_safetensors(names: Iterable[str]) -> bool:
+    names = list(names)
     if any(n.startswith("checkpoint_") and n.endswith(".pt") for n in names):
         return False
     return any(n.endswith(".safetensors") or n.endswith(INDEX_SUFFIX) for n in names)
+
+
+def _remote_kind(url: str) -> str | None:
+    """``"file"`` for a URL naming a ``.safetensors`` object, ``"dir"`` for a prefix holding
+    them, else ``None``."""
+    url = url.rstrip("/")
+    if url.endswith(".safetensors"):
+        loc, name = split(url)
+        if loc.is_file(name):
+            return "file"
+    loc = location(url)
+    return "dir" if _holds_safetensors(loc.files()) else None
 
 
 def _no_duplicates(file: Path, what: str):  # type: ignore[no-untyped-def]
@@ -79,21 +99,26 @@ def _is_int(x: Any) -> bool:
     return type(x) is int  # bool is not a size
 
 
-def parse_header(file: Path, fd: int, size: int) -> tuple[dict[str, CatalogEntry], dict[str, str], int]:
-    """``({key: entry}, __metadata__, header bytes)`` of one safetensors file (open as ``fd``,
-    ``size`` bytes), every field checked.
+def parse_header(file: Any, src: ByteSource, fname: str | None = None,
+                 ) -> tuple[dict[str, CatalogEntry], dict[str, str], int]:
+    """``({key: entry}, __metadata__, header bytes)`` of one safetensors file (open as ``src``;
+    ``file`` names it in errors, ``fname`` in its chunks: default, the last part of ``file``),
+    every field checked.
 
     Raises:
         CorruptCheckpointError: anything malformed, naming the file (and the key).
     """
+    size = src.size
+    if fname is None:
+        fname = str(file).rstrip("/").rsplit("/", 1)[-1]
     if size < 8:
         raise CorruptCheckpointError(f"{size}-byte file is too short for a safetensors header", file=file)
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (n,) = struct.unpack("<Q", src.pread(8, 0))
     if n > MAX_HEADER:
         raise CorruptCheckpointError(f"header length {n} is above safetensors' {MAX_HEADER}-byte cap", file=file)
     if 8 + n > size:
         raise CorruptCheckpointError(f"header length {n} goes beyond the file's {size} bytes", file=file)
-    raw = _pread_all(fd, n, 8, file)
+    raw = src.pread(n, 8)
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(file, "the header"))
     except CorruptCheckpointError:
@@ -136,7 +161,7 @@ def parse_header(file: Path, fd: int, size: int) -> tuple[dict[str, CatalogEntry
             raise CorruptCheckpointError(f"shape {tuple(shape)} of {name} is {nbytes} bytes, data_offsets "
                                          f"[{begin}, {end}] hold {end - begin}", file=file, key=key)
         shp = tuple(shape)
-        entries[key] = CatalogEntry(key, dtype, shp, (Chunk(file.name, data_start + begin, (0,) * len(shp), shp),))
+        entries[key] = CatalogEntry(key, dtype, shp, (Chunk(fname, data_start + begin, (0,) * len(shp), shp),))
         spans.append((begin, end, key))
     spans.sort()
     for (_b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
@@ -156,51 +181,38 @@ def parse_header(file: Path, fd: int, size: int) -> tuple[dict[str, CatalogEntry
     return entries, meta, data_start
 
 
-def _pread_all(fd: int, n: int, off: int, file: Path) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        b = os.pread(fd, n - got, off + got)
-        if not b:
-            raise CorruptCheckpointError(f"file ended at byte {off + got} inside the header", file=file)
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
+def _read_file_header(loc: Location, f: str) -> tuple[dict[str, CatalogEntry], dict[str, str], int, int]:
+    with loc.open(f) as src:
+        entries, meta, hdr = parse_header(loc.join(f), src, f)
+        return entries, meta, src.size, hdr
 
 
-def _read_file_header(path: Path) -> tuple[dict[str, CatalogEntry], dict[str, str], int, int]:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        entries, meta, hdr = parse_header(path, fd, size)
-    finally:
-        os.close(fd)
-    return entries, meta, size, hdr
-
-
-def _index_json(root: Path) -> Path | None:
-    names = sorted(n for n in os.listdir(root) if n.endswith(INDEX_SUFFIX))
+def _index_json(loc: Location, names: Iterable[str]) -> str | None:
+    names = sorted(n for n in names if n.endswith(INDEX_SUFFIX))
     if not names:
         return None
     if "model" + INDEX_SUFFIX in names:
-        return root / ("model" + INDEX_SUFFIX)
+        return "model" + INDEX_SUFFIX
     if len(names) > 1:
         raise CorruptCheckpointError(f"{len(names)} index files ({', '.join(names)}) and none is "
-                                     f"'model{INDEX_SUFFIX}': which one describes the checkpoint?", file=root)
-    return root / names[0]
+                                     f"'model{INDEX_SUFFIX}': which one describes the checkpoint?", file=loc.name)
+    return names[0]
 
 
-def read_weight_map(index_file: Path) -> dict[str, str]:
+def read_weight_map(index_file: str | os.PathLike[str], loc: Location | None = None) -> dict[str, str]:
     """``{key: file name}`` of a ``*.safetensors.index.json``, checked.
 
     Raises:
         CorruptCheckpointError: invalid JSON, no ``weight_map``, a key named twice, or a file
             name that is absolute or leaves the directory.
     """
-    size = index_file.stat().st_size
-    if size > MAX_INDEX_JSON:
-        raise CorruptCheckpointError(f"{size}-byte index is above the {MAX_INDEX_JSON}-byte cap", file=index_file)
+    if loc is None:
+        loc, fname = split(index_file)
+    else:
+        fname, index_file = str(index_file), loc.join(str(index_file))
+    raw = loc.read_bytes(fname, MAX_INDEX_JSON)
     try:
-        doc = json.loads(index_file.read_bytes().decode("utf-8"),
+        doc = json.loads(raw.decode("utf-8"),
                          object_pairs_hook=_no_duplicates(index_file, "the weight map"))
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{e.reason}: the key is in two files", file=index_file, key=e.key) from None
@@ -234,27 +246,31 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
         CorruptCheckpointError: a malformed header or index, an index naming a missing file
             or a key its file lacks, or one key in two files.
     """
-    p = Path(path)
-    if p.is_file():
-        root, files, wm, index_file = p.parent, [p.name], None, None
-    elif p.is_dir():
-        root = p
-        index_file = _index_json(p)
-        if index_file is not None:
-            wm = read_weight_map(index_file)
+    kind = _remote_kind(str(path)) if is_url(path) else None
+    p = local_path(path) if not is_url(path) else None
+    if kind == "file" or (p is not None and p.is_file()):
+        loc, name = split(path)
+        files, wm, index_name = [name], None, None
+    elif kind == "dir" or (p is not None and p.is_dir()) or (is_url(path) and location(path).exists()):
+        loc = location(path)
+        names = loc.files()
+        index_name = _index_json(loc, names)
+        if index_name is not None:
+            wm = read_weight_map(index_name, loc)
             files = list(dict.fromkeys(wm.values()))
         else:
             wm = None
-            files = sorted(n for n in os.listdir(p) if n.endswith(".safetensors"))
-        if not files and index_file is None:
-            raise FileNotFoundError(f"no .safetensors file in {str(p)!r}")
+            files = sorted(n for n in names if n.endswith(".safetensors"))
+        if not files and index_name is None:
+            raise FileNotFoundError(f"no .safetensors file in {loc.name!r}")
     else:
-        raise FileNotFoundError(f"checkpoint not found: {str(p)!r}")
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    index_file = None if index_name is None else loc.join(index_name)
     if wm is not None:
         wanted = None if want is None else set(want)
         opened = files if wanted is None else list(dict.fromkeys(f for k, f in wm.items() if k in wanted))
         for f in files:
-            if not (root / f).is_file():
+            if not loc.is_file(f):
                 raise CorruptCheckpointError(f"the index names file {f!r}, which does not exist", file=index_file,
                                              key=next(k for k, v in wm.items() if v == f))
         all_keys = tuple(wm)
@@ -267,18 +283,18 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
     metadata: dict[str, dict[str, str]] = {}
     hbytes = 0
     for f in opened:
-        got, meta, size, hdr = _read_file_header(root / f)
+        got, meta, size, hdr = _read_file_header(loc, f)
         sizes[f], metadata[f] = size, meta
         hbytes += hdr
         for key, entry in got.items():
             if key in where:
                 raise CorruptCheckpointError(f"key {key!r} is in two files: {where[key]!r} and {f!r}",
-                                             file=root / f, key=key)
+                                             file=loc.join(f), key=key)
             if wm is not None and wm.get(key, f) != f:
                 raise CorruptCheckpointError(f"key {key!r} is in two files: {f!r} (its header) and {wm[key]!r} "
-                                             "(the index)", file=root / f, key=key)
+                                             "(the index)", file=loc.join(f), key=key)
             if wm is not None and key not in wm:
-                logger.debug("%s: key %r is not in the index's weight map; ignored", root / f, key)
+                logger.debug("%s: key %r is not in the index's weight map; ignored", loc.join(f), key)
                 continue
             where[key] = f
             entries[key] = entry
@@ -286,10 +302,11 @@ def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None
         for key, f in wm.items():
             if f in sizes and key not in where:
                 raise CorruptCheckpointError(f"the index puts key {key!r} in {f!r}, whose header lacks it",
-                                             file=root / f, key=key)
+                                             file=loc.join(f), key=key)
     else:
         all_keys = tuple(entries)
-    return Catalog(root, "safetensors", entries, sizes, metadata, hbytes), all_keys
+    return Catalog(loc.root, "safetensors", entries, sizes, metadata, hbytes,
+                   location=loc), all_keys
 
 
 __all__ = ["MAX_HEADER", "NAMES", "is_safetensors", "open_catalog", "parse_header", "read_weight_map"]
