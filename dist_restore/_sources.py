@@ -13,7 +13,8 @@ import torch
 from dist_restore._base.regions import LayoutError
 from dist_restore._bytes.ranges import read_catalog_jobs
 from dist_restore._bytes.read import MapLocation, resolve_device
-from dist_restore._format import dcp, hf
+from dist_restore._base.source import is_url, location
+from dist_restore._format import dcp, hf, rankfiles
 from dist_restore._format.catalog import Catalog, flatten
 from dist_restore._planning.catalog import CatalogPlan, KeyMap, map_key, plan_catalog
 from dist_restore.errors import StateDictMismatchError
@@ -21,13 +22,23 @@ from dist_restore.errors import StateDictMismatchError
 
 def source_format(path: str | os.PathLike[str]) -> str | None:
     """``"safetensors"`` for a safetensors file or directory, ``"dcp"`` for a DCP directory (it
-    holds ``.metadata``); ``None`` for our rank files."""
+    holds ``.metadata``), ``"rank files"`` for our rank files in an object store; ``None`` for
+    our rank files on a local file system (their own path).
+
+    Raises:
+        FileNotFoundError: a URL that names nothing a restore can read.
+    """
     if not isinstance(path, (str, os.PathLike)):
         return None
     if dcp.is_dcp(path):
         return "dcp"
     if hf.is_safetensors(path):
         return "safetensors"
+    if is_url(path):
+        if rankfiles.is_rank_files(location(path)):
+            return "rank files"
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}: no rank files (checkpoint_*.pt), DCP .metadata or "
+                                ".safetensors file under it")
     return None
 
 
@@ -44,7 +55,8 @@ def wanted_keys(state_dict: Mapping[str, Any] | None, key_map: KeyMap, fmt: str 
     return out
 
 
-def read_catalog(path: str | os.PathLike[str], keys: Iterable[str] | None = None) -> Catalog:
+def read_catalog(path: str | os.PathLike[str], keys: Iterable[str] | None = None, *, rank: int = 0,
+                 world: int = 1) -> Catalog:
     """The catalogue of a Hugging Face safetensors checkpoint (a ``.safetensors`` file or a
     directory of them) or a DCP directory: every key's dtype, shape and chunks; for safetensors
     each file's ``__metadata__`` (``catalog.metadata[file]``), for DCP the keys of non-tensor
@@ -61,17 +73,22 @@ def read_catalog(path: str | os.PathLike[str], keys: Iterable[str] | None = None
         UnsafeCheckpointError: DCP metadata that asks for anything but DCP's own classes.
         CorruptCheckpointError: a malformed header, index or metadata, naming the file and key.
     """
-    return _open(path, keys)[0]
+    return _open(path, keys, rank, world)[0]
 
 
-def _open(path: str | os.PathLike[str], keys: Iterable[str] | None) -> tuple[Catalog, tuple[str, ...]]:
-    if source_format(path) == "dcp":
+def _open(path: str | os.PathLike[str], keys: Iterable[str] | None, rank: int = 0,
+          world: int = 1) -> tuple[Catalog, tuple[str, ...]]:
+    fmt = source_format(path)
+    if fmt == "dcp":
         return dcp.open_catalog(path, keys)
+    if fmt == "rank files":
+        cat, all_keys, _note = rankfiles.open_catalog(location(path), rank, world, None if keys is None else set(keys))
+        return cat, all_keys
     return hf.open_catalog(path, keys)
 
 
 def plan_source(path: str | os.PathLike[str], state_dict: Mapping[str, Any] | None, *, key_map: KeyMap = None,
-                cast: bool = False, map_location: MapLocation = None) -> CatalogPlan:
+                cast: bool = False, map_location: MapLocation = None, rank: int = 0, world: int = 1) -> CatalogPlan:
     """Open the catalogue (only the files holding the wanted keys, where an index says which)
     and plan this rank's reads; load the non-tensor values the target asks for (DCP: small, and
     refused here if unsafe). Targets are not touched (``None`` values are allocated).
@@ -83,7 +100,7 @@ def plan_source(path: str | os.PathLike[str], state_dict: Mapping[str, Any] | No
     if state_dict is not None and not isinstance(state_dict, Mapping):
         raise TypeError(f"a {source_format(path)} restore takes a dict of tensors (model.state_dict()), not "
                         f"{type(state_dict).__name__}")
-    catalog, all_keys = _open(path, wanted_keys(state_dict, key_map, source_format(path)))
+    catalog, all_keys = _open(path, wanted_keys(state_dict, key_map, source_format(path)), rank, world)
     device = resolve_device("cpu", map_location, file=path, key="")
     try:
         plan = plan_catalog(catalog, all_keys, state_dict, key_map=key_map, cast=cast, device=device)

@@ -50,6 +50,7 @@ from dist_restore._format.manifest import IncompleteCheckpointError, check_check
 from dist_restore._planning.catalog import KeyMap
 from dist_restore._planning.reshard import is_dtensor, plan_shards, split_leaves
 from dist_restore._rankplan import RankPlan
+from dist_restore._base.source import pinned_listings
 from dist_restore._sources import plan_source, source_format
 from dist_restore._bytes.readall import readable
 from dist_restore._bytes.read import MapLocation, ReadStats, Verify, resolve_device
@@ -224,7 +225,7 @@ class RestoreCoordinator:
         if seconds is not None:
             self._pg.timeout = seconds
         try:
-            with paused():  # tens of thousands of small objects per restore, no cycles
+            with paused(), pinned_listings():  # many small objects, no cycles; one listing per store prefix
                 return self._restore(path, state_dict, shared, shared_mode, src, strict, map_location, verify,
                                      per_rank, key_map, cast)
         finally:
@@ -384,7 +385,8 @@ class RestoreCoordinator:
         is shared or exchanged: a replicated target is read by each rank that holds it (from the
         page cache, on one host), with no collective per tensor."""
         rank = self._pg.rank
-        plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location)
+        plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location, rank=rank,
+                           world=self._pg.world_size)
         rp.catalog, rp.mode = plan, "local"
         note = None
         if rank == 0:

@@ -15,6 +15,7 @@ from dist_restore._format.manifest import IncompleteCheckpointError, check_check
     read_manifest
 from dist_restore._planning.catalog import KeyMap
 from dist_restore._base.regions import LayoutError
+from dist_restore._base.source import pinned_listings
 from dist_restore._sources import plan_source, read_source, source_format
 from dist_restore._planning.reshard import ShardPlan, plan_shards, split_leaves
 from dist_restore._bytes.shares import check_records
@@ -146,8 +147,9 @@ class CheckpointReader:
                 (raised before any target is modified).
         """
         t0 = time.perf_counter()
-        if source_format(path) is not None:
-            return self._load_source(path, state_dict, map_location, strict, key_map, cast, t0)
+        with pinned_listings():
+            if source_format(path) is not None:
+                return self._load_source(path, state_dict, map_location, strict, key_map, cast, t0)
         file = self.file_path(path)
         self.check_committed(path, verify=verify)
         index = self._index(file, tables=state_dict is None)
@@ -176,7 +178,8 @@ class CheckpointReader:
         """:meth:`load` of a safetensors source: plan every target, refuse mismatches before any
         target is touched, then read the byte ranges of this rank's shards."""
         rank = self._rank_info.global_rank
-        plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location)
+        plan = plan_source(path, state_dict, key_map=key_map, cast=cast, map_location=map_location, rank=rank,
+                           world=self._rank_info.global_world_size)
         if plan.mismatched:
             key, msg = plan.mismatched[0]
             more = f" (and {len(plan.mismatched) - 1} more mismatch(es))" if len(plan.mismatched) > 1 else ""

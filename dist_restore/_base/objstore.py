@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,8 @@ PART = 32 << 20
 MERGE_GAP = 1 << 20
 #: Range requests in flight at once, per process.
 IN_FLIGHT = 16
+#: Smallest part of a multipart upload (S3 refuses smaller parts but the last).
+_MIN_UPLOAD_PART = 5 << 20
 
 _DEFAULT_CLIENT = {"connect_timeout": timedelta(seconds=5), "timeout": timedelta(seconds=60)}
 _DEFAULT_RETRY = {"max_retries": 5, "retry_timeout": timedelta(seconds=60),
@@ -124,19 +127,30 @@ def store_for(url: str) -> tuple[Any, str]:
     return st, key
 
 
+_S3_CODE = re.compile(r"<Code>([^<]{1,100})</Code>(?:<Message>([^<]{0,300})</Message>)?")
+
+
 def _short(e: BaseException) -> str:
-    """The first line of an obstore error (its debug dump follows)."""
-    s = str(e).strip().splitlines()
-    return s[0][:500] if s else type(e).__name__
+    """The first line of an obstore error (its debug dump follows), with the store's own error
+    code and message where the response body holds them (``NoSuchBucket: ...``, on the next line)."""
+    text = str(e).strip()
+    s = text.splitlines()
+    first = s[0][:500].removesuffix('<?xml version="1.0" encoding="utf-8"?>').rstrip(" :") if s else type(e).__name__
+    m = _S3_CODE.search(text)
+    return f"{first} [{m.group(1)}{': ' + m.group(2) if m.group(2) else ''}]" if m else first
 
 
-def os_error(e: BaseException, url: str, doing: str) -> OSError:
-    """An obstore error as an ``OSError`` subclass naming the URL."""
-    msg = f"{doing} {url!r}: {_short(e)}"
+def os_error(e: BaseException, url: str, doing: str, key: str | None = None) -> OSError:
+    """An obstore error as an ``OSError`` subclass naming the URL (and the key read)."""
+    what = f"{url!r}" + (f" (key {key!r})" if key else "")
+    msg = f"{doing} {what}: {_short(e)}"
     name = type(e).__name__
     if isinstance(e, FileNotFoundError) or name == "NotFoundError":
-        return FileNotFoundError(f"not found: {url!r} ({doing})")
-    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return FileNotFoundError(f"not found: {what} ({doing})")
+    code = _S3_CODE.search(str(e))
+    if code is not None and code.group(1) == "NoSuchBucket":  # (obstore: a generic error)
+        return FileNotFoundError(f"no such bucket: {doing} {url!r}: {_short(e)}")
+    if name in ("PermissionDeniedError", "UnauthenticatedError") or " 403 Forbidden" in str(e):
         return PermissionError(msg)
     if isinstance(e, OSError):
         return type(e)(msg)
@@ -183,8 +197,7 @@ class ObjectFile(ByteSource):
                 raise CorruptCheckpointError(f"object changed since the restore was planned (its ETag is no "
                                              f"longer {self.etag}): replaced or rewritten under the restore",
                                              file=self.name, key=key) from None
-            raise os_error(e, self.name, f"reading bytes [{lo}, {hi}) of" + (f" (key {key!r})" if key else ""))\
-                from None
+            raise os_error(e, self.name, f"reading bytes [{lo}, {hi}) of", key) from None
         if len(buf) != hi - lo:
             raise CorruptCheckpointError(f"asked for bytes [{lo}, {hi}), the store returned {len(buf)} "
                                          "(changed under the restore?)", file=self.name, key=key)
@@ -200,6 +213,13 @@ class ObjectFile(ByteSource):
 
     def read_into(self, addr: int, n: int, off: int, key: str) -> None:
         self.read_runs([addr], [off], n, key)
+
+    def pread_many(self, ranges: Sequence[tuple[int, int]], key: str | None = None) -> list[tuple[int, bytes]]:
+        if len(ranges) <= 1:
+            return [(off, self.pread(n, off, key)) for n, off in ranges]
+        pool = _in_flight()
+        futures = [pool.submit(self.pread, n, off, key) for n, off in ranges]
+        return [(off, f.result()) for (_n, off), f in zip(ranges, futures)]
 
     def read_runs(self, addrs: Sequence[int], offs: Sequence[int], run: int, key: str) -> None:
         if run <= 0 or not addrs:
@@ -300,7 +320,8 @@ class ObjectDir(Location):
 
         obstore = _obstore()
         try:
-            obstore.put(self.store, self._key(file), Path(local), chunk_size=PART // 4, max_concurrency=IN_FLIGHT)
+            obstore.put(self.store, self._key(file), Path(local), chunk_size=max(PART // 4, _MIN_UPLOAD_PART),
+                        max_concurrency=IN_FLIGHT)
         except Exception as e:  # noqa: BLE001
             raise os_error(e, self.join(file), "uploading") from None
         self._listing = None

@@ -13,11 +13,13 @@ requests with the GIL released, retries with backoff), imported only for such UR
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import errno
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,10 @@ class ByteSource:
     def read_into(self, addr: int, n: int, off: int, key: str) -> None:
         """``n`` bytes at ``off`` into memory at ``addr``."""
         raise NotImplementedError
+
+    def pread_many(self, ranges: Sequence[tuple[int, int]], key: str | None = None) -> list[tuple[int, bytes]]:
+        """``[(offset, bytes)]`` of each ``(n, offset)`` (an object store fetches them concurrently)."""
+        return [(off, self.pread(n, off, key)) for n, off in ranges]
 
     def read_runs(self, addrs: Sequence[int], offs: Sequence[int], run: int, key: str) -> None:
         """``run`` bytes at each of ``offs`` (increasing) into memory at the matching ``addrs``."""
@@ -265,12 +271,35 @@ class LocalDir(Location):
             pass
 
 
+_pinned: contextvars.ContextVar[dict[str, Location] | None] = contextvars.ContextVar("dist_restore_pinned",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def pinned_listings() -> Iterator[None]:
+    """Within it, each object-store directory is listed once: one restore sees one version of
+    every object (their sizes and ETags pinned when first listed), and does not list again."""
+    token = _pinned.set({}) if _pinned.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _pinned.reset(token)
+
+
 def location(path: str | os.PathLike[str]) -> Location:
     """The :class:`Location` of a directory path or URL (object stores import their client here)."""
     if is_url(path):
         from dist_restore._base.objstore import ObjectDir
 
-        return ObjectDir(str(path))
+        url = str(path).rstrip("/")
+        seen = _pinned.get()
+        if seen is None:
+            return ObjectDir(url)
+        loc = seen.get(url)
+        if loc is None:
+            loc = seen[url] = ObjectDir(url)
+        return loc
     return LocalDir(path)
 
 
@@ -284,4 +313,4 @@ def split(path: str | os.PathLike[str]) -> tuple[Location, str]:
     return LocalDir(p.parent), p.name
 
 
-__all__ = ["ByteSource", "LocalDir", "LocalFile", "Location", "UrlPath", "is_url", "local_path", "location", "split"]
+__all__ = ["ByteSource", "LocalDir", "LocalFile", "Location", "UrlPath", "is_url", "local_path", "location", "pinned_listings", "split"]

@@ -100,22 +100,22 @@ def _archive(buf: Any, path: Path, key: str, base: int) -> tuple[Any, dict[str, 
         raise type(e)(f"{e.reason} [the item at byte {base}, {len(buf)} bytes]", file=path, key=key) from None
 
 
-def _parse_archive(buf: Any, path: Path, key: str) -> tuple[Any, dict[str, ZipRecord], str]:
+def _parse_archive(buf: Any, path: Path, key: str | None, what: str = "the item") -> tuple[Any, dict[str, ZipRecord], str]:
     records = read_zip_records(buf, str(path))
     pkl = next((r for n, r in records.items() if n.endswith("/data.pkl") and n.count("/") == 1), None)
     if pkl is None:
-        raise CorruptCheckpointError("the item has no data.pkl: not a torch.save archive", file=path, key=key)
+        raise CorruptCheckpointError(f"{what} has no data.pkl: not a torch.save archive", file=path, key=key)
     prefix = pkl.name[: -len("data.pkl")]
     off = data_offset(buf, pkl, str(path))
     data = bytes(buf[off:off + pkl.size])
     if zlib.crc32(data) != pkl.crc32:
-        raise CorruptCheckpointError("CRC32 mismatch in the item's data.pkl", file=path, key=key)
+        raise CorruptCheckpointError(f"CRC32 mismatch in data.pkl of {what}", file=path, key=key)
     bo = records.get(prefix + "byteorder")
     if bo is not None:
         o = data_offset(buf, bo, str(path))
         order = bytes(buf[o:o + bo.size]).decode("ascii", "replace")
         if order != sys.byteorder:
-            raise CorruptCheckpointError(f"the item was written {order}-endian; this machine is {sys.byteorder}-"
+            raise CorruptCheckpointError(f"{what} was written {order}-endian; this machine is {sys.byteorder}-"
                                          "endian", file=path, key=key)
     try:
         tree, _storages = unpickle_refs(data, str(path))
@@ -172,18 +172,27 @@ def locate_chunk(src: ByteSource, path: Path, item: ItemInfo, key: str, dtype: t
     if tree.metadata:
         raise CorruptCheckpointError(f"the item's tensor carries bits {sorted(tree.metadata)} (conj/neg)", file=path,
                                      key=key)
+    return resolve_ref(buf, records, prefix, tree, path, key, dtype, chunk, item.offset)
+
+
+def resolve_ref(buf: Any, records: dict[str, ZipRecord], prefix: str, ref: TensorRef, path: Path, key: str,
+                dtype: torch.dtype, chunk: Chunk, base: int = 0, where: str = "the item") -> Chunk:
+    """``chunk`` resolved from the tensor ``ref`` of a ``torch.save`` archive held in ``buf``
+    (at byte ``base`` of the file): the offset of its first element, its strides where not
+    row-major, its record's CRC32 where the chunk is the whole record; the storage record's
+    size and the view's span checked."""
     try:
-        off, rec = _storage(buf, records, prefix, tree, path, key)
+        off, rec = _storage(buf, records, prefix, ref, path, key)
     except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{e.reason} [the item at byte {item.offset}]", file=path, key=key) from None
+        raise CorruptCheckpointError(f"{e.reason} [{where} at byte {base}]", file=path, key=key) from None
     isz = dtype.itemsize
-    start = item.offset + off + tree.storage_offset * isz
-    if tree.is_contiguous():
-        whole = tree.storage_offset == 0 and tree.numel * isz == rec.size
+    start = base + off + ref.storage_offset * isz
+    if ref.is_contiguous():
+        whole = ref.storage_offset == 0 and ref.numel * isz == rec.size
         return Chunk(chunk.file, start, chunk.start, chunk.size, rec.crc32 if whole else None)
-    strided = Chunk(chunk.file, start, chunk.start, chunk.size, None, tuple(tree.stride))
-    whole = tree.storage_offset == 0 and strided.span(dtype) == rec.size
-    return Chunk(chunk.file, start, chunk.start, chunk.size, rec.crc32 if whole else None, tuple(tree.stride))
+    strided = Chunk(chunk.file, start, chunk.start, chunk.size, None, tuple(ref.stride))
+    whole = ref.storage_offset == 0 and strided.span(dtype) == rec.size
+    return Chunk(chunk.file, start, chunk.start, chunk.size, rec.crc32 if whole else None, tuple(ref.stride))
 
 
 def load_object(src: ByteSource, path: Path, item: ItemInfo, key: str) -> Any:
@@ -201,11 +210,18 @@ def load_object(src: ByteSource, path: Path, item: ItemInfo, key: str) -> Any:
     if item.length > _HEAD:
         buf = buf[0:item.length]  # one read: a value's storages are read anyway
     tree, records, prefix = _archive(buf, path, key, item.offset)
+    return build_value(tree, buf, records, prefix, path, key, "a DCP value")
+
+
+def build_value(tree: Any, buf: Any, records: dict[str, ZipRecord], prefix: str, path: Path, key: str,
+                what: str) -> Any:
+    """A non-tensor value of an archive held in ``buf``, its tensors built from their records
+    (each record's CRC32 checked)."""
 
     def leaf(v: Any) -> Any:
         if isinstance(v, ExoticRef):
-            raise UnsafeCheckpointError(f"the value holds a {v.kind} tensor, which a weights-only load of a DCP "
-                                        "value does not build", file=path, key=key)
+            raise UnsafeCheckpointError(f"the value holds a {v.kind} tensor, which a weights-only load of {what} "
+                                        "does not build", file=path, key=key)
         if not isinstance(v, TensorRef):
             return v
         off, rec = _storage(buf, records, prefix, v, path, key)
