@@ -16,6 +16,13 @@ checkpoints and are ignored.
 
 It reads every rank file's index: call it on one rank and broadcast the result, so that
 all ranks restore the same directory.
+
+An object-store URL (``s3://bucket/run``) is searched the same way among its sub-prefixes,
+and each candidate checked as far as a listing allows without reading the rank objects:
+the manifest is there and valid, every rank object it lists is there with its size (or,
+without a manifest, every rank object and no marker of an unfinished write), the world
+size; ``verify`` streams every object and checks its CRC32. There is no mtime: a
+checkpoint without a manifest orders by step, then name.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+from dist_restore._base.source import Location, is_url, local_path, location
 from dist_restore._format.index import read_index
 from dist_restore._format.manifest import (
     MANIFEST_NAME,
@@ -43,21 +52,26 @@ _INT = re.compile(r"\d+")
 
 
 def find_latest_checkpoint(root: str | os.PathLike[str], *, world_size: int | None = None,
-                           verify: bool = False) -> Path | None:
+                           verify: bool = False) -> Path | str | None:
     """The newest subdirectory of ``root`` that holds a restorable checkpoint.
 
     Args:
-        root: The directory whose subdirectories are checkpoints (``step_100``, ...).
+        root: The directory whose subdirectories are checkpoints (``step_100``, ...), or an
+            object-store URL of a prefix whose sub-prefixes are.
         world_size: Skip checkpoints written by another number of ranks (``None``: any).
         verify: Also compare every rank file's CRC32 with the manifest (reads all data).
 
     Returns:
-        The checkpoint directory, or ``None`` if none qualifies.
+        The checkpoint directory (a ``Path``; for a URL ``root``, the checkpoint's URL as a
+        ``str``), or ``None`` if none qualifies.
 
     Raises:
-        FileNotFoundError: ``root`` does not exist.
+        FileNotFoundError: ``root`` does not exist (a URL: no object under it).
+        OSError: an object store could not be listed (naming the URL).
     """
-    base = Path(root)
+    if is_url(root):
+        return _find_latest_remote(location(root), world_size, verify)
+    base = local_path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"checkpoint root not found (or not a directory): {str(base)!r}")
     candidates = []
@@ -70,10 +84,11 @@ def find_latest_checkpoint(root: str | os.PathLike[str], *, world_size: int | No
             logger.warning("skipping checkpoint %s (unreadable): %s", entry.path, e)
             continue
         if MANIFEST_NAME in names or any(_RANK_FILE.match(n) for n in names):
-            candidates.append((_order_key(Path(entry.path)), Path(entry.path)))
+            d = Path(entry.path)
+            candidates.append((_order_key(d, d.name, lambda d=d: d.stat().st_mtime), d))
     candidates.sort(reverse=True)
     for _key, d in candidates:
-        reason = _why_not(d, world_size, verify)
+        reason = _why_not(lambda d=d: _check_local(d, world_size, verify))
         if reason is None:
             logger.info("latest checkpoint under %s: %s", base, d)
             return d
@@ -82,7 +97,34 @@ def find_latest_checkpoint(root: str | os.PathLike[str], *, world_size: int | No
     return None
 
 
-def _order_key(d: Path) -> tuple[bool, int, float, str]:
+def _find_latest_remote(base: Location, world_size: int | None, verify: bool) -> str | None:
+    """:func:`find_latest_checkpoint` among the sub-prefixes of an object-store prefix."""
+    names = base.subdirs()  # one listing of the root
+    if not names and not base.files():
+        raise FileNotFoundError(f"checkpoint root not found (no objects under it): {base.name!r}")
+    candidates = []
+    for name in names:
+        loc = base.sub(name)
+        try:
+            files = loc.files()
+        except OSError as e:
+            logger.warning("skipping checkpoint %s (unreadable): %s", loc.name, e)
+            continue
+        if MANIFEST_NAME in files or any(_RANK_FILE.match(n) for n in files):
+            candidates.append((_order_key(loc, name, lambda: 0.0), name))
+    candidates.sort(reverse=True)
+    for _key, name in candidates:
+        loc = base.sub(name)  # listed afresh: the check sees the prefix as it is now
+        reason = _why_not(lambda loc=loc: check_checkpoint(loc, world_size=world_size, verify=verify))
+        if reason is None:
+            logger.info("latest checkpoint under %s: %s", base.name, loc.name)
+            return str(loc.name)
+        logger.warning("skipping checkpoint %s (%s)", loc.name, reason)
+    logger.info("no restorable checkpoint under %s (%d candidate(s))", base.name, len(candidates))
+    return None
+
+
+def _order_key(d: Path | Location, name: str, mtime: Callable[[], float]) -> tuple[bool, int, float, str]:
     """``(has step, step, time, name)``: sorts older before newer."""
     manifest: Manifest | None
     try:
@@ -91,30 +133,36 @@ def _order_key(d: Path) -> tuple[bool, int, float, str]:
         manifest = None  # ordered by name and mtime; the check rejects it later
     step = manifest.metadata.get("step") if manifest is not None else None
     if not isinstance(step, int) or isinstance(step, bool):
-        ints = _INT.findall(d.name)
+        ints = _INT.findall(name)
         step = int(ints[-1]) if ints else None
     if manifest is not None:
         t = manifest.created_unix
     else:
         try:
-            t = d.stat().st_mtime
+            t = mtime()
         except OSError:
             t = 0.0
-    return (step is not None, step if step is not None else 0, t, d.name)
+    return (step is not None, step if step is not None else 0, t, name)
 
 
-def _why_not(d: Path, world_size: int | None, verify: bool) -> str | None:
-    """Why ``d`` cannot be restored (``"kind: message"``), or ``None`` if it can."""
+def _check_local(d: Path, world_size: int | None, verify: bool) -> None:
+    """(local) :func:`check_checkpoint`, then every rank file's index."""
+    manifest = check_checkpoint(d, world_size=world_size, verify=verify)
+    if manifest is not None:
+        files = [d / info.file for info in manifest.ranks]
+    else:
+        ranks = (range(world_size) if world_size is not None else
+                 sorted(int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(d)) if m))
+        files = [d / rank_file_name(r) for r in ranks]
+    for f in files:
+        read_index(f)
+
+
+def _why_not(check: Callable[[], object]) -> str | None:
+    """Why a candidate cannot be restored (``"kind: message"``): what ``check`` raised, or
+    ``None`` if it passed."""
     try:
-        manifest = check_checkpoint(d, world_size=world_size, verify=verify)
-        if manifest is not None:
-            files = [d / info.file for info in manifest.ranks]
-        else:
-            ranks = (range(world_size) if world_size is not None else
-                     sorted(int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(d)) if m))
-            files = [d / rank_file_name(r) for r in ranks]
-        for f in files:
-            read_index(f)
+        check()
     except IncompleteCheckpointError as e:
         kind = "world size mismatch" if e.reason.startswith("world size mismatch") else "incomplete"
         return f"{kind}: {e}"

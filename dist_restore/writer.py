@@ -33,6 +33,24 @@ How ranks exchange statuses:
 - neither, with several ranks: the ranks cannot agree, so each only writes its file, as
   torch's experimental writer does; rank 0 still removes an old manifest; ``write``
   returns ``None``.
+
+Object stores (``s3://``, ``gs://``, ``az://`` URLs of a prefix): the same four steps and
+exchanges, with what a store offers. An object appears whole or not at all, so there are no
+temp objects, renames or fsyncs:
+
+1. prepare (all ranks): check the metadata and the staging directory, open the store.
+2. uncommit (rank 0): put the pending marker object, delete the old manifest object, then
+   delete stale objects of ours: markers of interrupted writes and the rank and index
+   objects of ranks beyond this world (a larger world's, written earlier).
+3. write (all ranks): ``torch.save`` into a temp file in the staging directory
+   (``$DIST_RESTORE_STAGING``, else the system temp directory: it must hold this rank's
+   file), CRC32 it, build its index file, upload ``checkpoint_{rank}.pt`` (multipart when
+   large) and the index file, remove the temp file; exchange as above.
+4. commit (rank 0): only if every rank succeeded, put the manifest object, then delete the
+   marker; exchange the manifest.
+
+A failed or crashed write leaves no manifest and the marker, as on a file system. The
+``barrier`` mode is refused for URLs: its report files need a shared file system.
 """
 
 from __future__ import annotations
@@ -40,6 +58,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +71,7 @@ import torch.distributed as dist
 
 from dist_restore._format.manifest import (  # noqa: I001
     _unlink_quietly,
+    _OUR_TEMP,
     MANIFEST_NAME,
     TMP_SUFFIX,
     Manifest,
@@ -64,8 +85,10 @@ from dist_restore._format.manifest import (  # noqa: I001
 )
 from dist_restore._format.index import read_index
 from dist_restore._format.indexfile import build_index_file, index_checksum, index_path
+from dist_restore._base.source import Location, UrlPath, is_url, local_path, location
 from dist_restore._paths import raise_with_path
 from dist_restore._protocol.pg import CollectiveError, ProcessGroupWrapper
+from dist_restore._protocol.writesync import Sync, make_sync
 from dist_restore._timeout import Timeout, to_seconds
 from dist_restore._types import STATE_DICT, RankInfo, rank_file_name
 from dist_restore.errors import RestoreError
@@ -74,6 +97,10 @@ logger = logging.getLogger(__name__)
 
 _PHASE = "write"
 T = TypeVar("T")
+#: Environment variable naming the local directory where each rank stages its file before
+#: uploading it to an object store (default: the system temp directory).
+STAGING_ENV = "DIST_RESTORE_STAGING"
+_RANK_OR_INDEX = re.compile(r"^checkpoint_(\d+)\.(?:pt|idx)$")
 
 
 class CheckpointWriter:
@@ -86,7 +113,8 @@ class CheckpointWriter:
         barrier: Synchronise through this callable (or an object with
             ``execute_barrier()``, like torch's experimental barriers) and report files in
             the checkpoint directory instead of the process group. Must wait for all
-            ``rank_info.global_world_size`` ranks and time out on its own.
+            ``rank_info.global_world_size`` ranks and time out on its own. Not for
+            object-store URLs (with more than one rank).
         process_group: The group to exchange statuses on; default: the default group.
         timeout: How long each process-group collective may take: seconds or a
             ``datetime.timedelta``.
@@ -134,7 +162,7 @@ class CheckpointWriter:
 
         Args:
             path: The checkpoint directory (created if needed; an existing checkpoint in
-                it is replaced).
+                it is replaced), or an object-store URL of a prefix (``s3://bucket/run/step_100``).
             state_dict: What to ``torch.save``.
             metadata: JSON-serialisable data for the manifest, e.g. ``{"step": 2000}``
                 (rank 0's is written); ``find_latest_checkpoint`` orders by ``"step"``.
@@ -144,39 +172,49 @@ class CheckpointWriter:
             cannot coordinate (several ranks, no process group, no barrier).
 
         Raises:
+            ValueError: ``path`` is a URL and this writer exchanges statuses through a
+                ``barrier`` (report files need a shared file system).
             RestoreError: on every rank, with phase ``"write"``, if any rank failed (bad
                 metadata, I/O error, an unpicklable value) or a peer died or timed out.
         """
         t0 = time.perf_counter()
-        d = Path(path)
         rank, world = self._rank_info.global_rank, self._rank_info.global_world_size
+        target: _Target
+        if is_url(path):
+            if self._barrier is not None and world > 1:
+                raise ValueError(f"cannot write {str(path)!r} with a barrier: the ranks would exchange statuses "
+                                 "through report files in the checkpoint directory, which an object store is "
+                                 "not; initialise torch.distributed (or pass process_group=) instead")
+            target = _ObjectTarget(str(path))
+        else:
+            target = _LocalTarget(local_path(path))
         if world > 1 and self._pg is None and self._barrier is None:
-            return self._write_uncoordinated(d, state_dict)
-        sync = _make_sync(self._pg, self._barrier, d, rank, world)
+            return self._write_uncoordinated(target, state_dict)
+        sync = make_sync(self._pg, self._barrier, target.dir, rank, world)
 
-        step, _ = _attempt(f"preparing {str(d)!r}", _prepare, d, metadata)
+        step, _ = _attempt(f"preparing {target.name!r}", target.prepare, metadata)
         self._agree(sync, "prepare", step)
         # only once every rank is ready does rank 0 take the old checkpoint's manifest away
-        step, marker = _attempt(f"uncommitting {str(d)!r}", _uncommit, d) if rank == 0 else _ok()
+        step, marker = _attempt(f"uncommitting {target.name!r}", target.uncommit, world) if rank == 0 else _ok()
         self._agree(sync, "uncommit", step)
 
-        step, info = _attempt(f"writing {rank_file_name(rank)}", self._write_rank_file, d, state_dict)
+        step, info = _attempt(f"writing {rank_file_name(rank)}", target.write_rank, rank, state_dict)
         if info is not None:
             step.status["info"] = [info.rank, info.file, info.size, info.checksum, info.index_file,
                                    info.index_size, info.index_checksum]
         infos = [RankFileInfo(*s["info"]) for s in self._agree(sync, "write", step)]
 
         if rank == 0:
-            step, manifest = _attempt(f"committing {MANIFEST_NAME}", _commit, d, infos, metadata, marker)
+            step, manifest = _attempt(f"committing {MANIFEST_NAME}", target.commit, infos, metadata, marker)
             if manifest is not None:
                 step.status["manifest"] = manifest.to_json()
         else:
             step, _ = _ok()
         manifest_json = self._agree(sync, "commit", step)[0]["manifest"]
         sync.close()
-        result = Manifest.from_json(manifest_json, file=d / MANIFEST_NAME)
+        result = Manifest.from_json(manifest_json, file=target.join(MANIFEST_NAME))
         logger.info("rank %d: wrote %s (%d bytes); %d rank(s) committed in %.3fs", rank,
-                    d / infos[rank].file, infos[rank].size, world, time.perf_counter() - t0)
+                    target.join(infos[rank].file), infos[rank].size, world, time.perf_counter() - t0)
         return result
 
     def close(self) -> None:
@@ -184,66 +222,18 @@ class CheckpointWriter:
 
     # -- steps -----------------------------------------------------------------------
 
-    def _write_rank_file(self, d: Path, state_dict: STATE_DICT) -> RankFileInfo:
-        """(all ranks) ``torch.save`` via a temp file; fsync; CRC32; rename; fsync the dir."""
-        rank = self._rank_info.global_rank
-        final = d / rank_file_name(rank)
-        tmp = temp_path(final)
-        try:
-            try:
-                # a file object, not the path: given a path, torch names the archive inside
-                # after it (the temp name); given a file, "archive", as for any buffer
-                with open(tmp, "wb") as f:
-                    torch.save(state_dict, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
-                    size, checksum = checksum_fileobj(f)
-            except OSError as e:  # write, fsync, read: errors that name no file (a full disk)
-                raise_with_path(e, tmp)
-            index = self._write_index_file(tmp, index_path(final))
-            os.replace(tmp, final)
-            if index is not None:
-                os.replace(index[0], index_path(final))
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        fsync_dir(d)
-        if index is None:
-            return RankFileInfo(rank, final.name, size, checksum)
-        return RankFileInfo(rank, final.name, size, checksum, index_path(final).name, index[1], index[2])
-
-    def _write_index_file(self, rank_file: Path, final: Path) -> tuple[Path, int, str] | None:
-        """(all ranks) The index file of a rank file just written, as a fsynced temp file
-        beside ``final``: ``(temp path, size, checksum)``; ``None`` (and any old index file
-        removed) when the file holds entries the index format does not describe."""
-        data = build_index_file(read_index(rank_file, use_index_file=False))
-        if data is None:
-            logger.info("rank %d: %s holds entries an index file cannot describe; writing none "
-                        "(restores read its pickle)", self._rank_info.global_rank, final.name)
-            _unlink_quietly(final)
-            return None
-        tmp = temp_path(final)
-        try:
-            write_synced(tmp, data)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        return tmp, len(data), index_checksum(data)
-
-    def _write_uncoordinated(self, d: Path, state_dict: STATE_DICT) -> None:
+    def _write_uncoordinated(self, target: _Target, state_dict: STATE_DICT) -> None:
         rank = self._rank_info.global_rank
         logger.warning("rank %d: %d ranks but no process group and no barrier: writing %s without a "
                        "commit manifest (pass a barrier or initialise torch.distributed)",
-                       rank, self._rank_info.global_world_size, d)
-        d.mkdir(parents=True, exist_ok=True)
+                       rank, self._rank_info.global_world_size, target.name)
+        target.prepare(None)
         if rank == 0:
-            _unlink_quietly(d / MANIFEST_NAME)
-            fsync_dir(d)
-        self._write_rank_file(d, state_dict)
+            target.drop_manifest()
+        target.write_rank(rank, state_dict)
         return None
 
-    def _agree(self, sync: _Sync, name: str, step: _Step) -> list[dict[str, Any]]:
+    def _agree(self, sync: Sync, name: str, step: _Step) -> list[dict[str, Any]]:
         """(all ranks) Exchange statuses; raise the same RestoreError everywhere on any failure."""
         rank = self._rank_info.global_rank
         try:
@@ -285,36 +275,229 @@ def _ok() -> tuple[_Step, None]:
     return _Step({"ok": True, "error": None}), None
 
 
-def _prepare(d: Path, metadata: Mapping[str, Any] | None) -> None:
-    """(all ranks) Check the metadata, create the directory."""
-    if metadata is not None:
-        _check_metadata(metadata)
-    d.mkdir(parents=True, exist_ok=True)
+class _Target:
+    """Where a checkpoint is written: the steps of :meth:`CheckpointWriter.write` that touch
+    storage. ``name`` (path or URL) is what messages name."""
+
+    name: str
+    #: The directory on a shared file system (for a barrier's report files), if it is one.
+    dir: Path | None = None
+
+    def join(self, file: str) -> Path | str:
+        raise NotImplementedError
+
+    def prepare(self, metadata: Mapping[str, Any] | None) -> None:
+        """(all ranks) Check the metadata; make the checkpoint's place ready."""
+        raise NotImplementedError
+
+    def uncommit(self, world: int) -> Any:
+        """(rank 0) Give up the old checkpoint; returns the pending marker for :meth:`commit`."""
+        raise NotImplementedError
+
+    def write_rank(self, rank: int, state_dict: STATE_DICT) -> RankFileInfo:
+        """(all ranks) Store this rank's file and its index file."""
+        raise NotImplementedError
+
+    def commit(self, infos: list[RankFileInfo], metadata: Mapping[str, Any] | None, marker: Any) -> Manifest:
+        """(rank 0) Store the manifest: the checkpoint is complete."""
+        raise NotImplementedError
+
+    def drop_manifest(self) -> None:
+        """(rank 0, no coordination) Remove an old manifest."""
+        raise NotImplementedError
 
 
-def _uncommit(d: Path) -> Path:
-    """(rank 0) Mark the directory as being written; returns the pending marker.
+class _LocalTarget(_Target):
+    """A directory on a (shared) file system: temp files, renames and fsyncs."""
 
-    Sweeps temp files of an interrupted write, creates the marker (a temp file, kept
-    until it becomes the new manifest), removes the old manifest and fsyncs the
-    directory, so the removal is durable before any rank file is replaced.
-    """
-    stale = remove_stale_temp_files(d)
-    if stale:
-        logger.info("removed %d temp file(s) of an interrupted write from %s: %s", len(stale), d, stale)
-    marker = temp_path(d / MANIFEST_NAME)
-    marker.touch(exist_ok=False)
-    _unlink_quietly(d / MANIFEST_NAME)
-    fsync_dir(d)
-    return marker
+    def __init__(self, d: Path) -> None:
+        self.dir, self.name = d, str(d)
+
+    def join(self, file: str) -> Path:
+        return self.dir / file
+
+    def prepare(self, metadata: Mapping[str, Any] | None) -> None:
+        """(all ranks) Check the metadata, create the directory."""
+        if metadata is not None:
+            _check_metadata(metadata)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def uncommit(self, world: int) -> Path:
+        """(rank 0) Mark the directory as being written; returns the pending marker.
+
+        Sweeps temp files of an interrupted write, creates the marker (a temp file, kept
+        until it becomes the new manifest), removes the old manifest and fsyncs the
+        directory, so the removal is durable before any rank file is replaced.
+        """
+        d = self.dir
+        stale = remove_stale_temp_files(d)
+        if stale:
+            logger.info("removed %d temp file(s) of an interrupted write from %s: %s", len(stale), d, stale)
+        marker = temp_path(d / MANIFEST_NAME)
+        marker.touch(exist_ok=False)
+        _unlink_quietly(d / MANIFEST_NAME)
+        fsync_dir(d)
+        return marker
+
+    def write_rank(self, rank: int, state_dict: STATE_DICT) -> RankFileInfo:
+        """(all ranks) ``torch.save`` via a temp file; fsync; CRC32; rename; fsync the dir."""
+        d = self.dir
+        final = d / rank_file_name(rank)
+        tmp = temp_path(final)
+        try:
+            size, checksum = _save(state_dict, tmp, fsync=True)
+            index = self._write_index_file(rank, tmp, index_path(final))
+            os.replace(tmp, final)
+            if index is not None:
+                os.replace(index[0], index_path(final))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        fsync_dir(d)
+        if index is None:
+            return RankFileInfo(rank, final.name, size, checksum)
+        return RankFileInfo(rank, final.name, size, checksum, index_path(final).name, index[1], index[2])
+
+    @staticmethod
+    def _write_index_file(rank: int, rank_file: Path, final: Path) -> tuple[Path, int, str] | None:
+        """(all ranks) The index file of a rank file just written, as a fsynced temp file
+        beside ``final``: ``(temp path, size, checksum)``; ``None`` (and any old index file
+        removed) when the file holds entries the index format does not describe."""
+        data = _index_data(rank, rank_file, final.name)
+        if data is None:
+            _unlink_quietly(final)
+            return None
+        tmp = temp_path(final)
+        try:
+            write_synced(tmp, data)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return tmp, len(data), index_checksum(data)
+
+    def commit(self, infos: list[RankFileInfo], metadata: Mapping[str, Any] | None,
+               marker: Path | None) -> Manifest:
+        """(rank 0) Write the manifest through the marker: the checkpoint is complete."""
+        manifest = Manifest.create(infos, dict(metadata or {}))
+        write_manifest(self.dir, manifest, tmp=marker)
+        return manifest
+
+    def drop_manifest(self) -> None:
+        _unlink_quietly(self.dir / MANIFEST_NAME)
+        fsync_dir(self.dir)
 
 
-def _commit(d: Path, infos: list[RankFileInfo], metadata: Mapping[str, Any] | None,
-            marker: Path | None) -> Manifest:
-    """(rank 0) Write the manifest through the marker: the checkpoint is complete."""
-    manifest = Manifest.create(infos, dict(metadata or {}))
-    write_manifest(d, manifest, tmp=marker)
-    return manifest
+class _ObjectTarget(_Target):
+    """A prefix in an object store. Each rank stages its file locally, then uploads it; an
+    object appears whole or not at all, so nothing is renamed and no temp object is made."""
+
+    def __init__(self, url: str) -> None:
+        self.name = url.rstrip("/")
+        self._loc: Location | None = None
+
+    @property
+    def loc(self) -> Location:
+        if self._loc is None:  # imports the client and opens the store: in a step, caught
+            self._loc = location(self.name)
+        return self._loc
+
+    def join(self, file: str) -> str:
+        return UrlPath(self.name) / file
+
+    def prepare(self, metadata: Mapping[str, Any] | None) -> None:
+        """(all ranks) Check the metadata and the staging directory, open the store."""
+        if metadata is not None:
+            _check_metadata(metadata)
+        _staging_dir()
+        _ = self.loc
+
+    def uncommit(self, world: int) -> str:
+        """(rank 0) Put the marker, delete the old manifest, then stale objects of ours
+        (other markers, rank and index objects of ranks ``>= world``); returns the marker."""
+        loc = self.loc
+        marker = temp_path(MANIFEST_NAME).name
+        loc.put_bytes(marker, b"")  # a manifest or a marker is there at every moment
+        loc.delete(MANIFEST_NAME)
+        stale = sorted(n for n in loc.files() if n != marker and (_OUR_TEMP.match(n) or _beyond(n, world)))
+        for n in stale:
+            loc.delete(n)
+        if stale:
+            logger.info("removed %d stale object(s) from %s: %s", len(stale), self.name, stale)
+        return marker
+
+    def write_rank(self, rank: int, state_dict: STATE_DICT) -> RankFileInfo:
+        """(all ranks) ``torch.save`` into a staged temp file; CRC32; upload it and its index file."""
+        loc, name = self.loc, rank_file_name(rank)
+        index_name = index_path(name).name
+        fd, staged = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=_staging_dir())
+        os.close(fd)
+        tmp = Path(staged)
+        try:
+            size, checksum = _save(state_dict, tmp, fsync=False)
+            data = _index_data(rank, tmp, index_name)
+            loc.put_file(tmp, name)
+        finally:
+            _unlink_quietly(tmp)
+        if data is None:
+            loc.delete(index_name)
+            return RankFileInfo(rank, name, size, checksum)
+        loc.put_bytes(index_name, data)
+        return RankFileInfo(rank, name, size, checksum, index_name, len(data), index_checksum(data))
+
+    def commit(self, infos: list[RankFileInfo], metadata: Mapping[str, Any] | None, marker: str | None) -> Manifest:
+        """(rank 0) Put the manifest object, then delete the marker."""
+        manifest = Manifest.create(infos, dict(metadata or {}))
+        self.loc.put_bytes(MANIFEST_NAME, manifest.to_json().encode("utf-8"))
+        if marker is not None:
+            try:
+                self.loc.delete(marker)
+            except OSError as e:  # committed all the same; the next write sweeps it
+                logger.warning("%s is committed, but its marker %s stays: %s", self.name, marker, e)
+        return manifest
+
+    def drop_manifest(self) -> None:
+        self.loc.delete(MANIFEST_NAME)
+
+
+def _save(state_dict: STATE_DICT, tmp: Path, *, fsync: bool) -> tuple[int, str]:
+    """``torch.save`` into the new file ``tmp``; ``(size, "crc32:%08x")`` of what it holds."""
+    try:
+        # a file object, not the path: given a path, torch names the archive inside
+        # after it (the temp name); given a file, "archive", as for any buffer
+        with open(tmp, "wb") as f:
+            torch.save(state_dict, f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        with open(tmp, "rb", buffering=0) as f:  # CRC32 of what is on disk (page cache)
+            return checksum_fileobj(f)
+    except OSError as e:  # write, fsync, read: errors that name no file (a full disk)
+        raise_with_path(e, tmp)
+
+
+def _index_data(rank: int, rank_file: Path, name: str) -> bytes | None:
+    """The index file of a rank file just written, or ``None`` when it holds entries the
+    index format does not describe."""
+    data = build_index_file(read_index(rank_file, use_index_file=False))
+    if data is None:
+        logger.info("rank %d: %s holds entries an index file cannot describe; writing none "
+                    "(restores read its pickle)", rank, name)
+    return data
+
+
+def _staging_dir() -> str:
+    """Where a rank stages its file before an upload: ``$DIST_RESTORE_STAGING`` or the temp dir."""
+    d = os.environ.get(STAGING_ENV) or tempfile.gettempdir()
+    if not os.path.isdir(d):
+        raise NotADirectoryError(f"{STAGING_ENV}={d!r} is not a directory: set it to a local directory with room "
+                                 "for this rank's checkpoint file, or unset it to use the system temp directory")
+    return d
+
+
+def _beyond(name: str, world: int) -> bool:
+    """Whether ``name`` is a rank or index file of a rank ``>= world``."""
+    m = _RANK_OR_INDEX.match(name)
+    return m is not None and int(m.group(1)) >= world
 
 
 def _check_metadata(metadata: Mapping[str, Any]) -> None:
@@ -340,85 +523,3 @@ def _as_rank_info(info: Any) -> RankInfo:
 
 def _not_a_barrier(obj: Any) -> Callable[[], None]:
     raise TypeError(f"barrier must be a callable or have execute_barrier(), got {type(obj).__name__}")
-
-
-# -- how ranks exchange statuses ----------------------------------------------------------
-
-class _Sync:
-    """One rank's end of the status exchange: ``gather`` is also a barrier."""
-
-    def gather(self, step: str, status: dict[str, Any]) -> list[dict[str, Any]]:
-        return [status]
-
-    def close(self) -> None:
-        """Release what the exchange left behind (after the last gather, on every rank)."""
-
-
-class _GroupSync(_Sync):
-    def __init__(self, pg: ProcessGroupWrapper) -> None:
-        self._pg = pg
-
-    def gather(self, step: str, status: dict[str, Any]) -> list[dict[str, Any]]:
-        return self._pg.all_gather_object(status)
-
-
-class _FileSync(_Sync):
-    """Report files ``.dist_restore_sync.{step}.rank{r}.tmp`` in the checkpoint directory.
-
-    Each rank writes its report, waits at the barrier, reads everyone's. A rank removes
-    its report of one step after the next barrier (when every rank has read it), and its
-    last one in :meth:`close`, after one more barrier.
-    """
-
-    def __init__(self, barrier: Callable[[], None], d: Path, rank: int, world: int) -> None:
-        self._barrier, self._dir, self._rank, self._world = barrier, d, rank, world
-        self._mine: Path | None = None
-        self._closed = False
-
-    def _file(self, step: str, rank: int) -> Path:
-        return self._dir / f".dist_restore_sync.{step}.rank{rank}{TMP_SUFFIX}"
-
-    def gather(self, step: str, status: dict[str, Any]) -> list[dict[str, Any]]:
-        mine = self._file(step, self._rank)
-        _unlink_quietly(mine)  # a stale report must never be read as this one
-        try:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            with open(mine, "w", encoding="utf-8") as f:
-                json.dump(status, f)
-        except OSError as e:
-            logger.warning("rank %d: could not write %s: %s", self._rank, mine, e)
-        self._wait(step)
-        if self._mine is not None:
-            _unlink_quietly(self._mine)
-        self._mine = mine
-        out = []
-        for r in range(self._world):
-            try:
-                out.append(json.loads(self._file(step, r).read_text(encoding="utf-8")))
-            except (OSError, ValueError) as e:
-                out.append({"ok": False, "error": f"no readable {step} report from rank {r}: {e}"})
-        return out
-
-    def _wait(self, step: str) -> None:
-        try:
-            self._barrier()
-        except Exception as e:  # noqa: BLE001 - store timeouts & co.: a peer died or hung
-            raise CollectiveError(f"barrier after {step!r} failed on rank {self._rank}: "
-                                  f"{type(e).__name__}: {e}") from e
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._wait("close")
-        if self._mine is not None:
-            _unlink_quietly(self._mine)
-
-
-def _make_sync(pg: ProcessGroupWrapper | None, barrier: Callable[[], None] | None, d: Path,
-               rank: int, world: int) -> _Sync:
-    if barrier is not None and world > 1:
-        return _FileSync(barrier, d, rank, world)
-    if pg is not None:
-        return _GroupSync(pg)
-    return _Sync()

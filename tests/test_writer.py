@@ -193,6 +193,18 @@ def test_uncoordinated_ranks_write_without_manifest(tmp_path: Path, caplog: pyte
     assert check_checkpoint(tmp_path, world_size=2) is None
 
 
+def test_file_url_is_a_local_directory(tmp_path: Path) -> None:
+    from dist_restore._base.source import LocalDir
+
+    url = f"file://{tmp_path}/ckpt"
+    man = CheckpointWriter().write(url, _state(), metadata={"step": 5})
+    d = tmp_path / "ckpt"
+    assert _files(d) == ["checkpoint_0.idx", "checkpoint_0.pt", MANIFEST_NAME]
+    assert read_manifest(url) == man == read_manifest(LocalDir(d))
+    assert check_checkpoint(url, world_size=1, verify=True) == man == check_checkpoint(LocalDir(d), world_size=1)
+    assert find_latest_checkpoint(f"file://{tmp_path}") == d
+
+
 def test_constructor_checks_arguments() -> None:
     with pytest.raises(ValueError, match="timeout"):
         CheckpointWriter(timeout=0)

@@ -29,10 +29,19 @@ Caps (a hostile directory costs no more than these allow):
   ``checkpoint_{rank}.pt`` beyond it is refused with an error naming it (it only counts where no
   manifest says which files make the checkpoint). Missing ranks are found from the gaps
   between the rank files present, never by listing every rank.
+
+Object stores: :func:`read_manifest`, :func:`check_checkpoint` and :func:`rank_file_count`
+also take an ``s3://`` / ``gs://`` / ``az://`` URL (or a :class:`~dist_restore._base.source.Location`)
+of a checkpoint prefix. The prefix is listed once; the manifest is read as that listing shows it
+(the request pinned to its ETag) and the rank objects' sizes are the listing's. A writer deletes
+the manifest before it replaces any rank object and puts the new one only after every rank object
+is uploaded, so the listed rank objects are the ones that manifest commits. ``verify`` streams
+each object (pinned to its listed ETag) and checks its CRC32.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -40,13 +49,14 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dist_restore._base.crc import crc32_buf
+from dist_restore._base.crc import crc32_at, crc32_buf
+from dist_restore._base.source import ByteSource, Location, UrlPath, is_url, local_path, location
 from dist_restore._paths import raise_with_path
 from dist_restore._base.ranks import format_ranks
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
@@ -59,6 +69,8 @@ TMP_SUFFIX = ".tmp"
 CHECKSUM_ALGORITHM = "crc32"
 
 _CHUNK = 4 << 20  # measured faster than 16 MiB: see the module docstring
+#: Bytes of an object checksummed at a time: large reads are split and fetched in parallel.
+_REMOTE_CHUNK = 64 << 20
 _RANK_FILE = re.compile(r"^checkpoint_(\d+)\.pt$")
 _CHECKSUM = re.compile(r"^crc32:[0-9a-f]{8}$")
 #: A temp file of :func:`temp_path` for a rank file or the manifest (safe for rank 0 to sweep).
@@ -335,14 +347,22 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Manifest, *,
     return path
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
+def read_manifest(directory: str | os.PathLike[str] | Location) -> Manifest | None:
     """The directory's manifest, or ``None`` if it has none.
+
+    Args:
+        directory: A directory, or an object-store URL or :class:`Location` of a prefix.
 
     Raises:
         CorruptCheckpointError: the manifest exists but is not valid, or is larger than
             :data:`MAX_MANIFEST_BYTES`.
+        IncompleteCheckpointError: (object store) the listed manifest was gone when read.
+        OSError: an object store could not be listed or read (naming the URL).
     """
-    path = Path(directory) / MANIFEST_NAME
+    remote = _remote(directory)
+    if remote is not None:
+        return _read_remote_manifest(remote)
+    path = _local(directory) / MANIFEST_NAME
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)  # never more than the cap, whatever stat says
@@ -351,9 +371,42 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest | None:
     except OSError as e:
         raise_with_path(e, path)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"invalid commit manifest: larger than the {MAX_MANIFEST_BYTES} bytes "
-                                     "accepted", file=path)
+        raise _too_large(path)
     return Manifest.from_json(data, file=path)
+
+
+def _too_large(path: object) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"invalid commit manifest: larger than the {MAX_MANIFEST_BYTES} bytes "
+                                  "accepted", file=path)
+
+
+def _remote(directory: str | os.PathLike[str] | Location) -> Location | None:
+    """The object-store :class:`Location` of ``directory`` (a URL or a remote Location), or
+    ``None`` for a local directory."""
+    if isinstance(directory, Location):
+        return directory if directory.is_remote else None
+    return location(directory) if is_url(directory) else None
+
+
+def _local(directory: str | os.PathLike[str] | Location) -> Path:
+    return Path(directory.root) if isinstance(directory, Location) else local_path(directory)
+
+
+def _read_remote_manifest(loc: Location) -> Manifest | None:
+    """The manifest of an object-store prefix: the version its listing shows (a manifest
+    replaced since fails the read rather than meet rank objects of another write)."""
+    size = loc.files().get(MANIFEST_NAME)
+    if size is None:
+        return None
+    url = loc.join(MANIFEST_NAME)
+    if size > MAX_MANIFEST_BYTES:  # refused from the listing, before any byte is fetched
+        raise _too_large(url)
+    try:
+        data = loc.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:  # not "no manifest": the listed rank objects may be replaced now
+        raise IncompleteCheckpointError("the commit manifest was deleted while it was being read: the "
+                                        "checkpoint is being overwritten", file=url) from None
+    return Manifest.from_json(data, file=url)
 
 
 def remove_stale_temp_files(directory: Path) -> list[str]:
@@ -368,7 +421,7 @@ def remove_stale_temp_files(directory: Path) -> list[str]:
 
 # -- the check --------------------------------------------------------------------------
 
-def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | None,
+def check_checkpoint(directory: str | os.PathLike[str] | Location, *, world_size: int | None,
                      ranks: Iterable[int] | None = None, verify: bool = False) -> Manifest | None:
     """Check that a checkpoint directory is complete (and, optionally, intact) before restoring.
 
@@ -382,17 +435,25 @@ def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | Non
     experimental writer) passes with ``None``: there is nothing to check sizes or
     checksums against, so ``ranks`` and ``verify`` do not apply.
 
+    An object-store URL (or remote :class:`Location`) is checked the same way against one
+    listing of the prefix, taken before the manifest is read: the sizes are the listing's;
+    ``verify`` streams every chosen object (each request pinned to the listed ETag).
+
     Returns:
         The manifest, or ``None`` for a complete directory without one.
 
     Raises:
-        FileNotFoundError: ``directory`` does not exist.
+        FileNotFoundError: ``directory`` does not exist (a prefix: holds no object).
         ValueError: a rank in ``ranks`` is outside the checkpoint's world.
         IncompleteCheckpointError: uncommitted (missing rank files, temp files), a rank
             file listed in the manifest is gone, or the world size differs.
         CorruptCheckpointError: invalid manifest, size or checksum mismatch.
+        OSError: an object store could not be listed or read (naming the URL).
     """
-    d = Path(directory)
+    remote = _remote(directory)
+    if remote is not None:
+        return _check_remote(remote, world_size, ranks, verify)
+    d = _local(directory)
     if not d.is_dir():
         if d.exists():
             raise NotADirectoryError(f"checkpoint path is not a directory: {str(d)!r}")
@@ -401,6 +462,39 @@ def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | Non
     if manifest is None:
         _check_uncommitted(d, world_size)
         return None
+
+    def size_of(file: str) -> int | None:
+        try:
+            return os.stat(d / file).st_size
+        except FileNotFoundError:
+            return None
+
+    return _check_against(manifest, d, world_size, ranks, verify, size_of=size_of,
+                          checksum_of=lambda file: file_checksum(d / file),
+                          read=lambda file, _size: (d / file).read_bytes())
+
+
+def _check_remote(loc: Location, world_size: int | None, ranks: Iterable[int] | None,
+                  verify: bool) -> Manifest | None:
+    """:func:`check_checkpoint` of an object-store prefix, against one listing of it."""
+    d = UrlPath(loc.name)
+    files = loc.files()  # listed before the manifest is read: see the module docstring
+    if not files and not loc.subdirs():
+        raise FileNotFoundError(f"checkpoint not found: no objects under {loc.name!r}")
+    manifest = _read_remote_manifest(loc)
+    if manifest is None:
+        _check_uncommitted(d, world_size, names=list(files))
+        return None
+    return _check_against(manifest, d, world_size, ranks, verify, size_of=files.get,
+                          checksum_of=lambda file: _object_checksum(loc, file),
+                          read=loc.read_bytes)
+
+
+def _check_against(manifest: Manifest, d: Path | UrlPath, world_size: int | None, ranks: Iterable[int] | None,
+                   verify: bool, *, size_of: Callable[[str], int | None], checksum_of: Callable[[str], str],
+                   read: Callable[[str, int], bytes]) -> Manifest:
+    """The checks of a committed checkpoint: world size, then every chosen rank file's size,
+    then (``verify``) checksums and index files, each file reached through the callables."""
     if world_size is not None and world_size != manifest.world_size:
         raise IncompleteCheckpointError(
             f"world size mismatch: checkpoint was written by {manifest.world_size} ranks, this job "
@@ -412,11 +506,10 @@ def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | Non
                          f"which has ranks 0-{manifest.world_size - 1}")
     for r in chosen:  # sizes first: cheap, and they catch truncation before any long read
         info = manifest.ranks[r]
-        try:
-            size = os.stat(d / info.file).st_size
-        except FileNotFoundError:
+        size = size_of(info.file)
+        if size is None:
             raise IncompleteCheckpointError("rank file listed in the commit manifest is missing",
-                                            file=d / info.file, rank=r) from None
+                                            file=d / info.file, rank=r)
         if size != info.size:
             raise CorruptCheckpointError(
                 f"size mismatch: the commit manifest says {info.size} bytes, the file has {size} "
@@ -424,16 +517,37 @@ def check_checkpoint(directory: str | os.PathLike[str], *, world_size: int | Non
     if verify:
         for r in chosen:
             info = manifest.ranks[r]
-            got = file_checksum(d / info.file)
+            got = checksum_of(info.file)
             if got != info.checksum:
                 raise CorruptCheckpointError(
                     f"checksum mismatch: the commit manifest says {info.checksum}, the file has {got}",
                     file=d / info.file, rank=r)
-            _check_index_file(d, info)
+            _check_index_file(d, info, read)
     return manifest
 
 
-def _check_index_file(d: Path, info: RankFileInfo) -> None:
+def _object_checksum(loc: Location, file: str) -> str:
+    """``"crc32:%08x"`` of a file of ``loc``, streamed (an object: in parallel range requests)."""
+    with loc.open(file) as src:
+        return source_checksum(src)
+
+
+def source_checksum(src: ByteSource) -> str:
+    """``"crc32:%08x"`` of a whole :class:`ByteSource`, read in :data:`_REMOTE_CHUNK` pieces
+    into one reused buffer (an object's pieces split into parallel range requests)."""
+    n = min(_REMOTE_CHUNK, src.size)
+    buf = (ctypes.c_char * max(n, 1))()
+    addr = ctypes.addressof(buf)
+    crc = off = 0
+    while off < src.size:
+        k = min(n, src.size - off)
+        src.read_into(addr, k, off, key=None)
+        crc = crc32_at(addr, k, crc)
+        off += k
+    return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def _check_index_file(d: Path | UrlPath, info: RankFileInfo, read: Callable[[str, int], bytes]) -> None:
     """Warn when a rank's committed index file is gone or differs: restores then read the
     rank file's pickle instead (an index file is never needed, and never trusted unchecked)."""
     if info.index_file is None:
@@ -441,33 +555,35 @@ def _check_index_file(d: Path, info: RankFileInfo) -> None:
     from dist_restore._format.indexfile import index_checksum
 
     try:
-        got = index_checksum((d / info.index_file).read_bytes())
+        got = index_checksum(read(info.index_file, info.index_size or 0))
     except FileNotFoundError:
         got = "missing"
-    except OSError as e:
+    except (OSError, CheckpointError) as e:  # CheckpointError: an object above its committed size
         got = f"unreadable ({e})"
     if got != info.index_checksum:
         logger.warning("%s: index file %s is %s, the commit manifest says %s; restores of rank %d read "
                        "its pickle instead", d, info.index_file, got, info.index_checksum, info.rank)
 
 
-def rank_file_count(directory: str | os.PathLike[str]) -> int:
+def rank_file_count(directory: str | os.PathLike[str] | Location) -> int:
     """How many ranks wrote the checkpoint: the manifest's world size, else one more than
-    the highest ``checkpoint_{rank}.pt`` present (0 if none). Opens no rank file.
+    the highest ``checkpoint_{rank}.pt`` present (0 if none). Opens no rank file. Takes an
+    object-store URL or :class:`Location` too.
 
     Raises:
         CorruptCheckpointError: no manifest, and a rank file numbered :data:`MAX_RANK_FILES`
             or more (naming it).
     """
-    d = Path(directory)
-    manifest = read_manifest(d)
+    remote = _remote(directory)
+    d: Path | UrlPath = _local(directory) if remote is None else UrlPath(remote.name)
+    manifest = read_manifest(d if remote is None else remote)
     if manifest is not None:
         return manifest.world_size
-    present = _rank_files(d, os.listdir(d))
+    present = _rank_files(d, os.listdir(d) if remote is None else list(remote.files()))
     return present[-1] + 1 if present else 0
 
 
-def _rank_files(d: Path, names: Iterable[str]) -> list[int]:
+def _rank_files(d: Path | UrlPath, names: Iterable[str]) -> list[int]:
     """The ranks of the ``checkpoint_{rank}.pt`` among ``names``, sorted; one numbered
     :data:`MAX_RANK_FILES` or more is refused (a directory without a manifest is as large as
     its highest rank file says)."""
@@ -501,8 +617,9 @@ def _gaps(present: list[int], expected: int) -> list[tuple[int, int]]:
     return out
 
 
-def _check_uncommitted(d: Path, world_size: int | None) -> None:
-    names = os.listdir(d)
+def _check_uncommitted(d: Path | UrlPath, world_size: int | None, *, names: list[str] | None = None) -> None:
+    if names is None:
+        names = os.listdir(d)
     if world_size is None:  # as many ranks as the highest rank file says: capped
         ranks = _rank_files(d, names)
     else:  # the job's world size bounds the work; higher numbers are 'extra' below
