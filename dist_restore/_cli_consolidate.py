@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from dist_restore._base.source import is_url
 from dist_restore._cli_util import _human
 from dist_restore.consolidate import ConsolidateProgress, Format, consolidate
 from dist_restore.errors import CheckpointError
@@ -26,15 +27,19 @@ model's own key names.
 It streams tensor by tensor: whole rows of shards are copied file to file by the kernel, other
 tensors are assembled in memory a batch at a time, so memory stays near the largest tensor
 whatever the checkpoint's size. The file is written under a temp name, synced and renamed:
-a failed run leaves no partial OUT behind."""
+a failed run leaves no partial OUT behind. DIR may be an object-store URL of a safetensors or DCP
+checkpoint (s3://bucket/prefix); OUT is always written locally."""
 
 
-def add_parser(sub: argparse._SubParsersAction, epilog: str, keys_arg: object) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction, epilog: str, keys_arg: object,  # type: ignore[type-arg]
+               source_arg: object = Path) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("consolidate", help="write the full state dict as one torch.save or safetensors file",
                        description=CONSOLIDATE_HELP, formatter_class=fmt, epilog=epilog)
-    p.add_argument("dir", metavar="DIR", type=Path, help="the checkpoint directory")
-    p.add_argument("out", metavar="OUT", type=Path, help="the file to write (a directory with --max-shard-size)")
+    p.add_argument("dir", metavar="DIR", type=source_arg,
+                   help="the checkpoint directory (or an s3://, gs://, az:// URL of a safetensors or DCP checkpoint)")
+    p.add_argument("out", metavar="OUT", type=_local_out,
+                   help="the file to write, locally (a directory with --max-shard-size)")
     p.add_argument("--format", choices=["torch", "safetensors"], default=None,
                    help="output format (default: safetensors when OUT ends in .safetensors, else torch)")
     p.add_argument("--keys", metavar="PATTERN", type=keys_arg, help="only keys matching this glob or prefix "
@@ -49,6 +54,14 @@ def add_parser(sub: argparse._SubParsersAction, epilog: str, keys_arg: object) -
     p.add_argument("--no-verify", action="store_true", help="skip the CRC32 check of the records read whole")
     p.add_argument("--quiet", action="store_true", help="no progress line and no summary")
     p.set_defaults(func=run)
+
+
+def _local_out(text: str) -> Path:
+    """``OUT``: a local path (an object-store URL would become a local ``s3:/...`` directory)."""
+    if is_url(text):
+        raise argparse.ArgumentTypeError(f"OUT is written locally, not to an object store: {text!r} (write it to "
+                                         "a local path, then upload it)")
+    return Path(text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@
 each DTensor's layout, and the entries that look replicated across ranks. ``verify`` checks
 completeness, sizes and checksums against the manifest, and that every rank file parses,
 reporting every problem rather than the first. ``consolidate`` writes the full state dict
-as one file (see :mod:`dist_restore.consolidate`). Exit status: 0 fine, 1 a problem found,
-2 usage error.
+as one file (see :mod:`dist_restore.consolidate`). Safetensors and DCP checkpoints may also be
+object-store URLs (``s3://bucket/prefix``); ``consolidate`` writes its output locally. Exit
+status: 0 fine, 1 a problem found, 2 usage error.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dist_restore._cli_util import (_dtype, _fail, _human, _manifest_dict, _mani
 from dist_restore._cli_verify import _VERIFY_HELP, Problem, _verify
 from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._base.ranks import format_ranks
+from dist_restore._base.source import is_url
 from dist_restore._sources import read_catalog, source_format
 from dist_restore._planning.shared import make_selector
 from dist_restore.errors import CheckpointError
@@ -54,10 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # return the status instead of exiting: main() is testable
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    if not args.dir.is_dir():
-        print(f"dist-restore: error: not a directory: {str(args.dir)!r}", file=sys.stderr)
-        return 2
     try:
+        bad = _check_source(args.dir)
+        if bad is not None:
+            print(f"dist-restore: error: {bad}", file=sys.stderr)
+            return 2
         return args.func(args)
     except BrokenPipeError:  # `dist-restore inspect ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -65,9 +68,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # an unreadable directory or file: the message names it; no traceback
         print(f"dist-restore: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # a URL without the object-store extra: the message names it
+        print(f"dist-restore: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _check_source(src: str | Path) -> str | None:
+    """Why ``src`` is no checkpoint the commands read (``None``: it is one). Local: a directory,
+    or a ``.safetensors`` file. A URL (``s3://``, ``gs://``, ``az://``): a safetensors or DCP
+    checkpoint (the object store is asked; an unreachable store or bucket raises ``OSError``)."""
+    if is_url(src):
+        try:
+            fmt = source_format(src)
+        except FileNotFoundError as e:  # no bucket, nothing under the prefix (other OSErrors: exit 1)
+            return str(e)
+        if fmt not in ("safetensors", "dcp"):
+            return (f"{str(src)!r} holds {fmt or 'no checkpoint'}: in an object store the command line reads "
+                    "safetensors and DCP checkpoints; copy the directory to a local disk for rank files")
+        return None
+    if src.is_dir() or (src.is_file() and src.name.endswith(".safetensors")):
+        return None
+    return f"not a directory: {str(src)!r}"
+
+
+def _source_arg(text: str) -> str | Path:
+    """A checkpoint argument: a URL kept as it is (a ``Path`` would fold ``s3://`` into
+    ``s3:/``), anything else a local path."""
+    return text if is_url(text) else Path(text)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -88,11 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dist-restore", formatter_class=fmt, epilog=_EPILOG,
         description="Inspect, verify and consolidate dist_restore / torch.save checkpoint directories "
-                    "(one checkpoint_<rank>.pt per rank).")
+                    "(one checkpoint_<rank>.pt per rank), Hugging Face safetensors and DCP checkpoints. "
+                    "Safetensors and DCP checkpoints may be s3://, gs:// or az:// URLs (endpoint and "
+                    "credentials from the environment: AWS_ENDPOINT_URL, AWS_REGION, ...).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pi = sub.add_parser("inspect", help="list each rank file's entries and the replicated ones",
                         description=_INSPECT_HELP, formatter_class=fmt, epilog=_EPILOG)
-    pi.add_argument("dir", metavar="DIR", type=Path, help="the checkpoint directory")
+    pi.add_argument("dir", metavar="DIR", type=_source_arg,
+                    help="the checkpoint directory (or a .safetensors file; or an s3://, gs://, az:// URL of a "
+                         "safetensors or DCP checkpoint)")
     pi.add_argument("--rank", metavar="R", type=_rank_arg, help="only this rank's file "
                     "(skips the replicated section, which needs every rank file)")
     pi.add_argument("--keys", metavar="PATTERN", type=_keys_arg, help="only keys matching this glob "
@@ -102,13 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     pi.set_defaults(func=_inspect)
     pv = sub.add_parser("verify", help="check completeness, sizes, checksums and that files parse",
                         description=_VERIFY_HELP, formatter_class=fmt, epilog=_EPILOG)
-    pv.add_argument("dir", metavar="DIR", type=Path, help="the checkpoint directory")
+    pv.add_argument("dir", metavar="DIR", type=_source_arg,
+                    help="the checkpoint directory (or an s3://, gs://, az:// URL of a safetensors or DCP checkpoint)")
     pv.add_argument("--json", action="store_true",
                     help='print {"ok": ..., "problems": [...], "ranks": [...]} instead')
     pv.add_argument("--no-checksum", action="store_true", help="skip the whole-file checksums "
                     "(fast; then damaged tensor bytes go unnoticed)")
     pv.set_defaults(func=_verify)
-    _cli_consolidate.add_parser(sub, _EPILOG, _keys_arg)
+    _cli_consolidate.add_parser(sub, _EPILOG, _keys_arg, _source_arg)
     return p
 
 
@@ -136,8 +171,9 @@ def _rank_arg(text: str) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     directory: Path = args.dir
-    if source_format(directory) is not None:
-        return _inspect_catalog(args, source_format(directory))
+    fmt = source_format(directory)
+    if fmt is not None:
+        return _inspect_catalog(args, fmt)
     files, _temps = _scan(directory)
     if not files:
         return _fail(f"no rank files (checkpoint_<rank>.pt) in {str(directory)!r}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dist_restore._base.source import UrlPath, is_url
 from dist_restore._bytes.consolidate_io import ConsolidateProgress, open_index, stream
 from dist_restore._consolidate_catalog import consolidate_catalog
 from dist_restore._planning.consolidate_plan import plan_safetensors, plan_torch
@@ -107,7 +108,8 @@ def consolidate(
     ``max_shard_size``, a Hugging Face directory of safetensors shards).
 
     Args:
-        directory: The checkpoint directory (``checkpoint_{rank}.pt`` per rank).
+        directory: The checkpoint directory (``checkpoint_{rank}.pt`` per rank), or a safetensors
+            or DCP checkpoint: local, or an object-store URL (``s3://bucket/prefix``).
         out: The file to write.
         format: ``"torch"``: a ``torch.save`` file with the checkpoint's nesting, every
             DTensor a plain tensor of its global shape, loadable by
@@ -152,7 +154,8 @@ def consolidate(
         raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
     if batch_bytes < 0:
         raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
-    d, dst = Path(directory), Path(out)
+    # a URL (a safetensors or DCP checkpoint in an object store) stays a URL: Path folds s3:// into s3:/
+    d, dst = (UrlPath(str(directory).rstrip("/")) if is_url(directory) else Path(directory)), Path(out)
     if (max_shard_size is not None or strip_prefix) and format != "safetensors":
         raise ValueError("max_shard_size and strip_prefix apply to format='safetensors' only")
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -160,7 +163,11 @@ def consolidate(
         _check_out(d, dst, force)
     else:
         _check_out_dir(d, dst, force)
-    if source_format(d) is not None:  # a DCP (or safetensors) directory: its catalogue, tensor by tensor
+    fmt = source_format(d)
+    if isinstance(d, UrlPath) and fmt not in ("safetensors", "dcp"):
+        raise ValueError(f"{d!r} holds {fmt or 'no checkpoint'}: from an object store, consolidate reads safetensors "
+                         "and DCP checkpoints; copy rank files to a local directory first")
+    if fmt in ("safetensors", "dcp"):  # a DCP (or safetensors) directory: its catalogue, tensor by tensor
         select = make_selector(keys) if keys is not None else (lambda k: True)
         with paused():
             got = consolidate_catalog(
@@ -320,7 +327,7 @@ def _check_out_dir(d: Path, dst: Path, force: bool) -> None:
                             for n in os.listdir(dst)) and not force:
         raise FileExistsError(f"output directory {str(dst)!r} already holds safetensors files "
                               "(use --force / force=True to replace them)")
-    if d.is_dir() and dst.resolve() == d.resolve():
+    if isinstance(d, Path) and d.is_dir() and dst.resolve() == d.resolve():
         raise ValueError(f"output directory {str(dst)!r} is the checkpoint itself")
 
 
@@ -332,7 +339,7 @@ def _check_out(d: Path, dst: Path, force: bool) -> None:
         raise FileExistsError(f"output file exists: {str(dst)!r} (use --force / force=True to replace it)")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {str(dst.parent)!r}")
-    if d.is_dir() and dst.parent.resolve() == d.resolve() and (
+    if isinstance(d, Path) and d.is_dir() and dst.parent.resolve() == d.resolve() and (
             dst.name in (MANIFEST_NAME, ".metadata") or dst.name.endswith(".distcp")
             or (dst.name.startswith("checkpoint_") and dst.name.endswith(".pt"))):
         raise ValueError(f"output {str(dst)!r} would replace a file of the checkpoint itself")

@@ -15,7 +15,9 @@ rank 0's file, and ``--per-rank PATTERN`` entries from each rank's own file.
 (``dcp.save``'s ``.metadata`` + ``.distcp`` files): every tensor is then restored as a DTensor
 split evenly by rows over this job's ranks (``--reshard-to full``: whole tensors on every rank),
 each rank reading only its rows' bytes; DCP's non-tensor values are loaded on every rank (keys
-flattened as DCP flattens them).
+flattened as DCP flattens them). Either may be an object-store URL (``s3://bucket/prefix``,
+``gs://``, ``az://``; endpoint and credentials from the environment: ``AWS_ENDPOINT_URL``,
+``AWS_REGION``, ...).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ log = logging.getLogger("dist_restore.launch")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", help="checkpoint directory (default: write and restore a synthetic one)")
+    p.add_argument("--checkpoint", help="checkpoint directory, or an s3://, gs://, az:// URL of a safetensors or DCP "
+                                        "checkpoint (default: write and restore a synthetic one)")
     p.add_argument("--shared", action="append", default=None, metavar="PATTERN",
                    help="replicated entries: key prefix or glob (repeatable); demo default: 'shared'")
     p.add_argument("--mode", choices=["broadcast", "spread", "local"], default="broadcast",
@@ -67,7 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def reshard_target(path: Path, world: int, how: str) -> dict | None:
+def checkpoint_arg(text: str) -> Path | str:
+    """``--checkpoint``: a local path, or an object-store URL kept as it is (``s3://``, ``gs://``,
+    ``az://``: a ``Path`` would fold ``s3://bucket`` into ``s3:/bucket``)."""
+    from dist_restore._base.source import is_url
+
+    return text if is_url(text) else Path(text)
+
+
+def reshard_target(path: Path | str, world: int, how: str) -> dict | None:
     """The restore target for a checkpoint of another world size: its DTensor entries as
     DTensors split over this job's ranks (``how="shard"``) or whole tensors (``"full"``);
     everything else ``None`` (loaded as saved). ``None`` when the world size is the same or
@@ -78,7 +89,9 @@ def reshard_target(path: Path, world: int, how: str) -> dict | None:
     from dist_restore._sources import source_format
 
     fmt = source_format(path)
-    safetensors = fmt is not None  # a catalogue: safetensors or DCP
+    safetensors = fmt in ("safetensors", "dcp")  # a catalogue: safetensors or DCP
+    if fmt is not None and not safetensors:  # our rank files in an object store: restored as saved (their
+        return None  # DTensor layouts are read from a local checkpoint_0.pt below, not from a URL)
     if not safetensors and rank_file_count(path) == world:
         return None
     mesh = None
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     try:
         if args.checkpoint:
-            path = Path(args.checkpoint)
+            path = checkpoint_arg(args.checkpoint)
             shared = args.shared
         else:
             tmp = Path(tempfile.mkdtemp(prefix="dist_restore_demo_")) if rank == 0 else None

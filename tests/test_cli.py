@@ -344,3 +344,36 @@ def test_inspect_says_which_ranks_were_indexed_by_an_index_file(tmp_path: Path, 
     assert json.loads(out)["ranks"][0]["index_source"] == "index file"
     rc, out, _ = _run(capsys, "inspect", str(ckpt), "--json")  # plain torch.save files
     assert {rd["index_source"] for rd in json.loads(out)["ranks"]} == {"pickle"}
+
+
+def test_safetensors_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One ``.safetensors`` file is a checkpoint too (inspect, verify); verify of a directory of
+    shards parses every header, reporting each damaged file, then the index against them."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    d = tmp_path / "hf"
+    d.mkdir()
+    save_file({"a": torch.randn(4, 3), "b": torch.arange(5)}, d / "model-00001-of-00002.safetensors")
+    save_file({"c": torch.ones(2, dtype=torch.bfloat16)}, d / "model-00002-of-00002.safetensors")
+    wm = {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+          "c": "model-00002-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    one = d / "model-00002-of-00002.safetensors"
+    rc, out, err = _run(capsys, "inspect", str(one))
+    assert rc == 0 and f"safetensors checkpoint {one}: 1 file(s), 1 tensors" in out, err
+    rc, out, err = _run(capsys, "verify", str(one))
+    assert rc == 0 and "verify: OK, 1 file, 1 tensors" in out, out + err
+    rc, out, err = _run(capsys, "verify", str(d), "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["ok"] and doc["format"] == "safetensors" and (doc["files"], doc["tensors"]) == (2, 3)
+    assert _run(capsys, "inspect", str(d / "nope.safetensors"))[0] == 2
+    assert _run(capsys, "inspect", str(d / "model.safetensors.index.json"))[0] == 2  # a file, not a checkpoint
+    # the index names a key its file lacks: an index problem naming the key
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**wm, "z": wm["c"]}}))
+    rc, out, _ = _run(capsys, "verify", str(d))
+    assert rc == 1 and _lines_with(out, "model-00002-of-00002.safetensors: index:", "'z'"), out
+    # both files damaged: both reported
+    for f in sorted(d.glob("*.safetensors")):
+        f.write_bytes(f.read_bytes()[:-3])
+    rc, out, _ = _run(capsys, "verify", str(d))
+    assert rc == 1 and "verify: FAILED, 2 problems" in out
+    assert all(_lines_with(out, f"-: {f.name}: parse:") for f in d.glob("*.safetensors")), out
