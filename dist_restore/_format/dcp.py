@@ -386,7 +386,8 @@ def read_metadata(root: Path | str | Location) -> tuple[DcpMetadata, int, dict[s
     sizes: dict[str, int] = dict(loc.files()) if loc.is_remote else {}  # (local: stat-ed as named)
     data = loc.read_bytes(METADATA, MAX_METADATA)
     meta = parse(loc.root, data, sizes, listed=loc.is_remote)
-    return meta, len(data), sizes
+    named = {it.file for t in meta.tensors.values() for _o, _s, it in t.chunks} | {it.file for it in meta.objects.values()}
+    return meta, len(data), {f: n for f, n in sizes.items() if f in named}
 
 
 def open_catalog(path: str | os.PathLike[str], want: Iterable[str] | None = None) -> tuple[Catalog, tuple[str, ...]]:

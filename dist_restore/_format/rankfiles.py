@@ -20,7 +20,9 @@ The catalogue seen by rank ``r`` of a job of ``W`` ranks:
   target on any mesh gets the byte ranges of its own shard from whichever files hold them;
 - a non-tensor value comes from the same file as a plain tensor.
 
-A manifest, when present, must agree with the files listed (world size, each file's size).
+The checkpoint must pass :func:`~dist_restore._format.manifest.check_checkpoint` on the listing: a
+manifest that agrees with the files (world size, each file's size), or, without one, every rank
+file from 0 up and no write in progress.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from dist_restore._base.regions import LayoutError, Partial
 from dist_restore._base.source import Location
-from dist_restore._format.catalog import Catalog, CatalogEntry, CatalogSource, Chunk, flatten
+from dist_restore._format.catalog import (
+    Catalog,
+    CatalogEntry,
+    CatalogSource,
+    Chunk,
+    flatten,
+)
 from dist_restore._format.dcp import _parse_archive, _Window, build_value, resolve_ref
 from dist_restore._format.dtensor import DTensorRef
-from dist_restore._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, IncompleteCheckpointError, Manifest
+from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint
 from dist_restore._format.unpickle import ExoticRef, TensorRef
 from dist_restore._format.zip import ZipRecord
 from dist_restore.errors import CorruptCheckpointError, StateDictMismatchError
@@ -239,13 +245,8 @@ def open_catalog(loc: Location, rank: int, world: int, want: set[str] | None = N
     if not files:
         raise FileNotFoundError(f"no checkpoint_*.pt in {loc.name!r}")
     sizes = {name: size for name, size in loc.files().items() if name in files.values()}
-    _check_manifest(loc, files, sizes)
+    check_checkpoint(loc, world_size=None)  # committed (or complete without a manifest), sizes as listed
     n = len(files)
-    if sorted(files) != list(range(n)):
-        missing = sorted(set(range(max(files) + 1)) - set(files))
-        names = ", ".join(f"checkpoint_{r}.pt" for r in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise IncompleteCheckpointError(f"rank file(s) {names} missing from {loc.name!r} (ranks 0-{max(files)} "
-                                        "expected)")
     own_rank = rank if n == world else 0
     own = _index(loc, files[own_rank])
     leaves = _leaves(own.tree)
@@ -371,21 +372,6 @@ def _check_cover(key: str, shape: tuple[int, ...], chunks: list[Chunk], loc: Loc
             if all(x < y + m and y < x + n for x, n, y, m in zip(a.start, a.size, b.start, b.size)):
                 raise CorruptCheckpointError(f"shards of {key!r} at {a.start} and {b.start} overlap", key=key,
                                              file=loc.name)
-
-
-def _check_manifest(loc: Location, files: dict[int, str], sizes: dict[str, int]) -> None:
-    if not loc.is_file(MANIFEST_NAME):
-        return
-    path = loc.join(MANIFEST_NAME)
-    m = Manifest.from_json(loc.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES), file=path)
-    if m.world_size != len(files):
-        raise IncompleteCheckpointError(f"the manifest says {m.world_size} rank file(s), {len(files)} are listed in "
-                                        f"{loc.name!r}")
-    for info in m.ranks:
-        got = sizes.get(info.file)
-        if got != info.size:
-            raise IncompleteCheckpointError(f"{info.file!r} is {got} bytes, the manifest says {info.size}",
-                                            file=loc.join(info.file))
 
 
 __all__ = ["RankFilesSource", "is_rank_files", "open_catalog", "rank_files"]
