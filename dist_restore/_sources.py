@@ -48,9 +48,11 @@ def wanted_keys(state_dict: Mapping[str, Any] | None, key_map: KeyMap, fmt: str 
         return None
     out = set()
     walk = dcp.dcp_flatten if fmt == "dcp" else flatten
-    for key, _parent, _k, _v in walk(state_dict):
+    for key, _parent, _k, v in walk(state_dict):
         f = map_key(key_map, key)
         if f is not None:
+            if v is None:  # may stand for a whole subtree: every key is looked at
+                return None
             out.add(f)
     return out
 

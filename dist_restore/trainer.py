@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from dist_restore._base.source import is_url, location
 from dist_restore._format.manifest import IncompleteCheckpointError, rank_file_count, read_manifest
 from dist_restore._bytes.read import MapLocation
 from dist_restore._trainer_reshard import optimizer_target, strict_problems
@@ -208,7 +209,7 @@ def restore_training_state(path: str | os.PathLike[str], state: TrainingState, *
     shared = _shared_spec(state, shared_models)
     pg = coord._pg  # the coordinator's group wrapper: collectives with its timeout
     # the same on every rank (one directory listing): decides how the collectives below run
-    nfiles = rank_file_count(path) if Path(path).is_dir() else pg.world_size
+    nfiles = rank_file_count(path) if is_url(path) or Path(path).is_dir() else pg.world_size
     changed = nfiles != pg.world_size
     target: dict[str, Any] = {
         "models": {name: m.state_dict() for name, m in state.models.items()},
@@ -286,7 +287,7 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
     choice: dict[str, Any] = {"ok": True, "path": None}
     if pg.rank == 0:
         try:
-            if Path(root).is_dir():
+            if is_url(root) or Path(root).is_dir():
                 found = _latest(root, pg.world_size, verify=verify, reshard=reshard)
                 choice["path"] = None if found is None else str(found)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
@@ -304,15 +305,17 @@ def resume_latest(root: str | os.PathLike[str], state: TrainingState, *,
     return restore_training_state(choice["path"], state, coordinator=coord, **kwargs)
 
 
-def _latest(root: str | os.PathLike[str], world: int, *, verify: bool, reshard: bool) -> Path | None:
-    """(rank 0) The checkpoint :func:`resume_latest` restores."""
+def _latest(root: str | os.PathLike[str], world: int, *, verify: bool, reshard: bool) -> Path | str | None:
+    """(rank 0) The checkpoint :func:`resume_latest` restores (an object store: its URL)."""
+    if is_url(root) and not location(root).exists() and not location(root).subdirs():
+        return None  # (a prefix holding nothing yet: nothing to resume)
     if not reshard:
         return find_latest_checkpoint(root, world_size=world, verify=verify)
     found = find_latest_checkpoint(root, world_size=None, verify=verify)
     if found is None or read_manifest(found) is not None:
         return found
     nfiles = rank_file_count(found)
-    if nfiles == world:
+    if nfiles == world or is_url(found):  # (a URL's shards are checked to cover each tensor when planned)
         return found
     try:
         _check_saved_world(read_index(found / rank_file_name(0)), nfiles, world, target_given=True)

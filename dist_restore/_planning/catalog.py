@@ -91,20 +91,43 @@ class CatalogPlan:
     assign: list[tuple[Any, Any, Any]] = field(default_factory=list)
     objects: list[ObjectJob] = field(default_factory=list)
     object_bytes: int = 0
+    subtrees: list[tuple[Any, Any, str, tuple[str, ...]]] = field(default_factory=list)
 
     def result(self, state_dict: Mapping[str, Any] | None) -> dict[str, Any]:
         """The restored state dict: the target, its ``None`` values replaced by the tensors
-        allocated for them (call after the read); a new flat dict for ``None``."""
+        allocated for them (call after the read) and a ``None`` that stands for a whole subtree
+        of the checkpoint by that subtree; a new dict for ``None``."""
         if state_dict is None:
             return self.catalog.source.nest(self.values)
         for parent, k, t in self.assign:
             parent[k] = t
+        for parent, k, prefix, keys in self.subtrees:
+            flat = {sk: self.values[sk] for sk in keys if sk in self.values}
+            parent[k] = _subtree(self.catalog.source.nest(flat), prefix, flat)
         return state_dict  # type: ignore[return-value]
 
     @property
     def files(self) -> set[str]:
         """The files this rank reads bytes from."""
         return {c.file for job in self.jobs for c, boxes in job.pieces if any(b.numel for b in boxes)}
+
+
+def _subtree(nested: Any, prefix: str, flat: dict[str, Any]) -> Any:
+    """The part of ``nested`` (a format's nesting of ``flat``) at dotted key ``prefix``; where the
+    format does not nest (safetensors), the flat keys below ``prefix``, relative to it."""
+    cur, at = nested, ""
+    while at != prefix:
+        if not isinstance(cur, Mapping):
+            break
+        step = next((c for c in cur if prefix == (nxt := f"{at}.{c}" if at else str(c))
+                     or prefix.startswith(nxt + ".")), None)
+        if step is None:
+            break
+        at = f"{at}.{step}" if at else str(step)
+        cur = cur[step]
+    if at == prefix:
+        return cur
+    return {sk[len(prefix) + 1:]: v for sk, v in flat.items()}
 
 
 def map_key(key_map: KeyMap, key: str) -> str | None:
@@ -175,6 +198,19 @@ def plan_catalog(catalog: Catalog, all_keys: tuple[str, ...], state_dict: Mappin
                     plan.mismatched.append((key, f"target is a tensor, the checkpoint holds a non-tensor value{named}"))
                 else:
                     plan.objects.append(ObjectJob(key, fkey, parent, k))
+                continue
+            below = [sk for sk in all_keys if sk.startswith(fkey + ".")] if value is None else []
+            if below:  # a None that stands for a whole subtree of the checkpoint (extra, rng, ...)
+                for sk in below:
+                    claimed.add(sk)
+                    se = entries.get(sk)
+                    if se is not None:
+                        t = torch.empty(se.shape, dtype=se.dtype, device=device)
+                        plan.values[sk] = t
+                        _add(plan, sk, sk, se, t, full_runs(se.shape))
+                    elif sk in objects:
+                        plan.objects.append(ObjectJob(sk, sk, None, None))
+                plan.subtrees.append((parent, k, fkey, tuple(below)))
                 continue
             lost.append((key, value))
             continue
