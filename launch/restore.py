@@ -89,10 +89,9 @@ def reshard_target(path: Path | str, world: int, how: str) -> dict | None:
     from dist_restore._sources import source_format
 
     fmt = source_format(path)
-    safetensors = fmt in ("safetensors", "dcp")  # a catalogue: safetensors or DCP
-    if fmt is not None and not safetensors:  # our rank files in an object store: restored as saved (their
-        return None  # DTensor layouts are read from a local checkpoint_0.pt below, not from a URL)
-    if not safetensors and rank_file_count(path) == world:
+    # a catalogue: safetensors, DCP, or our rank files in an object store (read by range requests)
+    safetensors = fmt is not None
+    if fmt in (None, "rank files") and rank_file_count(path) == world:
         return None
     mesh = None
     if how == "shard" and dist.is_initialized():

@@ -37,19 +37,3 @@ def restore(rank: int, world: int, url: str, full_path: str, kind: str) -> dict[
             "bytes_verified": res.stats.bytes_verified, "missing": res.missing_keys,
             "rank_value": float(got["extra.rank_value"][0]), "step": res.state_dict["extra"]["step"],
             "report": res.report.render() if res.report else None}
-
-
-def restore_error(rank: int, world: int, url: str, kind: str) -> dict[str, Any]:
-    from dist_restore import RestoreCoordinator
-    from dist_restore.errors import CheckpointError
-
-    m, opt = w.build(kind, world, seed=99)
-    sd = w._state(m, opt)
-    before = [w._full(p.detach()).clone() for p in m.parameters()]
-    try:
-        RestoreCoordinator(timeout=60).restore(url, sd)
-    except CheckpointError as e:
-        after = [w._full(p.detach()) for p in m.parameters()]
-        return {"error": f"{type(e).__name__}: {e}",
-                "untouched": all(torch.equal(a, b) for a, b in zip(before, after))}
-    return {"error": None}

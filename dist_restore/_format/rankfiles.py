@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from dist_restore._base.regions import LayoutError, Partial
 from dist_restore._base.source import Location
 from dist_restore._format.catalog import (
@@ -141,9 +143,10 @@ class RankFilesSource(CatalogSource):
         self.where: dict[tuple[str, int], _Where] = {}
         self.values: dict[str, tuple[_Archive, Any]] = {}
         self.order: dict[str, tuple[Any, ...]] = {}
+        self.params: dict[str, bool] = {}  # keys saved as nn.Parameter: their requires_grad
 
     def nest(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The file's own nesting of dicts, in its order."""
+        """The file's own nesting of dicts, in its order (parameters saved as such: again)."""
         root: dict[Any, Any] = {}
         for key, path in self.order.items():
             if key not in values:
@@ -151,7 +154,10 @@ class RankFilesSource(CatalogSource):
             cur = root
             for k in path[:-1]:
                 cur = cur.setdefault(k, {})
-            cur[path[-1]] = values[key]
+            v = values[key]
+            if key in self.params and isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                v = torch.nn.Parameter(v, requires_grad=self.params[key])
+            cur[path[-1]] = v
         return root
 
     def locate(self, catalog: Catalog, needed: Sequence[tuple[CatalogEntry, Chunk]]) -> dict[Chunk, Chunk]:
@@ -219,16 +225,14 @@ def _leaves(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _paths(tree: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> dict[str, tuple[Any, ...]]:
-    """``{dotted key: the path of dict keys to it}`` (as :func:`flatten` keys the leaves)."""
+    """``{dotted key: the path of dict keys to it}``, in the tree's order (as :func:`flatten`
+    keys the leaves; the tree is no deeper than the unpickler allows)."""
     out: dict[str, tuple[Any, ...]] = {}
-    stack = [(prefix, tree)]
-    while stack:
-        pre, t = stack.pop()
-        for k, v in t.items():
-            if isinstance(v, Mapping):
-                stack.append(((*pre, k), v))
-            else:
-                out[".".join(map(str, (*pre, k)))] = (*pre, k)
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_paths(v, (*prefix, k)))
+        else:
+            out[".".join(map(str, (*prefix, k)))] = (*prefix, k)
     return out
 
 
@@ -277,6 +281,8 @@ def open_catalog(loc: Location, rank: int, world: int, want: set[str] | None = N
         if isinstance(v, ExoticRef):
             raise StateDictMismatchError(f"a {v.kind} tensor: not read from object storage", file=path, key=key)
         if isinstance(v, TensorRef):
+            if v.is_parameter:
+                source.params[key] = bool(v.requires_grad)
             shape = tuple(v.size)
             off = placeholder(own, v, key)
             entries[key] = CatalogEntry(key, v.dtype, shape, (Chunk(own.file, off, (0,) * len(shape), shape),))
