@@ -1,5 +1,6 @@
 """dist_restore: fast, correct, rank-aware restore of torch.save checkpoints."""
 
+from dist_restore._base.objstore import configure_object_store
 from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._format.manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
 from dist_restore._protocol.report import RestoreReport
@@ -21,6 +22,7 @@ from dist_restore.trainer import TrainingState, restore_training_state, resume_l
 from dist_restore.writer import CheckpointWriter
 
 __all__ = [
+    "configure_object_store",
     "STATE_DICT",
     "Catalog",
     "CatalogEntry",
