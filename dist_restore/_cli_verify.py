@@ -89,6 +89,8 @@ def _verify(args: argparse.Namespace) -> int:
         return _verify_dcp(args)
     if is_safetensors(directory):
         return _verify_safetensors(args)
+    if is_url(directory):
+        return _verify_rank_urls(args)
     checksum = not args.no_checksum
     problems: list[Problem] = []
     notes: list[Problem] = []  # worth saying, but restore would not fail over them
@@ -225,6 +227,46 @@ def _verify_dcp(args: argparse.Namespace) -> int:
         print(f"verify: FAILED, {len(problems)} problem{'s' * (len(problems) != 1)}")
     else:
         print(f"verify: OK, {checked} items, {_human(nbytes)} checked")
+    return 0 if ok else 1
+
+
+def _verify_rank_urls(args: argparse.Namespace) -> int:
+    """``verify`` of our rank files at a URL: the commit state against one listing (manifest,
+    every rank object, its size and, unless ``--no-checksum``, its CRC32, streamed), then every
+    rank object's zip directory and ``data.pkl`` read and checked (through the allowlist)."""
+    from dist_restore._format import rankfiles
+    from dist_restore._format.manifest import check_checkpoint
+
+    src = str(args.dir)
+    checksum = not args.no_checksum
+    problems: list[Problem] = []
+    loc = location(src)
+    files = rankfiles.rank_files(loc)
+    manifest = None
+    try:
+        manifest = check_checkpoint(loc, world_size=None, verify=checksum)
+    except (CheckpointError, OSError, ValueError) as e:
+        f = getattr(e, "file", None)
+        problems.append(Problem(None, f and str(f).rstrip("/").rsplit("/", 1)[-1], "manifest", _msg(e)))
+    for r, f in files.items():
+        try:
+            rankfiles._index(loc, f)
+        except (CheckpointError, OSError) as e:
+            problems.append(Problem(r, f, "parse", _msg(e)))
+    ok = not problems
+    has = manifest is not None or loc.is_file(MANIFEST_NAME)
+    checked = "sizes and CRC32s against the manifest" if has and checksum else \
+        "sizes against the manifest" if has else "no manifest: files present, nothing to compare"
+    if args.json:
+        print(json.dumps({"ok": ok, "dir": src, "format": "rank files", "checksum": checksum and has,
+                          "files": len(files), "problems": [asdict(p) for p in problems]}, indent=2))
+        return 0 if ok else 1
+    print(f"rank files {src}")
+    print(f"files: {len(files)}; {checked}; every file's zip directory and data.pkl parsed")
+    for p in problems:
+        print(f"  {p.render()}")
+    print(f"verify: FAILED, {len(problems)} problem{'s' * (len(problems) != 1)}" if problems else
+          f"verify: OK, {len(files)} file{'s' * (len(files) != 1)}")
     return 0 if ok else 1
 
 

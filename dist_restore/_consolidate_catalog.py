@@ -11,6 +11,7 @@ listed as skipped there.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class Unit:
 
     key: str
     out: StorageOut | TensorSpec
+    value: torch.Tensor | None = None  # a tensor inside a non-tensor value: already in memory
 
     @property
     def nbytes(self) -> int:
@@ -63,8 +65,8 @@ def plan_units(catalog: Catalog, order: tuple[str, ...], select: Callable[[str],
         if e is None:
             if key not in catalog.objects:
                 continue
-            if fmt == "torch":
-                values[key] = catalog.source.load_object(catalog, key)
+            if fmt == "torch":  # its tensors become records of the output, as torch.save writes them
+                values[key] = _described(catalog.source.load_object(catalog, key), key, units)
             else:
                 skipped.append(key)
             continue
@@ -73,12 +75,34 @@ def plan_units(catalog: Catalog, order: tuple[str, ...], select: Callable[[str],
             for n in e.shape:
                 numel *= n
             st = StorageOut(str(len(units)), e.dtype, numel)
-            values[key] = TensorOut(st, 0, e.shape, _contiguous(e.shape))
+            grad = catalog.source.parameter(key)
+            values[key] = TensorOut(st, 0, e.shape, _contiguous(e.shape), bool(grad), grad is not None)
             units.append(Unit(key, st))
         else:
             units.append(Unit(key, TensorSpec(key, e.dtype, e.shape)))
     tree = catalog.source.nest(values) if fmt == "torch" else None
     return tree, units, skipped, len(units)
+
+
+def _described(value: Any, key: str, units: list[Unit]) -> Any:
+    """``value`` with every dense tensor in its containers replaced by a :class:`TensorOut` of a
+    new record (a unit that holds the tensor), so that ``data.pkl`` rebuilds it as ``torch.save``
+    does, loadable with ``weights_only=True`` (the tensor itself would pickle through
+    ``torch.storage._load_from_bytes``)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().contiguous()
+        st = StorageOut(str(len(units)), t.dtype, t.numel())
+        units.append(Unit(key, st, t))
+        return TensorOut(st, 0, tuple(t.shape), _contiguous(tuple(t.shape)), bool(value.requires_grad),
+                         isinstance(value, torch.nn.Parameter))
+    if isinstance(value, dict):
+        out = type(value)() if type(value) in (dict, collections.OrderedDict) else {}
+        for k, v in value.items():
+            out[k] = _described(v, key, units)
+        return out
+    if type(value) in (list, tuple):
+        return type(value)(_described(v, key, units) for v in value)
+    return value
 
 
 def stream(catalog: Catalog, units: list[Unit], writer: Any, *, verify: bool,
@@ -88,12 +112,15 @@ def stream(catalog: Catalog, units: list[Unit], writer: Any, *, verify: bool,
     total = sum(u.nbytes for u in units)
     done = 0
     for i, u in enumerate(units):
-        e = catalog.entries[u.key]
-        t = torch.empty(e.shape, dtype=e.dtype)
-        plan = plan_catalog(catalog, (u.key,), {u.key: t})
-        with torch.no_grad():
-            nbytes, _files, _verified = read_catalog_jobs(catalog, plan.jobs, verify=verify)
-        counters["bytes_read"] += nbytes
+        if u.value is not None:  # (read and checked with its value)
+            t = u.value
+        else:
+            e = catalog.entries[u.key]
+            t = torch.empty(e.shape, dtype=e.dtype)
+            plan = plan_catalog(catalog, (u.key,), {u.key: t})
+            with torch.no_grad():
+                nbytes, _files, _verified = read_catalog_jobs(catalog, plan.jobs, verify=verify)
+            counters["bytes_read"] += nbytes
         writer.begin(u.out)
         if t.numel():
             writer.write(t.reshape(-1).view(torch.uint8).numpy())
@@ -136,7 +163,7 @@ def consolidate_catalog(src: Path, dst: Path, *, fmt: str, select: Callable[[str
         file_bytes, copied = write(dst, units)
     else:
         file_bytes, copied = write_shards(dst, units, write)
-    files = len({c.file for u in units for c in catalog.entries[u.key].chunks})
+    files = len({c.file for u in units if u.value is None for c in catalog.entries[u.key].chunks})
     return {"tensors": n, "tensor_bytes": sum(u.nbytes for u in units), "file_bytes": file_bytes,
             "rank_files": len(catalog.file_sizes), "files_read": files, "bytes_read": counters["bytes_read"],
             "bytes_copied": copied, "skipped": tuple(skipped), "seconds": time.perf_counter() - t0}

@@ -85,10 +85,7 @@ def _check_source(src: str | Path) -> str | None:
             fmt = source_format(src)
         except FileNotFoundError as e:  # no bucket, nothing under the prefix (other OSErrors: exit 1)
             return str(e)
-        if fmt not in ("safetensors", "dcp"):
-            return (f"{str(src)!r} holds {fmt or 'no checkpoint'}: in an object store the command line reads "
-                    "safetensors and DCP checkpoints; copy the directory to a local disk for rank files")
-        return None
+        return None if fmt is not None else f"no checkpoint at {str(src)!r}"
     if src.is_dir() or (src.is_file() and src.name.endswith(".safetensors")):
         return None
     return f"not a directory: {str(src)!r}"
@@ -226,10 +223,17 @@ def _inspect_catalog(args: argparse.Namespace, fmt: str | None) -> int:
     """``inspect`` of a Hugging Face safetensors file or directory, or of a DCP directory: every
     key with its dtype, shape, bytes and file(s) (DCP: its chunks; its non-tensor values too);
     each file's size (safetensors: and ``__metadata__``). Reads headers and metadata only."""
-    if args.rank is not None:
+    if args.rank is not None and fmt != "rank files":
         return _fail(f"--rank applies to rank files; a {fmt} checkpoint has none")
     try:
-        cat = read_catalog(args.dir)
+        if fmt == "rank files":  # at a URL: the entries rank --rank sees (plain ones from its own file)
+            from dist_restore._base.source import location
+            from dist_restore._format.rankfiles import rank_files
+
+            n = len(rank_files(location(args.dir)))
+            cat = read_catalog(args.dir, rank=args.rank or 0, world=n)
+        else:
+            cat = read_catalog(args.dir)
     except Exception as e:  # noqa: BLE001 - one line, exit 1
         return _fail(_msg(e))
     select: Callable[[str], bool] = make_selector(args.keys) if args.keys else (lambda k: True)
@@ -251,7 +255,7 @@ def _inspect_catalog(args: argparse.Namespace, fmt: str | None) -> int:
                                     for c in e.chunks]})} for e in entries],
         "tensor_nbytes": sum(e.nbytes for e in entries),
     }
-    if fmt == "dcp":
+    if fmt in ("dcp", "rank files"):
         doc["values"] = [{"key": k, "file": it.file, "nbytes": it.length} for k, it in cat.objects.items()
                          if select(k)]
     if args.json:

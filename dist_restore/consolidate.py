@@ -164,10 +164,7 @@ def consolidate(
     else:
         _check_out_dir(d, dst, force)
     fmt = source_format(d)
-    if isinstance(d, UrlPath) and fmt not in ("safetensors", "dcp"):
-        raise ValueError(f"{d!r} holds {fmt or 'no checkpoint'}: from an object store, consolidate reads safetensors "
-                         "and DCP checkpoints; copy rank files to a local directory first")
-    if fmt in ("safetensors", "dcp"):  # a DCP (or safetensors) directory: its catalogue, tensor by tensor
+    if fmt in ("safetensors", "dcp", "rank files"):  # a catalogue (rank files: at a URL), tensor by tensor
         select = make_selector(keys) if keys is not None else (lambda k: True)
         with paused():
             got = consolidate_catalog(

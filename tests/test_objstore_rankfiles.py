@@ -122,3 +122,26 @@ def test_local_copy_untouched(s3) -> None:
     before = Path(s3.local / "ck" / "checkpoint_0.pt").read_bytes()
     CheckpointReader(RankInfo(0, 1)).load(s3.url("ck"))
     assert Path(s3.local / "ck" / "checkpoint_0.pt").read_bytes() == before
+
+
+def test_cli_inspect_verify_consolidate_rank_files_at_a_url(s3, tmp_path: Path, capsys) -> None:
+    from dist_restore import cli
+
+    for key in s3.keys("ck"):
+        s3.put(key.replace("ck/", "cli/", 1), s3.get(key))
+    url = s3.url("cli")
+    assert cli.main(["inspect", url]) == 0
+    out = capsys.readouterr().out
+    assert "model.a" in out and "float32" in out and "[64, 16]" in out
+    assert cli.main(["verify", url]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    assert cli.main(["consolidate", url, str(tmp_path / "one.pt")]) == 0
+    _same(torch.load(s3.local / "ck" / "checkpoint_0.pt", weights_only=True),
+          torch.load(tmp_path / "one.pt", weights_only=True))
+    data = bytearray(s3.get("cli/checkpoint_0.pt"))
+    data[len(data) // 2] ^= 1
+    s3.put("cli/checkpoint_0.pt", bytes(data))
+    capsys.readouterr()
+    assert cli.main(["verify", url]) == 1
+    out = capsys.readouterr().out
+    assert "checksum mismatch" in out and "checkpoint_0.pt" in out and "verify: FAILED" in out

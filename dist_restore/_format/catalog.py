@@ -106,6 +106,11 @@ class CatalogSource:
         """The result of a restore with no target: ``{key: value}`` as the checkpoint nested it."""
         return values
 
+    def parameter(self, key: str) -> bool | None:
+        """Whether the tensor ``key`` was saved as an ``nn.Parameter`` with ``requires_grad``
+        (``None``: not a Parameter)."""
+        return None
+
 
 @dataclass(frozen=True)
 class Catalog:

@@ -145,6 +145,9 @@ class RankFilesSource(CatalogSource):
         self.order: dict[str, tuple[Any, ...]] = {}
         self.params: dict[str, bool] = {}  # keys saved as nn.Parameter: their requires_grad
 
+    def parameter(self, key: str) -> bool | None:
+        return self.params.get(key)
+
     def nest(self, values: dict[str, Any]) -> dict[str, Any]:
         """The file's own nesting of dicts, in its order (parameters saved as such: again)."""
         root: dict[Any, Any] = {}
