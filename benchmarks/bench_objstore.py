@@ -149,10 +149,10 @@ def run(args: argparse.Namespace, tmp: Path, endpoint: str) -> None:
             return sum(pool.map(lambda j: len(obstore.get_range(store, j[0], start=j[1], end=j[2])), jobs))
 
     def fsspec_dcp() -> int:
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-        dcp.load(targets, storage_reader=FsspecReader("s3://bench/dcp", endpoint_url=endpoint, key="any",
-                                                      secret="any"))
+        dcp.load(targets, storage_reader=FsspecReader("s3://bench/dcp", client_kwargs={"endpoint_url": endpoint},
+                                                      key="any", secret="any"))
         return nbytes
 
     methods: dict[str, dict[str, Callable[[], int]]] = {

@@ -1,6 +1,5 @@
 """dist_restore: fast, correct, rank-aware restore of torch.save checkpoints."""
 
-from dist_restore._base.objstore import configure_object_store
 from dist_restore._format.index import CheckpointIndex, IndexEntry, read_index
 from dist_restore._format.manifest import IncompleteCheckpointError, Manifest, RankFileInfo, check_checkpoint
 from dist_restore._protocol.report import RestoreReport
@@ -20,6 +19,19 @@ from dist_restore.errors import (
 from dist_restore.reader import CheckpointReader, ReadResult
 from dist_restore.trainer import TrainingState, restore_training_state, resume_latest, save_training_state
 from dist_restore.writer import CheckpointWriter
+
+
+
+def configure_object_store(url: str, **options: object) -> None:
+    """Options for the object stores of URLs starting with ``url`` (``"s3://my-bucket"``), passed
+    to ``obstore.store.from_url`` on top of the environment: ``config={...}``,
+    ``client_options={...}`` (``timeout``, ``allow_http``, ...), ``retry_config={...}``,
+    ``credential_provider=...``. Call it on every rank before the restore (see
+    :func:`dist_restore._base.objstore.configure_object_store`)."""
+    from dist_restore._base import objstore
+
+    objstore.configure_object_store(url, **options)
+
 
 __all__ = [
     "configure_object_store",

@@ -53,6 +53,7 @@ _lock = threading.Lock()
 _stores: dict[str, Any] = {}
 _options: dict[str, dict[str, Any]] = {}
 _pool: ThreadPoolExecutor | None = None
+_work: ThreadPoolExecutor | None = None
 
 
 def _obstore() -> Any:
@@ -157,6 +158,16 @@ def os_error(e: BaseException, url: str, doing: str, key: str | None = None) -> 
     return OSError(msg)
 
 
+def work_pool() -> ThreadPoolExecutor:
+    """Threads that each drive a batch of a restore's reads from an object store (their range
+    requests run on :func:`_in_flight`'s threads, never on these: no pool waits on itself)."""
+    global _work
+    with _lock:
+        if _work is None:
+            _work = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="dist_restore-objwork")
+        return _work
+
+
 def _in_flight() -> ThreadPoolExecutor:
     global _pool
     with _lock:
@@ -167,6 +178,8 @@ def _in_flight() -> ThreadPoolExecutor:
 
 class ObjectFile(ByteSource):
     """One object, its size and ETag pinned: every range request asks for that version."""
+
+    remote = True
 
     def __init__(self, store: Any, key: str, url: str, size: int, etag: str | None) -> None:
         self.store, self.key, self.name, self.size, self.etag = store, key, url, size, etag
@@ -222,12 +235,17 @@ class ObjectFile(ByteSource):
         return [(off, f.result()) for (_n, off), f in zip(ranges, futures)]
 
     def read_runs(self, addrs: Sequence[int], offs: Sequence[int], run: int, key: str) -> None:
-        if run <= 0 or not addrs:
-            return
-        # spans: runs merged while close and small; a large run split into parts
+        if run > 0:
+            self.read_many([(int(a), int(o), run) for a, o in zip(addrs, offs)], key)
+
+    def read_many(self, items: Sequence[tuple[int, int, int]], key: str) -> None:
+        """``(addr, file offset, n)`` each (in increasing file order): runs less than
+        :data:`MERGE_GAP` apart fetched in one request of at most :data:`PART` bytes, a larger
+        run split into parts, up to :data:`IN_FLIGHT` requests at once."""
         spans: list[tuple[int, int, list[tuple[int, int, int]]]] = []  # (lo, hi, [(addr, file off, n)])
-        for a, o in zip(addrs, offs):
-            a, o = int(a), int(o)
+        for a, o, run in items:
+            if run <= 0:
+                continue
             if spans and 0 <= o - spans[-1][1] <= MERGE_GAP and o + run - spans[-1][0] <= PART:
                 lo, _hi, pieces = spans[-1]
                 pieces.append((a, o, run))
@@ -245,6 +263,8 @@ class ObjectFile(ByteSource):
             for a, o, n in pieces:
                 ctypes.memmove(a, _address(buf, o - lo), n)
 
+        if not spans:
+            return
         if len(spans) == 1:
             fetch(spans[0])
             return

@@ -63,6 +63,8 @@ class ByteSource:
 
     name: str
     size: int
+    #: Fetched by range requests (an object store): reads are batched and kept in flight.
+    remote = False
 
     def pread(self, n: int, off: int, key: str | None = None) -> bytes:
         """Exactly ``n`` bytes at ``off``.
@@ -84,6 +86,11 @@ class ByteSource:
         """``run`` bytes at each of ``offs`` (increasing) into memory at the matching ``addrs``."""
         for a, o in zip(addrs, offs):
             self.read_into(a, run, o, key)
+
+    def read_many(self, items: Sequence[tuple[int, int, int]], key: str) -> None:
+        """``n`` bytes at each file offset into memory at each address, ``(addr, offset, n)``."""
+        for a, o, n in items:
+            self.read_into(a, n, o, key)
 
     def close(self) -> None:
         pass

@@ -295,11 +295,17 @@ def read_catalog_jobs(catalog: Catalog, jobs: Sequence[CatalogJob], *, threads: 
             parts.sort(key=lambda p: p.chunk.offset)
             total += sum(p.nbytes for p in parts)
         work = [(batch, fds[f]) for f, parts in by_file.items() for batch in _batches(parts)]
+        remote = any(src.remote for src in fds.values())
+        if remote:  # an object store: batches on their own threads, the GETs in flight (GIL released)
+            from dist_restore._base.objstore import IN_FLIGHT, work_pool
+
+            threads = IN_FLIGHT
         if len(work) == 1 or threads <= 1:
             for batch, src in work:
                 _run_batch(batch, src)
         else:
-            pool = _io_pool(threads)  # (shared: it may have more threads; `threads` tasks use them)
+            # (shared: it may have more threads; `threads` tasks use them)
+            pool = work_pool() if remote else _io_pool(threads)
             n = min(threads, len(work))
             futures = [pool.submit(_run_batches, work[i::n]) for i in range(n)]
             try:
@@ -322,7 +328,38 @@ def _run_batches(work: list[tuple[list[_Part], ByteSource]]) -> None:
 
 
 def _run_batch(batch: list[_Part], src: ByteSource) -> None:
+    if src.remote:
+        _run_remote_batch(batch, src)
+        return
     for p in batch:
+        _do_part(p, src)
+
+
+def _run_remote_batch(batch: list[_Part], src: ByteSource) -> None:
+    """A batch from an object store: every part that is one run straight into its target
+    fetched together (runs close in the file share a request, several requests in flight),
+    then their CRC32s recorded as :func:`_do_part` records them; the other parts one by one."""
+    direct: list[tuple[_Part, int, int, int]] = []  # (part, address, file offset, bytes)
+    rest: list[_Part] = []
+    for p in batch:
+        job = p.job
+        if p.chunk.strides is None:
+            d = job.target[_slices(p.box.dst_start, p.box.size)]
+            offs, run, k = box_runs(p.chunk, p.box, job.dtype.itemsize)
+            if (k == 0 and d.device.type == "cpu" and d.dtype == job.dtype and not d.is_conj() and not d.is_neg()
+                    and _holds_runs(d, 0)):
+                direct.append((p, d.data_ptr(), int(offs[0]), run))
+                continue
+        rest.append(p)
+    if direct:
+        direct.sort(key=lambda x: x[2])
+        src.read_many([(a, o, n) for _p, a, o, n in direct], direct[0][0].job.key)
+        for p, a, o, n in direct:
+            if p.whole is not None:
+                p.whole.parts.append((o, n, crc32_at(a, n)))
+            elif p.record is not None:
+                _share(p, np.asarray([o], dtype=np.int64), n, 0, [crc32_at(a, n)])
+    for p in rest:
         _do_part(p, src)
 
 
