@@ -66,9 +66,11 @@ class _Window:
         self.cache: list[tuple[int, bytes]] = []
         if length <= _HEAD:
             self.cache.append((0, self._pread(0, length)))
-        else:
-            self.cache.append((0, self._pread(0, _EDGE)))
-            self.cache.append((length - _EDGE, self._pread(length - _EDGE, _EDGE)))
+        elif base + length > src.size:
+            self._pread(0, length)  # (raises: the file ends inside the item)
+        else:  # both ends at once (an object store fetches them concurrently)
+            got = src.pread_many([(_EDGE, base), (_EDGE, base + length - _EDGE)], key)
+            self.cache += [(off - base, data) for off, data in got]
 
     def _pread(self, off: int, n: int) -> bytes:
         if self.base + off + n > self.src.size:
