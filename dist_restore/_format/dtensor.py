@@ -292,8 +292,16 @@ def _parse_spec(spec: Any, size: tuple[int, ...]) -> DLayout:
     order = f.get("shard_order")
     if order:
         _check_default_order(order, placements)
-    mesh = _parse_mesh(f["mesh"])
-    return DLayout(size, placements, mesh)  # checked there
+    mesh, layouts = _parse_mesh_entry(f["mesh"])
+    if len(layouts) >= _MESH_LAYOUTS or not all(type(n) is int for n in size):
+        return DLayout(size, placements, mesh)  # checked there
+    # the DTensors of a file share a handful of layouts: one object each (their checks made
+    # once, and a plan compares layouts it checked already by identity)
+    key = (size, placements)  # (placements: our own, of ints and strings; sizes: ints, as DLayout's)
+    got = layouts.get(key)
+    if got is None:
+        got = layouts[key] = DLayout(size, placements, mesh)  # checked there
+    return got
 
 
 def _check_default_order(order: Any, placements: tuple[Placement, ...]) -> None:
@@ -309,8 +317,10 @@ def _check_default_order(order: Any, placements: tuple[Placement, ...]) -> None:
                               "right: not supported")
 
 
-_MESHES: OrderedDict[int, tuple[Any, MeshInfo]] = OrderedDict()  # id(stub) -> (stub, parsed): recent ones
+#: id(stub) -> (stub, parsed, {(global shape, placements): layout on it}): recent ones
+_MESHES: OrderedDict[int, tuple[Any, MeshInfo, dict[Any, DLayout]]] = OrderedDict()
 _MESH_CACHE = 64
+_MESH_LAYOUTS = 1024  # layouts remembered per mesh (a model's DTensors have a few dozen shapes)
 _MESH_LOCK = threading.Lock()
 
 
@@ -318,18 +328,24 @@ def _parse_mesh(mesh: Any) -> MeshInfo:
     """A DeviceMesh stub's :class:`MeshInfo`. The DTensors of one file share one mesh object
     (the pickle's memo), whose rank map can span thousands of ranks: each is parsed once
     (the last few are remembered, with the stub itself, so that its ``id`` stays its own)."""
+    return _parse_mesh_entry(mesh)[0]
+
+
+def _parse_mesh_entry(mesh: Any) -> tuple[MeshInfo, dict[Any, DLayout]]:
+    """:func:`_parse_mesh`, and the layouts made on that mesh so far."""
     key = id(mesh)
     with _MESH_LOCK:
         hit = _MESHES.get(key)
         if hit is not None and hit[0] is mesh:
             _MESHES.move_to_end(key)
-            return hit[1]
+            return hit[1], hit[2]
     info = _parse_mesh_uncached(mesh)
+    layouts: dict[Any, DLayout] = {}
     with _MESH_LOCK:
-        _MESHES[key] = (mesh, info)
+        _MESHES[key] = (mesh, info, layouts)
         while len(_MESHES) > _MESH_CACHE:
             _MESHES.popitem(last=False)
-    return info
+    return info, layouts
 
 
 def _parse_mesh_uncached(mesh: Any) -> MeshInfo:

@@ -14,7 +14,7 @@ import sys
 import time
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +89,9 @@ class IndexEntry:
 
 SOURCE_TENSOR_TYPES = (TensorRef, DTensorRef, ExoticRef, StorageRef, torch.Tensor)
 
+#: What :meth:`CheckpointIndex.entries_at` gives for a path the tree lacks.
+NO_ENTRY: Any = object()
+
 
 class CheckpointIndex:
     """What one rank file holds, without its tensor data.
@@ -147,6 +150,16 @@ class CheckpointIndex:
             except (KeyError, IndexError, TypeError):
                 raise KeyError(path) from None
         return self._resolved(v)
+
+    def entries_at(self, paths: Sequence[RawPath]) -> list[Any]:
+        """:meth:`entry_at` of every path, :data:`NO_ENTRY` where the tree lacks it."""
+        out = []
+        for path in paths:
+            try:
+                out.append(self.entry_at(path))
+            except KeyError:
+                out.append(NO_ENTRY)
+        return out
 
     def _resolved(self, node: Any) -> Any:
         """A node of :attr:`walkable`'s tree as :attr:`tree` holds it (the same here)."""

@@ -45,7 +45,10 @@ within that local header's span and before the directory), the zip may hold no o
 ``data/`` record, ``data.pkl`` must be where the header says, every column must point inside
 the tables and the file (checked without int64 wrap-around), and the tree must name only rows
 the tables have (:func:`_check_directory`, :meth:`FileIndex._check_columns`,
-:func:`_check_tree`). Anything else falls back to the pickle, with the reason at debug level.
+:func:`_check_tree`); the tree section is bounded in depth and in the places a walk of it
+visits, as a pickle's tree is, its DTensor table's rank maps (one object, shared by every
+DTensor of a mesh) counted once each (:func:`_check_section`). Anything else falls back to the
+pickle, with the reason at debug level.
 Tensor bytes are still checked against the zip's CRC32 as they are read, and views against
 their storage's bounds, exactly as without it. What no check can tell is a tree section that
 describes in-bounds views or values other than the pickle's (it replaces the pickle): the
@@ -64,8 +67,9 @@ import struct
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
-from itertools import chain, repeat
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import chain, count, repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -74,11 +78,12 @@ import torch
 
 from dist_restore._base.crc import crc32
 from dist_restore._format.dtensor import DLayout, DTensorRef, MeshInfo
-from dist_restore._format.index import CheckpointIndex, IndexEntry, iter_leaves, map_leaves
+from dist_restore._format.index import NO_ENTRY, CheckpointIndex, IndexEntry, iter_leaves, map_leaves
+from dist_restore._format.keypath import RawPath
 from dist_restore._base.regions import Partial, Placement, Replicate, Shard
 from dist_restore._gc import paused
 from dist_restore.errors import CheckpointError, CorruptCheckpointError
-from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, unpickle_refs
+from dist_restore._format.unpickle import ExoticRef, StorageRef, TensorRef, check_tree, unpickle_refs
 from dist_restore._format.zip import _CDIR, _CDIR_DTYPE, _CDIR_SIG, _CDIR_USED, _EOCD, _EOCD64, _EOCD64_LOC, \
     _EOCD64_LOC_SIG, _EOCD64_SIG, _EOCD_SIG, _LOCAL, _LOCAL_SIG, _U32, ZipRecord, _zip64_extra, data_offset, \
     read_zip_records
@@ -434,6 +439,96 @@ def _sizes(v: Any) -> bool:
     return type(v) is tuple and all(type(x) is int and x >= 0 for x in v)
 
 
+class _Section(NamedTuple):
+    """What :func:`_check_section` found of a tree section's DTensor table."""
+
+    flat: bool  # every row as the writer makes it (see _flat_dtensors): layouts equal by value are one
+    sizes: bool  # flat, and every global size and stride an int >= 0
+    same: tuple[list[Any], list[Any]] | None = None  # flat: (the table's rows, each one's first row of its layout)
+
+
+def _check_section(got: Any, size: int, file: str) -> _Section:
+    """:func:`~dist_restore._format.unpickle.check_tree` of a tree section (``size`` bytes).
+
+    The DTensor table's rows share their mesh's rank map (one object: the pickle's memo),
+    which a place-by-place walk visits once a row: 10,000 DTensors of a 1,024-rank mesh are
+    10 million places, past the bound for any section. Where every row is what the writer
+    makes (:func:`_flat_dtensors`: flat tuples of ints and strings, nothing deeper), the table
+    is checked column by column instead, each rank map counted once (a :class:`FileIndex`
+    converts each once: :meth:`FileIndex._layout`) and everything else once a row, against
+    the same bound as the skeleton and the values; any other table is walked as before.
+
+    Raises:
+        CorruptCheckpointError: as ``check_tree``.
+    """
+    if type(got) is tuple and len(got) == 3 and type(got[2]) is dict and got[2]:
+        flat = _flat_dtensors(got[2])
+        if flat is not None:
+            places, sizes, same = flat
+            check_tree((got[0], got[1], {}), size, file, spent=places)
+            return _Section(True, sizes, same)
+    check_tree(got, size, file)
+    return _Section(False, False)
+
+
+_T, _I, _S, _N = tuple, int, str, type(None)
+
+
+def _columns(rows: list[Any], n: int) -> list[list[Any]] | None:
+    """The columns of ``rows`` when every one is a tuple of ``n`` items, else ``None``."""
+    if set(map(type, rows)) != {_T} or set(map(len, rows)) != {n}:
+        return None
+    return [list(map(itemgetter(i), rows)) for i in range(n)]
+
+
+def _flat(col: list[Any], items: set[type], none: bool = False) -> bool:
+    """Whether every value of ``col`` is a tuple (or ``None``, with ``none``) of ``items``."""
+    if not set(map(type, col)) <= ({_T, _N} if none else {_T}):
+        return False
+    return set(map(type, chain.from_iterable(filter(None, col) if none else col))) <= items
+
+
+def _flat_dtensors(table: dict[Any, Any]) -> tuple[int, bool, tuple[list[Any], list[Any]]] | None:
+    """``(places, sizes, same)`` of a DTensor table whose rows are what :func:`build_index_file`
+    writes, else ``None``: ``{row: (size, stride, (shape, placements, (mesh shape, dim names,
+    coordinate, rank, rank map)))}``, sizes, strides, shapes and mesh shapes tuples of ints,
+    placements tuples of tuples of strings and ints, names (or ``None``) tuples of strings,
+    coordinates (or ``None``) of ints, the rank ``None`` or an int, a rank map ``None`` or a
+    tuple of tuples of ints. ``places``: what a walk of it visits, each distinct rank map's
+    ints once (some 20 loops over the rows that run in C, ~1 us a row); ``sizes``: every size
+    and stride >= 0; ``same``: the table's rows, and for each the first row whose layout is
+    equal to its (its key in :meth:`FileIndex._layout`).
+    """
+    if not set(map(type, table)) <= {_I}:
+        return None
+    rows = list(table.values())
+    cols = _columns(rows, 3)
+    lay = cols and _columns(cols[2], 3)
+    mesh = lay and _columns(lay[2], 5)
+    if not mesh:
+        return None
+    size, stride, _lay = cols  # type: ignore[misc]
+    shape, placements, _mesh = lay
+    mshape, names, coord, rank, groups = mesh
+    ints = {_I}
+    if not (_flat(size, ints) and _flat(stride, ints) and _flat(shape, ints) and _flat(mshape, ints)
+            and _flat(coord, ints, none=True) and _flat(names, {_S}, none=True) and set(map(type, rank)) <= {_I, _N}
+            and _flat(placements, {_T}) and _flat(list(chain.from_iterable(placements)), {_I, _S})):
+        return None
+    maps = [g for g in dict(zip(map(id, groups), groups)).values() if g is not None]  # each rank map once
+    if not (_flat(groups, {_T}, none=True) and _flat(list(chain.from_iterable(maps)), ints)):
+        return None
+    n = len(rows)
+    places = (2 + 3 + 3 + 5) * n + sum(map(len, chain(size, stride, shape, placements, mshape, filter(None, names),
+                                                       filter(None, coord), filter(None, groups))))
+    places += sum(map(len, chain.from_iterable(placements))) + sum(map(len, chain.from_iterable(maps)))
+    sizes = min(chain(chain.from_iterable(size), chain.from_iterable(stride)), default=0) >= 0
+    first: dict[Any, int] = {}
+    at = list(map(first.setdefault, zip(shape, placements, mshape, names, coord, rank, map(id, groups)), count()))
+    keys = list(table)
+    return places, sizes, (keys, list(map(keys.__getitem__, at)))
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 def build_index_file(index: CheckpointIndex) -> bytes | None:
@@ -565,7 +660,10 @@ def _layout_to_tuple(layout: DLayout) -> tuple[Any, ...]:
             (m.shape, m.dim_names, m.coordinate, m.rank, m.groups))
 
 
-def _layout_from_tuple(t: Any) -> DLayout:
+def _layout_from_tuple(t: Any, meshes: _Meshes | None = None) -> DLayout:
+    """A DTensor table row's layout. ``meshes``: an index's own memo of its meshes (a table
+    :func:`_flat_dtensors` passed, whose rank maps were counted once each: each is converted
+    once, however many meshes share it); without it, the last few are remembered."""
     shape, placements, (mshape, names, coord, rank, groups) = t
     ps: list[Placement] = []
     for p in placements:
@@ -581,6 +679,16 @@ def _layout_from_tuple(t: Any) -> DLayout:
     # the table's DTensors share one rank map object (the pickle's memo), which can span
     # thousands of ranks: converted once, the rest of the mesh compared by value
     key = (id(groups), mshape, names, coord, rank)
+    if meshes is not None:
+        mesh = meshes.info.get(key)  # (every rank map stays alive with the table: ids are their own)
+        if mesh is None:
+            conv = meshes.maps.get(id(groups))
+            if conv is None and groups is not None:
+                conv = meshes.maps[id(groups)] = tuple(ints(g) for g in groups)
+            mesh = meshes.info[key] = MeshInfo(ints(mshape), tuple(str(n) for n in names) if names is not None
+                                               else None, ints(coord) if coord is not None else None,
+                                               int(rank) if rank is not None else None, conv)
+        return DLayout(ints(shape), tuple(ps), mesh)
     hit = _MESH_TUPLES.get(key)
     if hit is not None and hit[0] is groups:
         mesh = hit[1]
@@ -597,6 +705,14 @@ def _layout_from_tuple(t: Any) -> DLayout:
 #: (id of an index file's rank map, the other mesh fields) -> (the rank map, its MeshInfo): the
 #: last few, each kept with its rank map so that its id stays its own.
 _MESH_TUPLES: dict[Any, tuple[Any, MeshInfo]] = {}
+
+
+class _Meshes(NamedTuple):
+    """One index's meshes, for :func:`_layout_from_tuple`: keyed by the ids of rank maps its
+    DTensor table holds (and so keeps alive)."""
+
+    info: dict[Any, MeshInfo]  # (id of the rank map, the other mesh fields) -> its MeshInfo
+    maps: dict[int, tuple[tuple[int, ...], ...]]  # id of a rank map -> as ints
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -714,7 +830,7 @@ class FileIndex(CheckpointIndex):
         dims = np.frombuffer(section("dims"), dtype="<i8")
         tree = bytes(section("tree"))
         self._set_tables(file, size, prefix, dtypes, locations, rows, dims, sto, skeys,
-                         lambda: unpickle_refs(tree, str(index_path(file)))[0], len(tree), t0)
+                         lambda check: unpickle_refs(tree, str(index_path(file)), check=check)[0], len(tree), t0)
 
     @classmethod
     def from_tables(cls, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
@@ -733,15 +849,17 @@ class FileIndex(CheckpointIndex):
         ix = cls.__new__(cls)
         ix.source = "pickle"  # type: ignore[misc]
         ix._set_tables(file, size, prefix, dtypes, locations, rows, dims, storages, skeys,
-                       lambda: unpickle_refs(tree, str(file))[0], None, t0)
+                       lambda check: unpickle_refs(tree, str(file), check=check)[0], None, t0)
         return ix
 
     def _set_tables(self, file: Path, size: int, prefix: str, dtypes: list[torch.dtype], locations: list[str],
                     rows: np.ndarray, dims: np.ndarray, sto: np.ndarray, skeys: list[str] | None,
-                    tree: Callable[[], Any], tree_bytes: int | None, t0: float) -> None:
+                    tree: Callable[[Callable[[Any, int, str], None]], Any], tree_bytes: int | None,
+                    t0: float) -> None:
         """Install the tables (checked against the rank file's size and each other) and the tree
-        section; ``tree_bytes``: the tree section's length, to check it against the tables
-        (``None``: a tree made here from the pickle, rows and values as the tables have them)."""
+        section (``tree(check)`` unpickles it, checked by ``check``); ``tree_bytes``: the tree
+        section's length, to check it against the tables (``None``: a tree made here from the
+        pickle, rows and values as the tables have them)."""
         nrows, nsto = len(rows), len(sto)
         self.file, self.file_size, self.format = file, size, "zip"
         self.native_order = True
@@ -751,7 +869,9 @@ class FileIndex(CheckpointIndex):
         self._rows, self._dims, self._sto = rows, dims, sto
         self._ordinal = skeys is None
         self._check_columns(size)
-        got = tree()
+        found: list[_Section] = []
+        got = tree(lambda t, n, f: found.append(_check_section(t, n, f)))
+        section = found[0] if found else _Section(False, False)
         if type(got) is not tuple or len(got) != 3:
             raise IndexFileError("tree section is not (skeleton, objects, dtensors)")
         skel, objects, dtensors = got
@@ -760,6 +880,16 @@ class FileIndex(CheckpointIndex):
         if tree_bytes is not None:
             _check_tree(skel, objects, dtensors, rows["kind"], tree_bytes)
         self._skeleton, self._objects, self._dtensors = skel, objects, dtensors
+        # per row, the first DTensor row of the same layout (-1: not a DTensor row): see dtensor_locals
+        self._same: np.ndarray | None = None
+        if section.same is not None and tree_bytes is not None:  # (the table's rows: checked by _check_tree)
+            self._same = np.full(nrows, -1, dtype=np.int64)
+            self._same[np.array(section.same[0], dtype=np.int64)] = section.same[1]
+        # a flat DTensor table (_check_section): its rows' layouts equal by value are one object,
+        # each mesh made once; its sizes and strides checked already where `sizes`
+        self._layouts: dict[Any, DLayout] | None = {} if section.flat else None
+        self._meshes = _Meshes({}, {}) if section.flat else None
+        self._sizes_ok = section.sizes
         self._nsto = nsto
         self._skeys_list = skeys
         self._snum_dict: dict[str, int] | None = None
@@ -864,6 +994,96 @@ class FileIndex(CheckpointIndex):
     def _resolved(self, node: Any) -> Any:
         return self.leaf(node) if type(node) is int else self._build(node)
 
+    def dtensor_locals(self, paths: Sequence[RawPath]) -> list[tuple[TensorRef, DLayout] | None] | None:
+        """For each path naming a DTensor row, ``(its local tensor's reference, its layout)``,
+        made without the DTensor's reference (rows made already give theirs; a row's DTensor
+        has its local tensor's dtype, as :meth:`leaf` makes it); ``None`` where a path names
+        anything else, or is missing (ask :meth:`entry_at`). ``None`` for all when the DTensor
+        table is not flat (:func:`_check_section`). For the files a resharding rank reads
+        pieces from: most of a file's rows, each only for its local tensor, so the rows are
+        read from the columns in bulk and their layouts made once per distinct one.
+
+        Raises:
+            CorruptCheckpointError: a layout the index file holds wrong (as :meth:`leaf`: for
+                the first path, in order, of that layout).
+        """
+        same = self._same
+        if same is None or self._layouts is None or not self._sizes_ok:
+            return None
+        skel, cache, missing = self._skeleton, self._cache, _MISSING
+        out: list[tuple[TensorRef, DLayout] | None] = [None] * len(paths)
+        at: list[int] = []  # the positions of the paths that name a row not made yet, and their rows
+        found: list[int] = []
+        for i, path in enumerate(paths):
+            v = skel
+            try:
+                for p in path:
+                    v = v[p]
+            except (KeyError, IndexError, TypeError):
+                continue
+            if type(v) is not int:
+                continue
+            made = cache[v]
+            if made is missing:
+                at.append(i)
+                found.append(v)
+            elif made.__class__ is DTensorRef:
+                out[i] = (made.local, made.__dict__["layout"])
+        if not found:
+            return out
+        r = np.array(found, dtype=np.int64)
+        cols = self._rows[r]
+        ok = (cols["kind"] == KIND_DTENSOR) & (cols["flags"] & (_F_CONJ | _F_NEG) == 0)
+        if not ok.all():
+            keep = np.flatnonzero(ok)
+            r, cols = r[keep], cols[keep]
+            at = [at[k] for k in keep.tolist()]
+        if not len(r):
+            return out
+        # each distinct layout made once, at the first path of it (as one by one: the same first error)
+        first = same[r]
+        _u, where = np.unique(first, return_index=True)
+        layout_of, dts = self._layout, self._dtensors
+        made_for = {int(first[k]): layout_of(int(r[k]), dts[int(r[k])][2]) for k in np.sort(where).tolist()}
+        layouts = list(map(made_for.__getitem__, first.tolist()))
+        # the local tensors' references, from the columns (rows of one dimension count at a time)
+        self._bulk_storages()
+        ndim, start = cols["ndim"].astype(np.int64), cols["dims"].astype(np.int64)
+        locals_: list[Any] = [None] * len(r)
+        ndims = np.unique(ndim).tolist()
+        for n in ndims:
+            sel = np.arange(len(r)) if len(ndims) == 1 else np.flatnonzero(ndim == n)
+            dims = self._dims[start[sel, None] + np.arange(2 * n)].tolist()
+            sizes = [tuple(d[:n]) for d in dims]
+            strides = [tuple(d[n:]) for d in dims]
+            srefs = map(self._storage_refs.__getitem__, cols["storage"][sel].tolist())
+            dtypes = map(self._dtypes.__getitem__, cols["dtype"][sel].tolist())
+            made_refs = list(map(TensorRef, srefs, dtypes, cols["offset"][sel].tolist(), sizes, strides))
+            for k, ref in zip(sel.tolist(), made_refs):
+                locals_[k] = ref
+        for i, ref, layout in zip(at, locals_, layouts):
+            out[i] = (ref, layout)
+        return out
+
+    def entries_at(self, paths: Sequence[RawPath]) -> list[Any]:
+        """:meth:`entry_at` of every path (:data:`NO_ENTRY` where the tree lacks it), with the
+        rows made in one loop when there are as many as :meth:`leaf` makes all for."""
+        skel, missing = self._skeleton, NO_ENTRY
+        nodes = []
+        for path in paths:
+            v = skel
+            try:
+                for p in path:
+                    v = v[p]
+            except (KeyError, IndexError, TypeError):
+                v = missing
+            nodes.append(v)
+        if self._left and len(nodes) >= self._all_after:
+            self._make_all()
+        cache, resolved = self._cache, self._resolved
+        return [v if v is missing else c if type(v) is int and (c := cache[v]) is not _MISSING else resolved(v)
+                for v in nodes]
+
     @property
     def columns(self) -> Columns:
         """The tables this index was loaded from."""
@@ -946,6 +1166,9 @@ class FileIndex(CheckpointIndex):
         srefs, dtypes, cache = self._storage_refs, self._dtypes, self._cache
         plain = KIND_TENSOR
         special = _F_CONJ | _F_NEG
+        # DTensor rows of a flat table whose sizes are checked (_check_section): made here too
+        dt = KIND_DTENSOR if self._layouts is not None and self._sizes_ok else -1
+        dts, layout_of = self._dtensors, self._layout
         for row, (k, d, n, f, s, a, off) in enumerate(rows):
             if cache[row] is not _MISSING:
                 continue
@@ -953,6 +1176,16 @@ class FileIndex(CheckpointIndex):
                 b = a + n
                 cache[row] = TensorRef(srefs[s], dtypes[d], off, tuple(dims[a:b]), tuple(dims[b : b + n]),  # type: ignore[arg-type]
                                        bool(f & _F_GRAD), bool(f & _F_PARAM))
+            elif k == dt and not f & special:  # as _make makes it
+                b = a + n
+                dtype = dtypes[d]
+                size, stride, layout = dts[row]
+                ref = DTensorRef(dtype, size, stride, bool(f & _F_GRAD))
+                ref.is_parameter = bool(f & _F_PARAM)
+                sizes, strides = tuple(dims[a:b]), tuple(dims[b : b + n])
+                ref.local = TensorRef(srefs[s], dtype, off, sizes, strides)  # type: ignore[arg-type]
+                ref.__dict__["layout"] = layout_of(row, layout)  # the cached_property's slot
+                cache[row] = ref
             else:
                 cache[row] = self._make(row)
         self._left = 0
@@ -990,7 +1223,7 @@ class FileIndex(CheckpointIndex):
             t.requires_grad, t.is_parameter = grad, param
             return t
         size, stride, layout = self._dtensors[row]
-        if not (_sizes(size) and _sizes(stride)):
+        if not (self._sizes_ok or (_sizes(size) and _sizes(stride))):
             raise CorruptCheckpointError(f"DTensor row {row} of the index file has a global size or stride "
                                          f"that is not sizes ({size!r}, {stride!r})", file=index_path(self.file))
         d = DTensorRef(t.dtype, size, stride, grad)
@@ -1003,8 +1236,19 @@ class FileIndex(CheckpointIndex):
         """A DTensor row's layout, made when used: one the index file holds wrong is our error,
         naming the index file (its rows' layouts are not all made when it is loaded: a
         checkpoint of thousands of DTensors would pay for every one of them)."""
+        memo = self._layouts
+        if memo is not None:  # flat: every part of the key a tuple of ints and strings (or None, an int)
+            shape, placements, (mshape, names, coord, rank, groups) = layout
+            key = (shape, placements, mshape, names, coord, rank, id(groups))
+            got = memo.get(key)
+            if got is None:
+                got = memo[key] = self._layout_made(row, layout)
+            return got
+        return self._layout_made(row, layout)
+
+    def _layout_made(self, row: int, layout: Any) -> DLayout:
         try:
-            return _layout_from_tuple(layout)
+            return _layout_from_tuple(layout, self._meshes)
         except CheckpointError as e:
             if e.file is not None:
                 raise

@@ -649,7 +649,7 @@ _is_nested = _NESTED.__contains__
 _referents = gc.get_referents
 
 
-def check_tree(tree: Any, size: int, file: str) -> None:
+def check_tree(tree: Any, size: int, file: str, *, spent: int = 0) -> None:
     """Refuse a tree deeper than :data:`MAX_NESTING` (a tuple used as a dict key or a set
     element counts its own levels), or whose containers are shared so often that walking it
     place by place (as every walker of the tree does) would visit more places than the pickle
@@ -657,13 +657,17 @@ def check_tree(tree: Any, size: int, file: str) -> None:
 
     A breadth-first walk, one ``gc.get_referents`` call a level: ~0.1 us a tensor.
 
+    Args:
+        spent: Places of the same pickle already counted by another check (an index file's
+            DTensor table: see :func:`dist_restore._format.indexfile._check_section`).
+
     Raises:
         CorruptCheckpointError: naming ``file`` and the key where the tree goes too deep.
     """
     if type(tree) not in _NESTED:
         return
     level: Any = [tree]
-    depth = seen = 0
+    depth, seen = 0, spent
     budget = 2 * size + 4096  # each place of a tree costs its pickle at least a byte
     while level:
         depth += 1
@@ -710,8 +714,13 @@ def _deep_key(tree: Any) -> str | None:
 
 
 @gc_paused  # ~3 new objects per tensor would trigger full collections over all of torch
-def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
+def unpickle_refs(data: bytes, file: str, *, check: Callable[[Any, int, str], None] = check_tree
+                  ) -> tuple[Any, dict[str, StorageRef]]:
     """Unpickle ``data.pkl`` into a tree of containers, plain values and refs.
+
+    Args:
+        check: ``check(tree, len(data), file)``: :func:`check_tree`, or a check of a tree
+            whose shape the caller knows (an index file's tree section).
 
     Returns:
         ``(tree, storages)``, storages keyed by record key.
@@ -725,7 +734,7 @@ def unpickle_refs(data: bytes, file: str) -> tuple[Any, dict[str, StorageRef]]:
     up = _RefUnpickler(data, file)
     try:
         tree = load_deep(up.load, data, file)
-        check_tree(tree, len(data), file)
+        check(tree, len(data), file)
     except _BadView as e:
         raise _bad_view_error(data, file, e.reason) from None
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:

@@ -234,8 +234,11 @@ def plan_read(target: Any, tree: Any, leaf: Callable[[int], Any] | None = None) 
                     continue
                 sv = s[k]
                 rv = leaf(sv) if skeleton and sv.__class__ is int else sv  # type: ignore[misc]
-                if tv.__class__ is Tensor and rv.__class__ is TensorRef and tv.dtype == rv.dtype \
-                        and tv.shape == rv.size:  # what walk() does with such a leaf, without the call
+                # what walk() does with a dense record into a tensor of its dtype and shape, or a
+                # DTensor into a target of its global shape (a DTensor: resharded), without the call
+                if (tv.__class__ is Tensor and rv.__class__ is TensorRef
+                        or rv.__class__ is DTensorRef and isinstance(tv, Tensor)) \
+                        and tv.dtype == rv.dtype and tv.shape == rv.size:
                     leaves.append(PlannedLeaf(sub, path + (k,), rv, tv))
                 else:
                     walk(tv, sv, sub, path + (k,))

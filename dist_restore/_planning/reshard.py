@@ -27,6 +27,7 @@ from dist_restore._format.keypath import RawPath
 from dist_restore._base.regions import Box, DimRuns, LayoutError, Partial, Placement, Replicate, Shard, ShardRuns, \
     full_runs, local_shape, overlap, shard_runs, split_runs
 from dist_restore._format.unpickle import TensorRef
+from dist_restore._planning.plan import view_out_of_bounds
 from dist_restore.errors import CorruptCheckpointError
 
 #: Most runs (plus one per coordinate) :func:`_dim_options` builds for one dimension over all
@@ -122,17 +123,23 @@ def target_region(key: str, t: torch.Tensor, memo: dict[Any, Any] | None = None
     spec = t._spec
     mesh = spec.mesh
     if memo is not None:
-        mkey = (id(mesh), tuple(t.shape), tuple(map(repr, spec.placements)), repr(getattr(spec, "shard_order", None)))
-        runs = memo.get(mkey)
-        if runs is not None:
+        order = getattr(spec, "shard_order", None)  # a tuple of named tuples of ints: a key as it is
+        try:
+            hash(order)
+        except TypeError:
+            order = repr(order)
+        mkey = (id(mesh), tuple(t.shape), tuple(map(repr, spec.placements)), order)
+        hit = memo.get(mkey)
+        if hit is not None:
+            runs, shape = hit
             local = t._local_tensor  # (to_local() without the autograd function's cost)
-            if tuple(local.shape) != local_shape(runs):
+            if local.shape != shape:
                 raise LayoutError(f"key {key!r}: target local tensor has shape {tuple(local.shape)}, its "
-                                  f"placements {tuple(t.placements)} give {local_shape(runs)}")
+                                  f"placements {tuple(t.placements)} give {shape}")
             return local, runs
     got = _target_region(key, t, mesh, spec)
     if memo is not None and got is not None:
-        memo[mkey] = got[1]
+        memo[mkey] = (got[1], local_shape(got[1]))  # (the mesh lives as long as the targets: its id is its own)
     return got
 
 
@@ -283,11 +290,15 @@ def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: Sh
         raise LayoutError(f"key {key!r}: checkpoint holds {type(source).__name__}, not a tensor")
     layout = _layout_of(source, key)
     mkey = (id(layout.mesh), layout.shape, layout.placements, dst)
-    found = memo.get(mkey) if memo is not None else None
-    if found is None:
-        found = _holders_and_boxes(key, layout, dst, nfiles)
+    hit = memo.get(mkey) if memo is not None else None
+    if hit is None:
+        hit = [_holders_and_boxes(key, layout, dst, nfiles), None, -1, None]
         if memo is not None:
-            memo[mkey] = found
+            memo[mkey] = hit
+    found, made, seen, picked_for = hit
+    if seen == len(reading) and picked_for is reading:  # the files read when these were picked: same picks
+        return ShardJob(key, path, target, made, source)
+    before = len(reading)
     pieces = []
     for holders, boxes in found:
         pick = next((h for h in holders if h[0] in reading), None) \
@@ -295,7 +306,10 @@ def plan_job(key: str, path: RawPath, source: Any, target: torch.Tensor, dst: Sh
             or holders[spread % len(holders)]
         reading.add(pick[0])
         pieces.append(Piece(pick[0], pick[1], boxes))
-    return ShardJob(key, path, target, tuple(pieces), source)
+    made = tuple(pieces)
+    if len(reading) == before:  # (`reading` only grows: the same size is the same set)
+        hit[1:] = made, before, reading
+    return ShardJob(key, path, target, made, source)
 
 
 def _holders_and_boxes(key: str, layout: DLayout, dst: ShardRuns, nfiles: int
@@ -438,8 +452,6 @@ def plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int |
 
 def _plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int | None, nfiles: int,
                  open_index: Any, spread: int) -> ShardPlan:
-    from dist_restore._planning.plan import view_out_of_bounds
-
     reading: set[int] = {own} if own is not None and own == home else set()
     jobs = []
     regions: dict[Any, Any] = {}
@@ -452,6 +464,20 @@ def _plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int 
         jobs.append(plan_job(lf.key, lf.path, lf.source, target, dst, home=home, own=own, nfiles=nfiles,
                              reading=reading, spread=spread, memo=memo))
     indexes: dict[int, Any] = {home: home_index}
+    agreed: dict[Any, Any] = {}  # see _agree
+    entries = _entries_by_file(jobs, indexes, open_index, agreed)
+    if entries is None:  # something to say: said as the checks one by one find it first
+        entries = _entries_in_order(jobs, indexes, open_index, agreed)
+    return ShardPlan(jobs, indexes, entries)
+
+
+def _entries_in_order(jobs: list[ShardJob], indexes: dict[int, Any], open_index: Any, agreed: dict[Any, Any]
+                      ) -> dict[tuple[int, str], TensorRef]:
+    """Every piece's entry, checked: files opened, and entries checked, job by job.
+
+    Raises:
+        LayoutError: the first piece whose entry is missing or does not match.
+    """
     entries: dict[tuple[int, str], TensorRef] = {}
     for job in jobs:
         for piece in job.pieces:
@@ -464,15 +490,113 @@ def _plan_shards(leaves: Sequence[Any], *, home: int, home_index: Any, own: int 
             except KeyError:
                 raise LayoutError(f"{index.file} has no entry {job.key!r}, which holds part of this rank's "
                                   "shard") from None
-            problem = check_source(job.key, job.source, entry, piece, index.file)
-            if problem is None:
-                local = entry.local if isinstance(entry, DTensorRef) else entry
-                bounds = view_out_of_bounds(local)
-                problem = f"{index.file}: {job.key!r}: {bounds}" if bounds else None
-            if problem:
-                raise LayoutError(problem)
+            entries[(f, job.key)] = _checked(job, entry, piece, index.file, agreed)
+    return entries
+
+
+def _checked(job: ShardJob, entry: Any, piece: Piece, file: object, agreed: dict[Any, Any]) -> TensorRef:
+    """``entry``'s local record reference, checked in full (:func:`check_source`, the view's bounds).
+
+    Raises:
+        LayoutError: naming the file and key.
+    """
+    problem = check_source(job.key, job.source, entry, piece, file)
+    if problem is None:
+        local = entry.local if isinstance(entry, DTensorRef) else entry
+        bounds = view_out_of_bounds(local)
+        problem = f"{file}: {job.key!r}: {bounds}" if bounds else None
+    if problem:
+        raise LayoutError(problem)
+    _agree(entry, job.source, piece, agreed)
+    return local  # type: ignore[no-any-return]
+
+
+def _entries_by_file(jobs: list[ShardJob], indexes: dict[int, Any], open_index: Any, agreed: dict[Any, Any]
+                     ) -> dict[tuple[int, str], TensorRef] | None:
+    """:func:`_entries_in_order`'s result, file by file: each file's entries looked up in one
+    call (an index file makes its rows in one loop), and the entries whose layouts were
+    checked already (:func:`_agree`: an index file's rows of one layout share it) checked by
+    their own fields inline. ``None`` when a file cannot be opened or an entry is missing or
+    does not match: :func:`_entries_in_order` then finds the first problem in job order."""
+    by_file: dict[int, list[tuple[ShardJob, Piece]]] = {}
+    for job in jobs:
+        for piece in job.pieces:
+            got = by_file.get(piece.file)
+            if got is None:
+                got = by_file[piece.file] = []
+            got.append((job, piece))
+    entries: dict[tuple[int, str], TensorRef] = {}
+    for f, items in by_file.items():
+        index = indexes.get(f)
+        if index is None:
+            try:
+                index = indexes[f] = _open_for(open_index, f, items[0][0].key)
+            except Exception:  # noqa: BLE001 - raised again in order
+                return None
+        try:
+            paths = [job.path for job, _p in items]
+            shards = index.dtensor_locals(paths) if hasattr(index, "dtensor_locals") else None
+            if shards is None:  # (check_source compares the DTensor's dtype; the fast path, its local's)
+                shards = [(e.local, e.layout) if e.__class__ is DTensorRef
+                          and e.dtype == getattr(e.local, "dtype", None) else None for e in index.entries_at(paths)]
+        except Exception:  # noqa: BLE001 - (a row the index file holds wrong) raised again in order
+            return None
+        for (job, piece), got in zip(items, shards):
+            # an entry of a layout checked already (_agree): its own fields, inline; else in full
+            src = job.source
+            local = None
+            if got.__class__ is tuple and src.__class__ is DTensorRef:
+                local, a = got
+                b = src.__dict__.get("layout")
+                hit = agreed.get((id(a), id(b), piece.coordinate)) if a is not None and b is not None else None
+                if hit is not None and hit[2] is None:
+                    hit[2] = local_shape(a.runs_at(piece.coordinate))
+                if hit is None or local.__class__ is not TensorRef or local.dtype != src.dtype \
+                        or local.size != hit[2] or not _fits(local):
+                    local = None
+            if local is None:
+                try:
+                    local = _checked(job, index.entry_at(job.path), piece, index.file, agreed)
+                except Exception:  # noqa: BLE001 - (KeyError: no such entry) raised again in order
+                    return None
             entries[(f, job.key)] = local
-    return ShardPlan(jobs, indexes, entries)
+    return entries
+
+
+def _fits(ref: TensorRef) -> bool:
+    """``view_out_of_bounds(ref) is None`` for a :class:`TensorRef`, inline."""
+    lo = hi = ref.storage_offset
+    size, stride = ref.size, ref.stride
+    if len(size) == 2 == len(stride):  # most of a model's sharded weights
+        n, m = size
+        st, su = stride
+        if n and m and st >= 0 and su >= 0:
+            rec = ref.storage
+            hi += (n - 1) * st + (m - 1) * su
+            return lo >= 0 and (hi + 1) * ref.dtype.itemsize <= rec.numel * rec.dtype.itemsize
+    for n, st in zip(size, stride):
+        if n == 0:
+            return True
+        if st >= 0:
+            hi += (n - 1) * st
+        else:
+            lo += (n - 1) * st
+    # (an empty size: one element; sizes longer than strides: element_span's zip, and numel's prod)
+    if len(size) > len(stride) and 0 in size[len(stride):]:
+        return True
+    rec = ref.storage
+    return lo >= 0 and (hi + 1) * ref.dtype.itemsize <= rec.numel * rec.dtype.itemsize
+
+
+def _agree(entry: Any, source: Any, piece: Piece, agreed: dict[Any, Any]) -> None:
+    """Remember that ``entry``'s layout passed :func:`check_source` against ``source``'s for
+    ``piece``'s coordinate: the layouts of an index file's rows are one object per distinct
+    layout, so the other entries of those layouts need only the checks of their own fields
+    (dtype, local shape, bounds). The layouts are held, so that their ids stay their own."""
+    if entry.__class__ is DTensorRef and source.__class__ is DTensorRef and piece.coordinate is not None:
+        a, b = entry.__dict__.get("layout"), source.__dict__.get("layout")
+        if a is not None and b is not None:
+            agreed.setdefault((id(a), id(b), piece.coordinate), [a, b, None])  # the local shape: at the first use
 
 
 __all__ = ["Piece", "ShardJob", "check_source", "dtensor_holders", "is_dtensor", "plan_job",
