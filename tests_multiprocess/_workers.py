@@ -83,19 +83,24 @@ def restore_and_compare(rank: int, world: int, path: str, mode: str, preallocate
                         shared: Any = "shared", shared_memory: bool = True,
                         no_peer_file_on: int = -1, shared_memory_bytes: int = 1 << 30) -> dict[str, Any]:
     """Restore and compare with ``torch.load``; ``no_peer_file_on``: that rank cannot open
-    other ranks' memory files (as if in another PID namespace)."""
+    other ranks' memory files (as if in another PID namespace; undone after the restore, for
+    the next job of a batch)."""
     file = Path(path) / f"checkpoint_{rank}.pt"
     target = targets_like(file, preallocate=preallocate)
     keep = {k: v for k, _p, v in iter_leaves(target) if isinstance(v, torch.Tensor)}
-    if rank == no_peer_file_on:
-        from dist_restore._bytes import shm as _shm
+    from dist_restore._bytes import shm as _shm
 
+    peer_file_init = _shm.PeerFile.__init__
+    if rank == no_peer_file_on:
         def refuse(self: Any, offer: Any) -> None:
             raise PermissionError(13, "Permission denied", f"/proc/{offer.pid}/fd/{offer.fd}")
 
         _shm.PeerFile.__init__ = refuse  # type: ignore[method-assign]
-    res = RestoreCoordinator(timeout=60, shared_memory=shared_memory, shared_memory_bytes=shared_memory_bytes
-                             ).restore(path, target, shared=shared, shared_mode=mode)
+    try:
+        res = RestoreCoordinator(timeout=60, shared_memory=shared_memory, shared_memory_bytes=shared_memory_bytes
+                                 ).restore(path, target, shared=shared, shared_mode=mode)
+    finally:
+        _shm.PeerFile.__init__ = peer_file_init  # type: ignore[method-assign]
     got = {k: x for k, _p, x in iter_leaves(res.state_dict)}
     in_place = all(v is got[k] for k, v in keep.items())
     return {"bad": compare(res.state_dict, file), "in_place": in_place,
@@ -179,16 +184,25 @@ def write_diverging_values(path: Path, world: int) -> None:
 def restore_with_failing_exchange(rank: int, world: int, path: str, victim: int, what: str,
                                   shm: bool = False) -> dict[str, Any]:
     """``victim`` fails locally while packing (``buffer``, ``pack_into``) or unpacking
-    (``unpack``, ``unpack_from``) a shared bucket."""
+    (``unpack``, ``unpack_from``) a shared bucket (undone after the restore, for the next job
+    of a batch)."""
     from dist_restore._protocol import exchange as _exchange
 
+    saved = {name: _exchange.BucketIO.__dict__[name] for name in (what, "stage") if name in _exchange.BucketIO.__dict__}
     if rank == victim:
         def boom(self: Any, *a: Any) -> Any:
             raise OSError(f"injected {what} failure")
 
         setattr(_exchange.BucketIO, what, boom)
         _exchange.BucketIO.stage = lambda self: None  # so that the first buffer() is in the exchange
-    return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 60, "shared_memory": shm})
+    try:
+        return restore_expect_failure(rank, world, path, {"shared": "shared", "timeout": 60, "shared_memory": shm})
+    finally:
+        for name in (what, "stage"):
+            if name in saved:
+                setattr(_exchange.BucketIO, name, saved[name])
+            elif name in _exchange.BucketIO.__dict__:
+                delattr(_exchange.BucketIO, name)
 
 
 def value_types() -> dict[str, Any]:

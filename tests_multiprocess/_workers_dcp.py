@@ -142,6 +142,19 @@ def save(rank: int, world: int, path: str, layout: str) -> dict[str, Any]:
     return {}
 
 
+def save_in_own_group(rank: int, world: int, path: str, layout: str) -> dict[str, Any]:
+    """:func:`save` on a 1-rank process group of its own (an in-memory store), destroyed after:
+    for a rank spawned without a process group (``run_ranks(..., init_process_group=False)``)."""
+    import torch.distributed as dist
+
+    assert world == 1 and not dist.is_initialized(), (world, dist.is_initialized())
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return save(rank, world, path, layout)
+    finally:
+        dist.destroy_process_group()
+
+
 def save_many(rank: int, world: int, jobs: list[tuple[str, str]]) -> dict[str, Any]:
     """:func:`save` for each ``(path, layout)``, in one process group."""
     for path, layout in jobs:

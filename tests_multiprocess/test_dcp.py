@@ -8,6 +8,12 @@ non-tensor leaf equal (see ``_workers_dcp.restore``). Damaged checkpoints (a fli
 byte, a truncated or missing ``.distcp``, a ``.metadata`` pickle that runs code) must raise the
 same ``RestoreError`` on every rank and leave the targets untouched.
 
+Starting ranks is what costs here, so the module starts them five times, each spawn running
+several jobs (see :class:`~tests_multiprocess._batch.Batch`): 2 ranks save fsdp2, tp2 and
+plain2 (``saved2``); 4 ranks save fsdp4 and fsdp_tp4 and restore the 2-rank checkpoints grown
+(``on4``); 1 rank restores with no process group, then saves fsdp1 in a group of its own
+(``on1``); 2 and 3 ranks restore the rest (``on2``, ``on3``). Each test checks its own job's results.
+
 ``DR_DCP_ORACLE_ONLY=1`` runs the restore tests with ``dcp.load`` in place of ours (dcp.load
 against dcp.load): a check of the workers and the comparison themselves, which needs no
 feature; the tests that only make sense for ours are skipped then.
@@ -27,7 +33,7 @@ from typing import Any
 import pytest
 
 from tests_multiprocess import _workers_dcp as w
-from tests_multiprocess.harness import run_ranks
+from tests_multiprocess._batch import Batch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -35,8 +41,19 @@ pytestmark = pytest.mark.multiprocess
 _OURS = os.environ.get("DR_DCP_ORACLE_ONLY", "") != "1"
 _needs_ours = pytest.mark.skipif(not _OURS, reason="DR_DCP_ORACLE_ONLY=1: dcp.load only")
 
-#: The checkpoints written once per module: ``{world: layouts}``, named ``f"{layout}{world}"``.
+#: The checkpoints written once per module: ``{world: layouts}``, named ``f"{layout}{world}"``
+#: (1: by ``on1``, 2: by ``saved2``, 4: by ``on4``).
 _SAVES = {1: ["fsdp"], 2: ["fsdp", "tp", "plain"], 4: ["fsdp", "fsdp_tp"]}
+
+#: The restores of each test, ``(checkpoint name, target layout, partial)``, by target world size.
+_RESTORES = {
+    2: [("fsdp4", "fsdp", False), ("fsdp_tp4", "fsdp", False), ("plain2", "fsdp", False), ("fsdp2", "fsdp", True)],
+    4: [("fsdp2", "fsdp", False), ("fsdp2", "fsdp_tp", False)],
+    3: [("fsdp1", "fsdp", False), ("tp2", "fsdp", False)],
+}
+
+#: Seconds for a test that may start spawns (up to three: the saves, and the ones it reads from).
+_SPAWNS_TIMEOUT = 600
 
 #: The item whose data byte is flipped: read whole when fsdp2 is restored as fsdp on 2 ranks.
 _FLIP_KEY = "model.model.norm.weight"
@@ -49,15 +66,72 @@ _HEADER_SLACK = 128
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every checkpoint of ``_SAVES``, written by ``dcp.save`` (one ``run_ranks`` per world)."""
+def saved2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of every checkpoint (``root / name``); fsdp2, tp2 and plain2 saved in it
+    by ``dcp.save`` on 2 ranks (one spawn)."""
     root = tmp_path_factory.mktemp("dcp")
-    out: dict[str, Path] = {}
-    for world, layouts in _SAVES.items():
-        jobs = [(str(root / f"{layout}{world}"), layout) for layout in layouts]
-        run_ranks(w.save_many, world, args=(jobs,), timeout=150)
-        out |= {f"{layout}{world}": root / f"{layout}{world}" for layout in layouts}
-    return out
+    b = Batch(2, timeout=200, pg_timeout=60)
+    for layout in _SAVES[2]:
+        b.add(f"{layout}2", w.save, str(root / f"{layout}2"), layout)
+    b.check()
+    return root
+
+
+def _restore_job(b: Batch, root: Path) -> None:
+    """Queue job ``restore``: every restore of ``_RESTORES[b.world]`` (ours, or dcp.load alone)."""
+    b.add("restore", w.restore_many, [(str(root / name), lay, part) for name, lay, part in _RESTORES[b.world]], _OURS)
+
+
+def _check_restores(b: Batch, root: Path) -> None:
+    _check(b.results("restore"), [(root / name, lay, part) for name, lay, part in _RESTORES[b.world]])
+
+
+@pytest.fixture(scope="module")
+def on4(saved2: Path) -> Batch:
+    """One spawn of 4 ranks: save fsdp4 and fsdp_tp4 (``dcp.save``), then job ``restore`` (the 2-rank
+    checkpoint grown, ``_RESTORES[4]``) and job ``split_flips`` (see
+    ``test_flipped_byte_in_a_record_split_between_ranks``)."""
+    b = Batch(4, timeout=300, pg_timeout=60)
+    for layout in _SAVES[4]:
+        b.add(f"save {layout}4", w.save, str(saved2 / f"{layout}4"), layout)
+    _restore_job(b, saved2)
+    if _OURS:
+        b.add("split_flips", w.restore_expect_errors, [(str(d), "fsdp") for d in _split_flips(saved2)])
+    b.run()
+    for layout in _SAVES[4]:
+        b.results(f"save {layout}4")
+    return b
+
+
+@pytest.fixture(scope="module")
+def on1(saved2: Path) -> Batch:
+    """One rank, no process group: job ``restore``, fsdp2 into a plain model; then save fsdp1
+    (FSDP2 on a 1-rank mesh) in a process group of its own."""
+    b = Batch(1, timeout=150, init_process_group=False)
+    b.add("restore", w.restore, str(saved2 / "fsdp2"), "plain", _OURS)
+    b.add("save fsdp1", w.save_in_own_group, str(saved2 / "fsdp1"), "fsdp")
+    b.results("save fsdp1")
+    return b
+
+
+@pytest.fixture(scope="module")
+def on2(saved2: Path, on4: Batch, damaged: dict[str, Any]) -> Batch:
+    """One spawn of 2 ranks (after ``on4``: it reads fsdp4 and fsdp_tp4): job ``restore``
+    (``_RESTORES[2]``), then job ``errors``: ours on each damaged copy (``_CASES``) into fresh
+    fsdp targets."""
+    b = Batch(2, timeout=300, pg_timeout=60)
+    _restore_job(b, saved2)
+    if _OURS:
+        b.add("errors", w.restore_expect_errors, [(str(damaged[c]), "fsdp") for c in _CASES])
+    return b
+
+
+@pytest.fixture(scope="module")
+def on3(saved2: Path, on1: Batch) -> Batch:
+    """One spawn of 3 ranks (after ``on1``: it reads fsdp1): job ``restore`` (``_RESTORES[3]``)."""
+    b = Batch(3, timeout=200, pg_timeout=60)
+    _restore_job(b, saved2)
+    return b
 
 
 def _metadata(path: Path) -> Any:
@@ -114,44 +188,32 @@ def _check(outs: list[list[dict[str, Any]]], jobs: list[tuple[Path, str, bool]])
                     assert o["report"].strip(), where
 
 
-def _run(ckpts: dict[str, Path], world: int, jobs: list[tuple[str, str, bool]], timeout: float) -> None:
-    """Restore each ``(checkpoint name, target layout, partial)`` on ``world`` ranks; check."""
-    full = [(ckpts[name], layout, partial) for name, layout, partial in jobs]
-    outs = run_ranks(w.restore_many, world, args=([(str(p), lay, part) for p, lay, part in full], _OURS),
-                     timeout=timeout, pg_timeout=60)
-    _check(outs, full)
-
-
-@pytest.mark.timeout(240)
-def test_restore_on_2_ranks(ckpts: dict[str, Path]) -> None:
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
+def test_restore_on_2_ranks(saved2: Path, on2: Batch) -> None:
     """Shrink fsdp 4 -> 2; 2-D (dp x tp, ``_StridedShard``) fsdp_tp 4 -> 1-D fsdp 2; plain
     tensors saved once (deduplicated onto one rank's file) -> fsdp 2; a target that misses a
     saved key and asks for two unsaved ones (dotted keys in ``missing``/``unexpected``)."""
-    _run(ckpts, 2, [("fsdp4", "fsdp", False), ("fsdp_tp4", "fsdp", False), ("plain2", "fsdp", False),
-                    ("fsdp2", "fsdp", True)], timeout=200)
+    _check_restores(on2, saved2)
 
 
-@pytest.mark.timeout(240)
-def test_restore_on_4_ranks_grow(ckpts: dict[str, Path]) -> None:
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
+def test_restore_on_4_ranks_grow(saved2: Path, on4: Batch) -> None:
     """Grow fsdp 2 -> 4 (each rank reads about its shard's bytes, not the 2x larger saved
     shards); fsdp 2 -> fsdp_tp 4 (1-D to 2-D)."""
-    _run(ckpts, 4, [("fsdp2", "fsdp", False), ("fsdp2", "fsdp_tp", False)], timeout=200)
+    _check_restores(on4, saved2)
 
 
-@pytest.mark.timeout(240)
-def test_restore_on_3_ranks_uneven(ckpts: dict[str, Path]) -> None:
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
+def test_restore_on_3_ranks_uneven(saved2: Path, on3: Batch) -> None:
     """fsdp 1 -> 3 and tp 2 -> fsdp 3 (column shards of the row-parallel weights and
     replicated norms into uneven row shards: 250 and 96 rows over 3 ranks)."""
-    _run(ckpts, 3, [("fsdp1", "fsdp", False), ("tp2", "fsdp", False)], timeout=200)
+    _check_restores(on3, saved2)
 
 
-@pytest.mark.timeout(120)
-def test_restore_single_process_without_group(ckpts: dict[str, Path]) -> None:
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
+def test_restore_single_process_without_group(saved2: Path, on1: Batch) -> None:
     """fsdp 2 -> a plain model in one process with no process group: every tensor whole."""
-    full = [(ckpts["fsdp2"], "plain", False)]
-    outs = run_ranks(w.restore, 1, args=(str(full[0][0]), "plain", _OURS), timeout=100,
-                     init_process_group=False)
-    _check([[o] for o in outs], full)
+    _check([on1.results("restore")], [(saved2 / "fsdp2", "plain", False)])
 
 
 # --- damaged checkpoints ------------------------------------------------------------------
@@ -193,10 +255,10 @@ def _malicious_metadata(src: Path, dst: Path, marker: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def damaged(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def damaged(saved2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Copies of fsdp2, each damaged one way; ``file``: the file each case names."""
     root = tmp_path_factory.mktemp("dcp_damaged")
-    src = ckpts["fsdp2"]
+    src = saved2 / "fsdp2"
 
     flipped = root / "flipped"
     shutil.copytree(src, flipped)
@@ -226,13 +288,12 @@ _CASES = ["flipped", "truncated", "missing", "malicious"]
 
 
 @pytest.fixture(scope="module")
-def errors(damaged: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Ours on each damaged copy into fresh fsdp targets on 2 ranks (one ``run_ranks``):
+def errors(on2: Batch) -> dict[str, list[dict[str, Any]]]:
+    """Ours on each damaged copy into fresh fsdp targets on 2 ranks (``on2``'s job ``errors``):
     ``{case: [outcome per rank]}``."""
     if not _OURS:
         pytest.skip("DR_DCP_ORACLE_ONLY=1: dcp.load only")
-    outs = run_ranks(w.restore_expect_errors, 2, args=([(str(damaged[c]), "fsdp") for c in _CASES],),
-                     timeout=200, pg_timeout=60)
+    outs = on2.results("errors")
     return {c: [per_rank[i] for per_rank in outs] for i, c in enumerate(_CASES)}
 
 
@@ -251,7 +312,7 @@ def _same_error_everywhere(outcomes: list[dict[str, Any]], *needles: str, untouc
     return msg
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
 @_needs_ours
 def test_flipped_data_byte_raises_everywhere(errors: dict[str, Any], damaged: dict[str, Any]) -> None:
     """The item is read whole, so its zip CRC32 is checked: the error names file and key.
@@ -264,19 +325,19 @@ def test_flipped_data_byte_raises_everywhere(errors: dict[str, Any], damaged: di
                            "phase 'read'", untouched=False)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
 @_needs_ours
 def test_truncated_distcp_raises_everywhere(errors: dict[str, Any], damaged: dict[str, Any]) -> None:
     _same_error_everywhere(errors["truncated"], damaged["file"]["truncated"])
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
 @_needs_ours
 def test_missing_distcp_raises_everywhere(errors: dict[str, Any], damaged: dict[str, Any]) -> None:
     _same_error_everywhere(errors["missing"], damaged["file"]["missing"])
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
 @_needs_ours
 def test_malicious_metadata_is_refused_unrun(errors: dict[str, Any], damaged: dict[str, Any]) -> None:
     msg = _same_error_everywhere(errors["malicious"], ".metadata")
@@ -284,11 +345,11 @@ def test_malicious_metadata_is_refused_unrun(errors: dict[str, Any], damaged: di
     assert not damaged["marker"].exists(), "the .metadata pickle ran"
 
 
-@pytest.mark.timeout(30)
-def test_dcp_metadata_is_a_plain_pickle(ckpts: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)  # the saves, if it runs first
+def test_dcp_metadata_is_a_plain_pickle(saved2: Path, tmp_path: Path) -> None:
     """Why ours must not unpickle ``.metadata`` freely: DCP's own reader runs the payload."""
     marker = tmp_path / "ran"
-    _malicious_metadata(ckpts["fsdp2"], tmp_path / "ck", marker)
+    _malicious_metadata(saved2 / "fsdp2", tmp_path / "ck", marker)
     _metadata(tmp_path / "ck")
     assert marker.exists()
 
@@ -296,27 +357,39 @@ def test_dcp_metadata_is_a_plain_pickle(ckpts: dict[str, Path], tmp_path: Path) 
 _SPLIT_KEY = "model.model.embed_tokens.weight"
 
 
-@pytest.mark.timeout(300)
-@_needs_ours
-def test_flipped_byte_in_a_record_split_between_ranks(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    """Grow fsdp 2 -> 4: the embedding's first saved chunk (rows 0-124) is read in two pieces by
-    ranks 0 and 1, neither holding the whole record; its CRC32 is still checked, from the pieces'
-    shares. A flipped byte at the start, the middle or the end of the record fails every rank,
-    naming the file and the key; the intact checkpoint verifies every byte each rank read."""
-    src = ckpts["fsdp2"]
+#: Where the split record's byte is flipped, one damaged copy each.
+_SPLIT_FLIPS = ("first", "middle", "last")
+
+
+def _split_flips(root: Path) -> list[Path]:
+    """Copies of fsdp2 (in ``root``), one per ``_SPLIT_FLIPS``: a byte at the start, the middle or
+    the end of the data of ``_SPLIT_KEY``'s first saved chunk flipped."""
+    src = root / "fsdp2"
     fname, start, size = _item_data_span(src, _SPLIT_KEY, 0)
-    jobs = []
-    for name, at in (("first", start), ("middle", start + size // 2), ("last", start + size - 1)):
-        d = tmp_path / name
+    dirs = []
+    for name, at in zip(_SPLIT_FLIPS, (start, start + size // 2, start + size - 1)):
+        d = root / f"split_flip_{name}"
         shutil.copytree(src, d)
         with open(d / fname, "r+b") as f:
             f.seek(at)
             b = f.read(1)
             f.seek(at)
             f.write(bytes([b[0] ^ 0x10]))
-        jobs.append((str(d), "fsdp"))
-    outs = run_ranks(w.restore_expect_errors, 4, args=(jobs,), timeout=250, pg_timeout=60)
-    for i in range(len(jobs)):
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.timeout(_SPAWNS_TIMEOUT)
+@_needs_ours
+def test_flipped_byte_in_a_record_split_between_ranks(saved2: Path, on4: Batch) -> None:
+    """Grow fsdp 2 -> 4: the embedding's first saved chunk (rows 0-124) is read in two pieces by
+    ranks 0 and 1, neither holding the whole record; its CRC32 is still checked, from the pieces'
+    shares. A flipped byte at the start, the middle or the end of the record fails every rank,
+    naming the file and the key (``on4``'s job ``split_flips``, on the copies of ``_split_flips``);
+    the intact checkpoint verifies every byte each rank read."""
+    fname, _start, _size = _item_data_span(saved2 / "fsdp2", _SPLIT_KEY, 0)
+    outs = on4.results("split_flips")
+    for i in range(len(_SPLIT_FLIPS)):
         _same_error_everywhere([per_rank[i] for per_rank in outs], fname, repr(_SPLIT_KEY), "CRC32",
                                "phase 'read'", untouched=False)
     # (that the intact checkpoint verifies every byte each rank read: test_restore_on_4_ranks_grow)

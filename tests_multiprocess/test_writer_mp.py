@@ -1,4 +1,8 @@
-"""CheckpointWriter on real processes: gloo on 127.0.0.1 (2 and 4 ranks), a store barrier, crashes."""
+"""CheckpointWriter on real processes: gloo on 127.0.0.1 (2 and 4 ranks), a store barrier, crashes.
+
+The writes that need a process group and kill no rank run in one spawn per world size (``jobs``:
+a :class:`~tests_multiprocess._batch.Batch` each, each job in a root directory of its own).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,26 @@ from dist_restore._format.manifest import (
 )
 from dist_restore.discovery import find_latest_checkpoint
 from tests_multiprocess import _workers_writer as w
+from tests_multiprocess._batch import Batch
 from tests_multiprocess.harness import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.multiprocess
+
+#: The (world, victim) cases of test_one_rank_failing_fails_every_rank_and_leaves_no_manifest.
+_FAIL_CASES = [(2, 0)]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, Batch]]:
+    """The root of the jobs' directories and ``{world: Batch}``: job ``write[world]`` writes
+    ``root/write{world}/step_300``; job ``fail[world-victim]`` writes ``root/fail{world}-{victim}/step``."""
+    root = tmp_path_factory.mktemp("writer")
+    b = {world: Batch(world, timeout=200) for world in (2, 4)}
+    for world in (2, 4):
+        b[world].add(f"write[{world}]", w.write_step, str(root / f"write{world}" / "step_300"), 300)
+    for world, victim in _FAIL_CASES:
+        b[world].add(f"fail[{world}-{victim}]", w.write_then_fail, str(root / f"fail{world}-{victim}" / "step"), victim)
+    return root, b
 
 
 def _assert_state_equal(got: dict, expected: dict) -> None:
@@ -35,11 +56,12 @@ def _assert_state_equal(got: dict, expected: dict) -> None:
             assert got[k] == v, k
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", [2, 4])
-def test_all_ranks_write_and_commit(tmp_path: Path, world: int) -> None:
-    root, tmp_path = tmp_path, tmp_path / "step_300"
-    out = run_ranks(w.write_step, world, args=(str(tmp_path), 300), timeout=90)
+def test_all_ranks_write_and_commit(jobs: tuple[Path, dict[int, Batch]], world: int) -> None:
+    root = jobs[0] / f"write{world}"
+    tmp_path = root / "step_300"
+    out = jobs[1][world].results(f"write[{world}]")
     on_disk = read_manifest(tmp_path)
     assert on_disk is not None
     assert all(o["manifest_on_disk"] for o in out)  # no rank returned before the commit
@@ -64,12 +86,13 @@ def test_all_ranks_write_and_commit(tmp_path: Path, world: int) -> None:
     assert find_latest_checkpoint(root, world_size=world) == tmp_path
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(("world", "victim"), [(2, 0)])
-def test_one_rank_failing_fails_every_rank_and_leaves_no_manifest(tmp_path: Path, world: int,
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("world", "victim"), _FAIL_CASES)
+def test_one_rank_failing_fails_every_rank_and_leaves_no_manifest(jobs: tuple[Path, dict[int, Batch]], world: int,
                                                                   victim: int) -> None:
-    root, tmp_path = tmp_path, tmp_path / "step"
-    out = run_ranks(w.write_then_fail, world, args=(str(tmp_path), victim), timeout=90)
+    root = jobs[0] / f"fail{world}-{victim}"
+    tmp_path = root / "step"
+    out = jobs[1][world].results(f"fail[{world}-{victim}]")
     for r, o in enumerate(out):
         err = o["error"]
         assert err is not None and err["type"] == "RestoreError", (r, err)
