@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,25 +47,25 @@ from dist_restore._format.catalog import (
 )
 from dist_restore._format.dcp import _parse_archive, _Window, build_value, resolve_ref
 from dist_restore._format.dtensor import DTensorRef
-from dist_restore._format.manifest import IncompleteCheckpointError, check_checkpoint
+from dist_restore._format.manifest import (
+    IncompleteCheckpointError,
+    _rank_files,
+    check_checkpoint,
+)
 from dist_restore._format.unpickle import ExoticRef, TensorRef
 from dist_restore._format.zip import ZipRecord
+from dist_restore._types import rank_file_name
 from dist_restore.errors import CorruptCheckpointError, StateDictMismatchError
 
 logger = logging.getLogger(__name__)
 
-_RANK_FILE = re.compile(r"^checkpoint_(\d+)\.pt$")
 _HEADER = 30 + 256  # bytes fetched at a record's local header: its fixed part, a name and torch's padding
 
 
 def rank_files(loc: Location) -> dict[int, str]:
-    """``{rank: file name}`` of the rank files listed in ``loc``."""
-    out = {}
-    for name in loc.files():
-        m = _RANK_FILE.match(name)
-        if m and len(m.group(1)) < 8:
-            out[int(m.group(1))] = name
-    return dict(sorted(out.items()))
+    """``{rank: file name}`` of the rank files listed in ``loc`` (numbered as the manifest checks
+    accept them)."""
+    return {r: rank_file_name(r) for r in _rank_files(loc.root, loc.files())}
 
 
 def is_rank_files(loc: Location) -> bool:
